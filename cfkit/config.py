@@ -1,0 +1,219 @@
+"""Experiment configs: TOML files validated into typed pydantic models.
+
+A component is written as a table with its registered ``name`` and its options, e.g.
+``schedule = { name = "exp-decay", gamma = 0.9 }``. Names are checked against the plugin
+registry and options by building the component, so a bad config fails when it is read.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from cfkit import diffusion, plugins, weightings
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names each bad field."""
+
+
+class Component(BaseModel):
+    """A registered component: ``name`` plus its options (any other keys)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str = ""  # set by the owning field's validator, not by users
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def build(self):
+        return plugins.build(self.kind, self.name, **self.options)
+
+
+def _component(kind: str, axis: str | None = None):
+    """A before-validator checking a component's name (and its ``axis``) against the
+    registry of ``kind`` and its options by building it."""
+
+    def check(value):
+        if isinstance(value, str):
+            value = {"name": value}
+        if isinstance(value, dict):
+            value = Component(**{**value, "kind": kind})
+        registry = plugins.registry()
+        known = registry.names(kind)
+        if axis is not None:
+            known = [n for n in known if weightings.supports(registry.component(kind, n).factory, axis)]
+        if value.name not in known:
+            what = f"{axis}-axis weighting" if axis else f"{kind} name"
+            raise ValueError(f"{value.name!r} is not a known {what}; allowed: {', '.join(known)}")
+        try:
+            value.build()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{value.name!r} with options {value.options}: {error}") from None
+        return value
+
+    return BeforeValidator(check)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Factorisation(Strict):
+    """How a batch is factorised: AR schedule, token order, loss weights, timesteps."""
+
+    schedule: Annotated[Component, _component("schedules")] = Component(
+        kind="schedules", name="exp-decay", gamma=0.9
+    )
+    ordering: Annotated[Component, _component("orderings")] = Component(
+        kind="orderings", name="random"
+    )
+    per_sample: bool = False
+    ar_weighting: Annotated[Component, _component("weightings", "ar")] = Component(
+        kind="weightings", name="linear", w_max=2.0, w_min=1.0
+    )
+    diffusion_weighting: Annotated[Component, _component("weightings", "diffusion")] = Component(
+        kind="weightings", name="constant"
+    )
+    timesteps: Annotated[Component, _component("timestep_samplers")] = Component(
+        kind="timestep_samplers", name="shared"
+    )
+    copies: int = Field(1, ge=1)
+
+    def planner(self):
+        from cfkit.plan import Planner
+
+        return Planner(
+            self.schedule.build(), self.ordering.build(), self.timesteps.build(),
+            copies=self.copies, per_sample=self.per_sample,
+        )
+
+
+class Diffusion(Strict):
+    """The noise axis: β schedule, its length, the prediction target and respacing."""
+
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    num_timesteps: int = Field(1000, ge=2)
+    prediction: Literal["eps", "x0", "v"] = "eps"
+
+    def build(self) -> diffusion.GaussianDiffusion:
+        return diffusion.GaussianDiffusion.named(self.beta_schedule, self.num_timesteps)
+
+
+class Experiment(Strict):
+    """A whole experiment config."""
+
+    name: str = "experiment"
+    seed: int = 0
+    grid: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (8, 8)
+    cond_tokens: int = Field(4, ge=1)
+    factorisation: Factorisation = Factorisation()
+    diffusion: Diffusion = Diffusion()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value); value is a TOML literal or else a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. factorisation.copies=4), got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: {part!r} is not a table")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] in ("value_error", "assertion_error"):
+            lines.append(f"{field}: {message}")
+        else:
+            lines.append(f"{field}: {message}; got {item.get('input')!r}")
+    return "\n".join(lines)
+
+
+def validate(data: dict, model: type[BaseModel] = Experiment):
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_errors(error)) from None
+
+
+def load(path, overrides: list[str] = (), model: type[BaseModel] = Experiment):
+    """Read, override and validate a TOML config; ConfigError says what is wrong."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return validate(apply_overrides(data, list(overrides)), model)
+
+
+def dump(config: BaseModel) -> str:
+    """The resolved config as TOML (defaults filled in)."""
+    return _toml(config.model_dump(mode="json", exclude={"kind"}))
+
+
+def _toml(data: dict, prefix: str = "") -> str:
+    scalars, tables = [], []
+    for key, value in data.items():
+        if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
+            tables.append((key, value))
+        elif isinstance(value, dict):
+            if "name" in value:  # a component: inline table
+                scalars.append(f"{key} = {_inline(value)}")
+            else:
+                tables.append((key, value))
+        else:
+            scalars.append(f"{key} = {_literal(value)}")
+    out = []
+    if scalars:
+        if prefix:
+            out.append(f"[{prefix}]")
+        out += scalars
+        out.append("")
+    for key, value in tables:
+        out.append(_toml(value, f"{prefix}.{key}" if prefix else key))
+    return "\n".join(out)
+
+
+def _inline(value: dict) -> str:
+    items = [f"{k} = {_literal(v)}" for k, v in value.items() if k != "kind"]
+    return "{ " + ", ".join(items) + " }"
+
+
+def _literal(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return _inline(value)
+    raise TypeError(f"cannot write {value!r} as TOML")

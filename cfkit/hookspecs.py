@@ -1,0 +1,74 @@
+"""The hooks a cfkit plugin implements.
+
+Every hook is ``register_<kind>(register)`` where ``register(name, factory)`` adds one
+component. ``factory(**options)`` builds the component from its config options. Built-in and
+third-party plugins use exactly these hooks.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("cfkit")
+hookimpl = pluggy.HookimplMarker("cfkit")
+
+KINDS = (
+    "methods",
+    "image_tokenizers",
+    "text_tokenizers",
+    "schedules",
+    "orderings",
+    "weightings",
+    "timestep_samplers",
+    "samplers",
+    "datasets",
+    "metrics",
+)
+
+
+@hookspec
+def register_methods(register):
+    """Training methods (a loss on a batch, e.g. causalfusion, incontext-dit, dit)."""
+
+
+@hookspec
+def register_image_tokenizers(register):
+    """Image tokenizers: pixels <-> latents (e.g. pixels, sd-vae, mar-vae)."""
+
+
+@hookspec
+def register_text_tokenizers(register):
+    """Text tokenizers: strings <-> token ids."""
+
+
+@hookspec
+def register_schedules(register):
+    """Factorisation schedules: AR step sizes for L tokens (see cfkit.schedules)."""
+
+
+@hookspec
+def register_orderings(register):
+    """Token orderings over an (h, w) grid (see cfkit.orderings)."""
+
+
+@hookspec
+def register_weightings(register):
+    """Loss weightings along the AR axis or the diffusion axis (see cfkit.weightings)."""
+
+
+@hookspec
+def register_timestep_samplers(register):
+    """Training timestep samplers: t per (sample, copy, AR step) (see cfkit.timesteps)."""
+
+
+@hookspec
+def register_samplers(register):
+    """Diffusion samplers used at generation (e.g. DDPM, DDIM)."""
+
+
+@hookspec
+def register_datasets(register):
+    """Datasets that can be written to WebDataset shards."""
+
+
+@hookspec
+def register_metrics(register):
+    """Evaluation metrics (FID, CIDEr, linear probe, ...)."""

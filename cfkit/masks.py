@@ -1,0 +1,114 @@
+"""The generalised causal mask: one rule, three products.
+
+Every token of the training sequence has a kind (condition, clean, noisy), the AR step it
+belongs to and, for noisy tokens, the noised copy it belongs to. ``may_attend`` is the single
+rule of who sees whom; the dense mask (reference layout), the batched per-sample masks and
+the FlexAttention ``mask_mod``/BlockMask are all evaluations of it.
+
+Official layout: ``[cond (C) | clean tokens of steps 1..S-1 | noisy tokens of steps 1..S]``;
+with K noised copies the noisy block is repeated K times, all copies sharing one clean context.
+Masks are boolean with True = may attend (the reference stores the opposite).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cfkit.schedules import check_step_sizes, step_index
+
+COND, CLEAN, NOISY = 0, 1, 2
+
+
+def may_attend(q_kind, q_step, q_copy, k_kind, k_step, k_copy):
+    """The rule, elementwise over broadcastable tensors.
+
+    Every token sees the condition tokens; condition tokens see only them. A clean token of
+    step s sees clean tokens of steps <= s. A noisy token of step s sees clean tokens of
+    steps < s and the noisy tokens of step s in its own copy.
+    """
+    clean_query = (q_kind == CLEAN) & (k_kind == CLEAN) & (k_step <= q_step)
+    noisy_sees_clean = (k_kind == CLEAN) & (k_step < q_step)
+    noisy_sees_noisy = (k_kind == NOISY) & (k_step == q_step) & (k_copy == q_copy)
+    noisy_query = (q_kind == NOISY) & (noisy_sees_clean | noisy_sees_noisy)
+    return (k_kind == COND) | clean_query | noisy_query
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Per-token attributes of a sequence, each ``(..., T)`` long: kind, AR step, copy."""
+
+    kind: torch.Tensor
+    step: torch.Tensor
+    copy: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.kind.shape[-1]
+
+    def dense(self) -> torch.Tensor:
+        """``(..., T, T)`` bool, True = may attend."""
+        q = (self.kind.unsqueeze(-1), self.step.unsqueeze(-1), self.copy.unsqueeze(-1))
+        k = (self.kind.unsqueeze(-2), self.step.unsqueeze(-2), self.copy.unsqueeze(-2))
+        return may_attend(*q, *k)
+
+    def mask_mod(self):
+        """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` over a batched layout ``(B, T)``."""
+        kind, step, copy = self.kind, self.step, self.copy
+
+        def mod(b, h, q_idx, kv_idx):
+            return may_attend(
+                kind[b, q_idx], step[b, q_idx], copy[b, q_idx],
+                kind[b, kv_idx], step[b, kv_idx], copy[b, kv_idx],
+            )
+
+        return mod
+
+    def block_mask(self, block_size: int = 128):
+        """A FlexAttention BlockMask for a batched layout ``(B, T)`` (on the layout's device)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        batch, length = self.kind.shape
+        return create_block_mask(
+            self.mask_mod(), batch, None, length, length,
+            device=self.kind.device, BLOCK_SIZE=block_size,
+        )
+
+    def to(self, device) -> Layout:
+        return Layout(self.kind.to(device), self.step.to(device), self.copy.to(device))
+
+
+def batch_layout(cond_len: int, step: torch.Tensor, copies: int = 1, clean_len=None) -> Layout:
+    """Layout for per-position steps ``(B, L)``: cond, the first ``clean_len`` clean tokens
+    (default: all but the last step's, which needs the split shared by the batch), then
+    ``copies`` noisy blocks of L tokens. Returns ``(B, T)`` attributes."""
+    batch, num_tokens = step.shape
+    if clean_len is None:
+        last = step[:, -1:]
+        shared = bool((step == step[:1]).all())
+        if not shared:
+            raise ValueError("per-sample splits need an explicit clean_len (e.g. L)")
+        clean_len = num_tokens - int((step[0] == last[0]).sum())
+
+    def block(kind, steps, copy):
+        return kind * torch.ones_like(steps), steps, copy * torch.ones_like(steps)
+
+    cond = torch.zeros(batch, cond_len, dtype=torch.long)
+    parts = [(cond, cond - 1, cond - 1), block(CLEAN, step[:, :clean_len], -1)]
+    parts += [block(NOISY, step, c) for c in range(copies)]
+    return Layout(*(torch.cat([p[i] for p in parts], dim=1) for i in range(3)))
+
+
+def sequence_layout(cond_len: int, step_sizes, copies: int = 1) -> Layout:
+    """Layout ``(T,)`` of the official sequence for one split given by ``step_sizes``."""
+    sizes = torch.as_tensor(step_sizes, dtype=torch.long)
+    step = step_index(check_step_sizes(sizes, int(sizes.sum()))).unsqueeze(0)
+    layout = batch_layout(cond_len, step, copies)
+    return Layout(layout.kind[0], layout.step[0], layout.copy[0])
+
+
+def generalized_causal_mask(cond_len: int, step_sizes, copies: int = 1) -> torch.Tensor:
+    """Dense ``(T, T)`` bool mask (True = may attend) in the reference layout, with
+    ``T = cond_len + (L - step_sizes[-1]) + copies * L``."""
+    return sequence_layout(cond_len, step_sizes, copies).dense()

@@ -1,0 +1,1 @@
+"""cfkit's built-in plugins, registered through the ``cfkit`` entry-point group."""

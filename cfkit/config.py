@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from cfkit import diffusion, plugins, weightings
 
@@ -35,7 +35,7 @@ class Component(BaseModel):
         return plugins.build(self.kind, self.name, **self.options)
 
 
-def _component(kind: str, axis: str | None = None):
+def _component(kind: str, axis: str | None = None, build: bool = True):
     """A before-validator checking a component's name (and its ``axis``) against the
     registry of ``kind`` and its options by building it."""
 
@@ -52,7 +52,8 @@ def _component(kind: str, axis: str | None = None):
             what = f"{axis}-axis weighting" if axis else f"{kind} name"
             raise ValueError(f"{value.name!r} is not a known {what}; allowed: {', '.join(known)}")
         try:
-            value.build()
+            if build:
+                value.build()
         except (TypeError, ValueError) as error:
             raise ValueError(f"{value.name!r} with options {value.options}: {error}") from None
         return value
@@ -110,10 +111,29 @@ class Experiment(Strict):
 
     name: str = "experiment"
     seed: int = 0
+    method: Annotated[Component, _component("methods", build=False)] = Component(
+        kind="methods", name="causalfusion"
+    )
+    model: dict[str, Any] = {}
     grid: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (8, 8)
     cond_tokens: int = Field(4, ge=1)
     factorisation: Factorisation = Factorisation()
     diffusion: Diffusion = Diffusion()
+
+    @model_validator(mode="after")
+    def _check_method(self):
+        factory = plugins.registry().component("methods", self.method.name).factory
+        check = getattr(factory, "check", None)
+        if check is not None:
+            try:
+                check(self)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"model: {error}") from None
+        return self
+
+    def build_method(self):
+        """The configured method (network, loss) built from this experiment."""
+        return plugins.build("methods", self.method.name, experiment=self)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,0 +1,427 @@
+"""The causal diffusion transformer: a decoder-only transformer with in-context conditioning.
+
+One sequence holds condition (class) tokens, clean tokens of earlier AR steps and noisy
+tokens; who sees whom is the generalised causal mask of ``cfkit.masks``. The same network
+serves CausalFusion (any S), In-context DiT (S = 1) and, through its KV cache, generation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cfkit.masks import CLEAN, NOISY, Layout
+
+ATTENTION_BACKENDS = ("sdpa", "flex", "eager")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture of the causal diffusion transformer."""
+
+    input_size: int = 8  # latent grid side
+    patch_size: int = 1
+    latent_channels: int = 4
+    hidden_size: int = 256
+    depth: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    num_classes: int = 10
+    class_dropout: float = 0.1
+    cond_tokens: int = 4  # distinct class tokens
+    cond_repeat: int = 1  # "4 tokens repeated 16x": cond length = cond_tokens * cond_repeat
+    pos_embed: Literal["sincos", "learned"] = "sincos"
+    qk_norm: bool = True
+    timestep: Literal["add", "token"] = "add"
+    attention: Literal["sdpa", "flex", "eager"] = "sdpa"
+    grad_checkpoint: bool = False
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.input_size // self.patch_size
+        return side, side
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def token_dim(self) -> int:
+        return self.patch_size**2 * self.latent_channels
+
+    @property
+    def cond_len(self) -> int:
+        return self.cond_tokens * self.cond_repeat
+
+    def check(self) -> TransformerConfig:
+        if self.input_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} does not divide input_size {self.input_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}")
+        if self.pos_embed == "sincos" and self.hidden_size % 4:
+            raise ValueError("sincos position embedding needs hidden_size divisible by 4")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention {self.attention!r}; allowed: {', '.join(ATTENTION_BACKENDS)}")
+        return self
+
+
+# The official system presets (the constructors of the reference), then small CPU presets.
+PRESETS: dict[str, dict] = {
+    "CausalFusion-L": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=1,
+                           latent_channels=16, cond_tokens=64, pos_embed="learned"),
+    "CausalFusion-XL": dict(hidden_size=1280, depth=32, num_heads=20, patch_size=1,
+                            latent_channels=16, cond_tokens=64, pos_embed="learned"),
+    "CausalFusion-H": dict(hidden_size=1408, depth=48, num_heads=22, patch_size=1,
+                           latent_channels=16, cond_tokens=64, pos_embed="learned"),
+    "CausalFusion-S": dict(hidden_size=384, depth=12, num_heads=6, cond_tokens=4),
+    "CausalFusion-tiny": dict(hidden_size=128, depth=4, num_heads=4, cond_tokens=4),
+}
+
+
+def preset(name: str, **overrides) -> TransformerConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return TransformerConfig(**{**PRESETS[name], **overrides}).check()
+
+
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Latents ``(N, C, H, W)`` -> tokens ``(N, L, p*p*C)``, raster over the patch grid."""
+    n, c, h, w = x.shape
+    p = patch_size
+    x = x.reshape(n, c, h // p, p, w // p, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """Tokens ``(N, L, p*p*C)`` raster -> latents ``(N, C, H, W)``."""
+    n, length, _ = tokens.shape
+    side = math.isqrt(length)
+    p = patch_size
+    x = tokens.reshape(n, side, side, p, p, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(n, channels, side * p, side * p)
+
+
+def sincos_pos_embed(dim: int, side: int) -> np.ndarray:
+    """2-D sin-cos position embedding ``(side*side, dim)``: first half encodes the row."""
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    cols, rows = np.meshgrid(np.arange(side, dtype=np.float32), np.arange(side, dtype=np.float32))
+    return np.concatenate([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], axis=1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Diffusion timestep -> vector: sinusoidal features then a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    @staticmethod
+    def frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        args = t[..., None].float() * freqs.to(t.device)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` ``(...)`` -> ``(..., D)``."""
+        return self.mlp(self.frequencies(t, self.frequency_size).to(self.mlp[0].weight.dtype))
+
+
+class ClassEmbedder(nn.Module):
+    """Class label -> ``cond_tokens`` condition tokens; index ``num_classes`` is the null class."""
+
+    def __init__(self, num_classes: int, hidden_size: int, cond_tokens: int, dropout: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.cond_tokens = cond_tokens
+        self.dropout = dropout
+        self.table = nn.Embedding(num_classes + int(dropout > 0), hidden_size * cond_tokens)
+
+    def drop(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Replace labels by the null class with probability ``dropout`` (for CFG)."""
+        u = torch.rand(labels.shape, generator=generator).to(labels.device)
+        return torch.where(u < self.dropout, self.num_classes, labels)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` -> ``(N, cond_tokens, D)``."""
+        return self.table(labels).reshape(labels.shape[0], self.cond_tokens, -1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with QK-norm and three interchangeable backends."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, backend: str):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, mask=None, cache: KVCache | None = None, layer: int = 0,
+                update_cache: bool = False) -> torch.Tensor:
+        """``x`` ``(N, T, D)``; ``mask`` a bool ``(N|1, 1, T, T)`` (True = attend), a
+        BlockMask (flex) or None (full attention, e.g. against a KV cache)."""
+        n, length, _ = x.shape
+        qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, T, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if cache is not None:
+            k, v = cache.extend(layer, k, v, update_cache)
+        out = attend(q, k, v, mask, self.backend)
+        return self.proj(out.transpose(1, 2).reshape(n, length, -1))
+
+
+def attend(q, k, v, mask, backend: str) -> torch.Tensor:
+    if backend == "eager":
+        # The reference's way: dense additive -inf mask and an explicit softmax, in fp32 or not.
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1) @ v
+    if backend == "flex" and mask is not None and not isinstance(mask, torch.Tensor):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, config.num_heads, config.qk_norm, config.attention)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
+
+    def forward(self, x, mask=None, cache=None, layer=0, update_cache=False):
+        x = x + self.attn(self.norm1(x), mask, cache, layer, update_cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm then a linear map back to token values."""
+
+    def __init__(self, dim: int, token_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, token_dim)
+
+    def forward(self, x):
+        return self.linear(self.norm(x))
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens pushed so far, ``(N, H, T, Dh)`` each."""
+
+    def __init__(self, depth: int):
+        self.keys: list[torch.Tensor | None] = [None] * depth
+        self.values: list[torch.Tensor | None] = [None] * depth
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor, update: bool):
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        if update:
+            self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def repeat(self, times: int) -> KVCache:
+        """A cache with the batch repeated (e.g. to run several candidates per sample)."""
+        out = KVCache(len(self.keys))
+        out.keys = [None if k is None else k.repeat(times, 1, 1, 1) for k in self.keys]
+        out.values = [None if v is None else v.repeat(times, 1, 1, 1) for v in self.values]
+        return out
+
+
+class CausalTransformer(nn.Module):
+    """Decoder-only causal diffusion transformer with in-context class conditioning."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config = config.check()
+        dim = config.hidden_size
+        self.patch_embed = nn.Linear(config.token_dim, dim)
+        self.timestep_embedder = TimestepEmbedder(dim)
+        self.class_embedder = ClassEmbedder(
+            config.num_classes, dim, config.cond_tokens, config.class_dropout
+        )
+        pos = torch.zeros(1, config.num_tokens, dim)
+        if config.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(pos)
+        else:
+            self.register_buffer("pos_embed", pos)
+        self.cond_pos_embed = nn.Parameter(torch.zeros(1, config.cond_len, dim))
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(dim, config.token_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Xavier linears, unit LayerNorms, sin-cos positions (also the start of learned
+        ones), N(0, 0.02) class tokens and positions, zero output layer (as the reference)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        side = self.config.grid[0]
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed(self.config.hidden_size, side)))
+        nn.init.normal_(self.class_embedder.table.weight, std=0.02)
+        nn.init.normal_(self.cond_pos_embed, std=0.02)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    # -- pieces of the sequence ------------------------------------------------------------
+    def condition(self, labels: torch.Tensor) -> torch.Tensor:
+        """Condition tokens ``(N, C, D)``: class tokens repeated, plus their positions."""
+        tokens = self.class_embedder(labels).repeat(1, self.config.cond_repeat, 1)
+        return tokens + self.cond_pos_embed
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token values ``(N, n, d)`` at raster ``positions`` ``(N, n)`` -> ``(N, n, D)``."""
+        pos = self.pos_embed[0][positions]
+        return self.patch_embed(tokens) + pos
+
+    def timestep_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        return self.timestep_embedder(t)
+
+    def run(self, x: torch.Tensor, mask=None, cache=None, update_cache=False) -> torch.Tensor:
+        for layer, block in enumerate(self.blocks):
+            if self.config.grad_checkpoint and self.training and cache is None:
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask, cache, layer, update_cache)
+        return x
+
+    def attention_mask(self, layout: Layout):
+        """The mask for ``layout`` ``(B, T)`` in the form the attention backend takes."""
+        if self.config.attention == "flex":
+            return layout.block_mask()
+        mask = layout.dense()
+        if bool((mask == mask[:1]).all()):
+            mask = mask[:1]  # one split for the batch: broadcast one (T, T) mask
+        return mask.unsqueeze(1)
+
+    # -- training forward ------------------------------------------------------------------
+    def forward(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                labels: torch.Tensor, plan, generator: torch.Generator | None = None,
+                drop_labels: bool | None = None) -> torch.Tensor:
+        """Prediction for every noisy token of ``plan``.
+
+        ``x_start`` ``(N, L, d)`` clean tokens in raster order; ``x_t`` ``(N, K, L, d)`` noisy
+        tokens in generation order (``plan.order``); ``t`` ``(N, K, L)`` the network
+        timestep of each noisy token; ``labels`` ``(N,)``. Returns ``(N, K, L, d)`` in
+        generation order. Labels are dropped for CFG when training unless ``drop_labels``.
+        """
+        config = self.config
+        n, copies, length, _ = x_t.shape
+        if (drop_labels is None and self.training) or drop_labels:
+            labels = self.class_embedder.drop(labels, generator)
+        layout = plan.layout(config.cond_len)
+        clean_len = int((layout.kind[0] == CLEAN).sum())
+        order = plan.order.to(x_start.device)
+        clean = torch.gather(x_start, 1, order[:, :clean_len, None].expand(-1, -1, x_start.shape[-1]))
+        pieces = [self.condition(labels), self.embed(clean, order[:, :clean_len])]
+        noisy = self.embed(x_t.reshape(n, copies * length, -1), order.repeat(1, copies))
+        t_embed = self.timestep_embedder(t.reshape(n, copies * length))
+        if config.timestep == "add":
+            pieces.append(noisy + t_embed)
+        else:
+            pieces.append(noisy)
+            t_layout, t_tokens = self._timestep_token_layout(plan, t)
+            layout = _concat_layouts(layout, t_layout)
+            pieces.append(self.timestep_embedder(t_tokens))
+        x = self.run(torch.cat(pieces, dim=1), self.attention_mask(layout.to(x_start.device)))
+        start = config.cond_len + clean_len
+        out = self.final_layer(x[:, start:start + copies * length])
+        return out.reshape(n, copies, length, -1)
+
+    def _timestep_token_layout(self, plan, t: torch.Tensor):
+        """One timestep token per (copy, AR step), behaving as a noisy token of that step."""
+        n, copies, _ = t.shape
+        steps = plan.t.shape[2]
+        step = torch.arange(steps).repeat(copies).expand(n, -1)
+        copy = torch.arange(copies).repeat_interleave(steps).expand(n, -1)
+        kind = torch.full_like(step, NOISY)
+        return Layout(kind, step, copy), plan.t.to(t.device).reshape(n, copies * steps)
+
+    # -- KV-cached inference ---------------------------------------------------------------
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.depth)
+
+    def push_condition(self, cache: KVCache, labels: torch.Tensor) -> None:
+        """Put the condition tokens of ``labels`` ``(N,)`` into ``cache``."""
+        self.run(self.condition(labels), cache=cache, update_cache=True)
+
+    def push_clean(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """Put clean tokens ``(N, n, d)`` at raster ``positions`` ``(N, n)`` into ``cache``.
+        They see the cache and each other (clean tokens of one step see their own step)."""
+        self.run(self.embed(tokens, positions), cache=cache, update_cache=True)
+
+    def forward_cached(self, cache: KVCache, x_t: torch.Tensor, positions: torch.Tensor,
+                       t: torch.Tensor) -> torch.Tensor:
+        """Prediction ``(N, n, d)`` for noisy tokens ``x_t`` of one AR step at ``positions``,
+        network timestep ``t`` ``(N,)``, attending to the cache and to each other."""
+        x = self.embed(x_t, positions)
+        t_embed = self.timestep_embedder(t)[:, None]
+        if self.config.timestep == "add":
+            x = self.run(x + t_embed, cache=cache)
+            return self.final_layer(x)
+        x = self.run(torch.cat([x, t_embed], dim=1), cache=cache)
+        return self.final_layer(x[:, :-1])
+
+    def guided_cached(self, cache: KVCache, x_t, positions, t, scale: float = 1.0,
+                      interval: tuple[float, float] = (0, float("inf"))) -> torch.Tensor:
+        """Classifier-free guidance in one batched forward. With ``scale > 1`` the cache holds
+        ``[conditional; unconditional]`` (2N rows); guidance applies when
+        ``interval[0] <= t < interval[1]``, otherwise the conditional prediction is used."""
+        if scale <= 1.0:
+            return self.forward_cached(cache, x_t, positions, t)
+        both = self.forward_cached(cache, x_t.repeat(2, 1, 1), positions.repeat(2, 1), t.repeat(2))
+        cond, uncond = both.chunk(2)
+        inside = (t >= interval[0]) & (t < interval[1])
+        guided = uncond + scale * (cond - uncond)
+        return torch.where(inside[:, None, None], guided, cond)
+
+
+def _concat_layouts(a: Layout, b: Layout) -> Layout:
+    return Layout(*(torch.cat([x, y.to(x.device)], dim=1) for x, y in
+                    ((a.kind, b.kind), (a.step, b.step), (a.copy, b.copy))))

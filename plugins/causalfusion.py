@@ -1,0 +1,90 @@
+"""CausalFusion and In-context DiT: the dual-factorised diffusion loss on the causal
+transformer. In-context DiT is the S = 1 case of the same code, set by configuration."""
+
+from __future__ import annotations
+
+import torch
+
+from cfkit import hookimpl
+from cfkit.config import Component
+from cfkit.methods import Batch, LossOutput
+from cfkit.transformer import CausalTransformer, TransformerConfig, patchify, preset
+from cfkit.weightings import loss_weights
+
+
+def network_config(model_options: dict) -> TransformerConfig:
+    """The transformer config from a ``[model]`` table: an optional ``preset`` plus fields."""
+    options = dict(model_options)
+    name = options.pop("preset", None)
+    fields = set(TransformerConfig.__dataclass_fields__)
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; allowed: preset, {', '.join(sorted(fields))}")
+    return preset(name, **options) if name else TransformerConfig(**options).check()
+
+
+class CausalFusion:
+    """Dual factorisation: AR steps from the schedule, noise levels from the timestep sampler.
+
+    For a batch: draw a plan (order, AR steps, t per copy and step), noise the tokens of every
+    step (K copies), predict each step's noise from the clean tokens of earlier steps, and
+    weight the squared error by the AR-axis and diffusion-axis weights.
+    """
+
+    def __init__(self, experiment):
+        self.experiment = experiment
+        self.config = network_config(experiment.model)
+        self.model = CausalTransformer(self.config)
+        self.diffusion = experiment.diffusion.build()
+        self.prediction = experiment.diffusion.prediction
+        factorisation = experiment.factorisation
+        self.planner = factorisation.planner()
+        self.ar_weighting = factorisation.ar_weighting.build()
+        self.diffusion_weighting = factorisation.diffusion_weighting.build()
+
+    @classmethod
+    def check(cls, experiment) -> None:
+        network_config(experiment.model)
+
+    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> LossOutput:
+        latents, labels = batch.latents, batch.labels
+        device = latents.device
+        x_start = patchify(latents, self.config.patch_size)  # (N, L, d) raster
+        n, length, dim = x_start.shape
+        plan = self.planner.draw(n, self.config.grid, self.diffusion.num_timesteps, generator)
+        t = plan.t_per_token().to(device)  # (N, K, L)
+        order = plan.order.to(device)
+        x_ordered = torch.gather(x_start, 1, order[..., None].expand(-1, -1, dim)).unsqueeze(1)
+        noise = torch.randn((n, plan.copies, length, dim), generator=generator).to(device)
+        x_t = self.diffusion.q_sample(x_ordered, t, noise)
+        network_t = self.diffusion.timestep_map.to(device)[t]
+        out = self.model(x_start, x_t, network_t, labels, plan, generator)
+        target = self.diffusion.target(self.prediction, x_ordered, t, noise)
+        per_token = (target - out.float()).pow(2).mean(-1)
+        weights = loss_weights(
+            plan.step_start().unsqueeze(1), t.cpu(), length, self.diffusion.alphas_cumprod,
+            self.ar_weighting, self.diffusion_weighting,
+        ).to(device, per_token.dtype)
+        return LossOutput((per_token * weights).mean(), per_token.detach(), plan)
+
+    def state(self) -> dict:
+        return {"method": "causalfusion", "experiment": self.experiment.model_dump(mode="json")}
+
+
+def incontext_dit(experiment):
+    """In-context DiT: CausalFusion with one AR step and no AR-axis weighting."""
+    factorisation = experiment.factorisation.model_copy(update={
+        "schedule": Component(kind="schedules", name="fixed", steps=1),
+        "ordering": Component(kind="orderings", name="raster"),
+        "ar_weighting": Component(kind="weightings", name="constant"),
+    })
+    return CausalFusion(experiment.model_copy(update={"factorisation": factorisation}))
+
+
+incontext_dit.check = CausalFusion.check
+
+
+@hookimpl
+def register_methods(register):
+    register("causalfusion", CausalFusion)
+    register("incontext-dit", incontext_dit)

@@ -6,10 +6,13 @@ import argparse
 import json
 import sys
 
+from pathlib import Path
+
 import torch
 
 from cfkit import config as configs
 from cfkit import plugins
+from cfkit.convert import CheckpointError
 
 
 def cmd_plugins(args) -> int:
@@ -32,10 +35,11 @@ def cmd_config(args) -> int:
 def cmd_plan(args) -> int:
     """Draw one batch's plan from a config and show it: order, steps, t, weights, mask."""
     config = configs.load(args.config, args.set)
+    network = config.network_config()
     generator = torch.Generator().manual_seed(config.seed if args.seed is None else args.seed)
     factorisation = config.factorisation
     diffusion = config.diffusion.build()
-    plan = factorisation.planner().draw(args.batch, config.grid, diffusion.num_timesteps, generator)
+    plan = factorisation.planner().draw(args.batch, network.grid, diffusion.num_timesteps, generator)
     from cfkit.weightings import loss_weights
 
     t = plan.t_per_token()
@@ -43,9 +47,9 @@ def cmd_plan(args) -> int:
         plan.step_start().unsqueeze(1), t, plan.num_tokens, diffusion.alphas_cumprod,
         factorisation.ar_weighting.build(), factorisation.diffusion_weighting.build(),
     )
-    mask = plan.layout(config.cond_tokens).dense()
+    mask = plan.layout(network.cond_len).dense()
     report = {
-        "grid": list(config.grid),
+        "grid": list(network.grid),
         "samples": [
             {
                 "order": plan.order[b].tolist(),
@@ -73,6 +77,24 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from cfkit import convert
+
+    kwargs = None
+    if args.kwargs:
+        data = json.loads(Path(args.kwargs).read_text())
+        kwargs = data.get("official_constructor_kwargs", data)
+    if args.patch_size is not None or args.latent_channels is not None:
+        kwargs = dict(kwargs or {})
+        if args.patch_size is not None:
+            kwargs["patch_size"] = args.patch_size
+        if args.latent_channels is not None:
+            kwargs["latent_channels"] = args.latent_channels
+    out = convert.convert_official(args.path, args.out, kwargs)
+    print(f"wrote {out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="cfkit", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
@@ -94,6 +116,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--show-mask", action="store_true", help="print sample 0's mask (# = attend)")
     p.set_defaults(run=cmd_plan)
+
+    p = sub.add_parser("convert", help="import a checkpoint from another implementation")
+    p.add_argument("source", choices=["official"], help="official: the reference trainer's .pt")
+    p.add_argument("path")
+    p.add_argument("--out", required=True, help="cfkit checkpoint folder to write")
+    p.add_argument("--kwargs", help="JSON of the official constructor kwargs (default: the "
+                   "checkpoint's .json sidecar if present)")
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--latent-channels", type=int)
+    p.set_defaults(run=cmd_convert)
     return root
 
 
@@ -101,7 +133,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except (configs.ConfigError, plugins.UnknownComponentError, plugins.DuplicateComponentError
-            ) as error:
+    except (configs.ConfigError, plugins.UnknownComponentError, plugins.DuplicateComponentError,
+            CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ class Component(BaseModel):
     """A registered component: ``name`` plus its options (any other keys)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    kind: str = ""  # set by the owning field's validator, not by users
+    kind: str = Field("", exclude=True)  # set by the owning field's validator, not by users
     name: str
 
     @property
@@ -115,8 +115,6 @@ class Experiment(Strict):
         kind="methods", name="causalfusion"
     )
     model: dict[str, Any] = {}
-    grid: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (8, 8)
-    cond_tokens: int = Field(4, ge=1)
     factorisation: Factorisation = Factorisation()
     diffusion: Diffusion = Diffusion()
 
@@ -130,6 +128,13 @@ class Experiment(Strict):
             except (TypeError, ValueError) as error:
                 raise ValueError(f"model: {error}") from None
         return self
+
+    def network_config(self):
+        """The method's network config (``.grid``, ``.cond_len``) without building weights."""
+        factory = plugins.registry().component("methods", self.method.name).factory
+        if not hasattr(factory, "network_config"):
+            raise ConfigError(f"method {self.method.name!r} does not factorise over AR steps")
+        return factory.network_config(self)
 
     def build_method(self):
         """The configured method (network, loss) built from this experiment."""
@@ -194,7 +199,7 @@ def load(path, overrides: list[str] = (), model: type[BaseModel] = Experiment):
 
 def dump(config: BaseModel) -> str:
     """The resolved config as TOML (defaults filled in)."""
-    return _toml(config.model_dump(mode="json", exclude={"kind"}))
+    return _toml(config.model_dump(mode="json"))
 
 
 def _toml(data: dict, prefix: str = "") -> str:
@@ -221,7 +226,7 @@ def _toml(data: dict, prefix: str = "") -> str:
 
 
 def _inline(value: dict) -> str:
-    items = [f"{k} = {_literal(v)}" for k, v in value.items() if k != "kind"]
+    items = [f"{k} = {_literal(v)}" for k, v in value.items()]
     return "{ " + ", ".join(items) + " }"
 
 

@@ -68,6 +68,11 @@ def infer_config(state: dict, args=None, kwargs: dict | None = None) -> Transfor
     """Architecture from the state-dict shapes plus what shapes cannot tell (patch size and
     latent channels; learned or fixed positions) from the constructor kwargs, the official
     model name in ``args``, or the position table itself."""
+    needed = ["x_proj.weight", "blocks.0.attn.q_norm.weight", "y_embedder.embedding_table.weight",
+              "pos_embed", "blocks.0.mlp.fc1.weight"]
+    absent = [key for key in needed if key not in state]
+    if absent:
+        raise CheckpointError(f"not an official CausalFusion state dict: missing {absent}")
     hidden, token_dim = state["x_proj.weight"].shape
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     head_dim = state["blocks.0.attn.q_norm.weight"].shape[0]
@@ -140,3 +145,18 @@ def load_official(path, kwargs: dict | None = None, prefer_ema: bool = True):
     model = CausalTransformer(config)
     model.load_state_dict(convert_state(state, model))
     return model.eval(), config
+
+
+def convert_official(path, out, kwargs: dict | None = None) -> Path:
+    """Write a cfkit checkpoint folder from an official checkpoint; returns the folder."""
+    from dataclasses import asdict
+
+    from cfkit import checkpoint
+    from cfkit import config as configs
+
+    model, config = load_official(path, kwargs)
+    options = {k: v for k, v in asdict(config).items() if k != "grad_checkpoint"}
+    experiment = configs.validate({
+        "name": Path(path).stem, "method": {"name": "causalfusion"}, "model": options,
+    })
+    return checkpoint.save(out, experiment, model, extra={"source": f"official:{Path(path).name}"})

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cfkit.masks import CLEAN, NOISY, Layout
+from cfkit.masks import CLEAN, NOISY, Layout, may_attend
 
 ATTENTION_BACKENDS = ("sdpa", "flex", "eager")
 
@@ -188,7 +188,62 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(n, length, -1))
 
 
+@dataclass(frozen=True)
+class SplitMask:
+    """The generalised causal mask of ``[context | K noisy copies of L tokens]`` in two dense
+    pieces: context-to-context ``(B|1, Tc, Tc)`` and copy-to-(context + same copy)
+    ``(B|1, L, Tc + L)``. The rule never lets context see noisy tokens nor a copy see another,
+    so attention runs without the (K L)^2 block that a dense mask would still compute."""
+
+    context: torch.Tensor
+    noisy: torch.Tensor
+    copies: int
+
+    @classmethod
+    def from_layout(cls, layout: Layout, context_len: int, copies: int) -> SplitMask:
+        length = (layout.length - context_len) // copies
+        ctx = Layout(*(a[:, :context_len] for a in (layout.kind, layout.step, layout.copy)))
+        first = Layout(*(a[:, : context_len + length] for a in (layout.kind, layout.step, layout.copy)))
+        noisy = Layout(*(a[:, context_len:] for a in (first.kind, first.step, first.copy)))
+        return cls(_one_if_shared(ctx.dense()), _one_if_shared(_cross(noisy, first)), copies)
+
+
+def _cross(q: Layout, k: Layout) -> torch.Tensor:
+    return may_attend(q.kind[..., :, None], q.step[..., :, None], q.copy[..., :, None],
+                      k.kind[..., None, :], k.step[..., None, :], k.copy[..., None, :])
+
+
+def _one_if_shared(mask: torch.Tensor) -> torch.Tensor:
+    """``(B, ...)`` -> ``(1, ...)`` when every sample has the same mask (one split per batch)."""
+    return mask[:1] if bool((mask == mask[:1]).all()) else mask
+
+
+def split_attend(q, k, v, mask: SplitMask) -> torch.Tensor:
+    n, heads, length, dim = q.shape
+    ctx, copies = mask.context.shape[-1], mask.copies
+    size = (length - ctx) // copies
+    out_ctx = F.scaled_dot_product_attention(
+        q[:, :, :ctx], k[:, :, :ctx], v[:, :, :ctx], attn_mask=mask.context.unsqueeze(1)
+    )
+
+    def per_copy(x):  # (N, H, K*L, Dh) -> (N*K, H, L, Dh)
+        return x.reshape(n, heads, copies, size, dim).transpose(1, 2).reshape(-1, heads, size, dim)
+
+    def with_context(full):  # keys/values of the context followed by those of each copy
+        shared = full[:, None, :, :ctx].expand(-1, copies, -1, -1, -1).reshape(-1, heads, ctx, dim)
+        return torch.cat([shared, per_copy(full[:, :, ctx:])], dim=2)
+
+    noisy_mask = mask.noisy.repeat_interleave(copies, 0) if mask.noisy.shape[0] > 1 else mask.noisy
+    out = F.scaled_dot_product_attention(
+        per_copy(q[:, :, ctx:]), with_context(k), with_context(v), attn_mask=noisy_mask.unsqueeze(1)
+    )
+    out = out.reshape(n, copies, heads, size, dim).transpose(1, 2).reshape(n, heads, -1, dim)
+    return torch.cat([out_ctx, out], dim=2)
+
+
 def attend(q, k, v, mask, backend: str) -> torch.Tensor:
+    if isinstance(mask, SplitMask):
+        return split_attend(q, k, v, mask)
     if backend == "eager":
         # The reference's way: dense additive -inf mask and an explicit softmax, in fp32 or not.
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
@@ -331,14 +386,15 @@ class CausalTransformer(nn.Module):
                 x = block(x, mask, cache, layer, update_cache)
         return x
 
-    def attention_mask(self, layout: Layout):
-        """The mask for ``layout`` ``(B, T)`` in the form the attention backend takes."""
+    def attention_mask(self, layout: Layout, context_len: int | None = None, copies: int = 1):
+        """The mask for ``layout`` ``(B, T)`` in the form the attention backend takes: a
+        BlockMask (flex), a SplitMask (sdpa on ``[context | copies]`` sequences) or a dense
+        ``(B|1, 1, T, T)`` bool mask (eager, the reference's way)."""
         if self.config.attention == "flex":
             return layout.block_mask()
-        mask = layout.dense()
-        if bool((mask == mask[:1]).all()):
-            mask = mask[:1]  # one split for the batch: broadcast one (T, T) mask
-        return mask.unsqueeze(1)
+        if self.config.attention == "sdpa" and context_len is not None:
+            return SplitMask.from_layout(layout, context_len, copies)
+        return _one_if_shared(layout.dense()).unsqueeze(1)
 
     # -- training forward ------------------------------------------------------------------
     def forward(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
@@ -361,15 +417,17 @@ class CausalTransformer(nn.Module):
         clean = torch.gather(x_start, 1, order[:, :clean_len, None].expand(-1, -1, x_start.shape[-1]))
         pieces = [self.condition(labels), self.embed(clean, order[:, :clean_len])]
         noisy = self.embed(x_t.reshape(n, copies * length, -1), order.repeat(1, copies))
-        t_embed = self.timestep_embedder(t.reshape(n, copies * length))
+        context_len = config.cond_len + clean_len
         if config.timestep == "add":
-            pieces.append(noisy + t_embed)
+            pieces.append(noisy + self.timestep_embedder(t.reshape(n, copies * length)))
         else:
             pieces.append(noisy)
             t_layout, t_tokens = self._timestep_token_layout(plan, t)
             layout = _concat_layouts(layout, t_layout)
             pieces.append(self.timestep_embedder(t_tokens))
-        x = self.run(torch.cat(pieces, dim=1), self.attention_mask(layout.to(x_start.device)))
+            context_len = None  # timestep tokens break the [context | copies] shape
+        mask = self.attention_mask(layout.to(x_start.device), context_len, copies)
+        x = self.run(torch.cat(pieces, dim=1), mask)
         start = config.cond_len + clean_len
         out = self.final_layer(x[:, start:start + copies * length])
         return out.reshape(n, copies, length, -1)

@@ -33,7 +33,7 @@ class CausalFusion:
 
     def __init__(self, experiment):
         self.experiment = experiment
-        self.config = network_config(experiment.model)
+        self.config = self.network_config(experiment)
         self.model = CausalTransformer(self.config)
         self.diffusion = experiment.diffusion.build()
         self.prediction = experiment.diffusion.prediction
@@ -43,22 +43,30 @@ class CausalFusion:
         self.diffusion_weighting = factorisation.diffusion_weighting.build()
 
     @classmethod
-    def check(cls, experiment) -> None:
-        network_config(experiment.model)
+    def network_config(cls, experiment) -> TransformerConfig:
+        return network_config(experiment.model)
+
+    check = network_config
 
     def loss(self, batch: Batch, generator: torch.Generator | None = None) -> LossOutput:
-        latents, labels = batch.latents, batch.labels
+        latents = batch.latents
+        n = latents.shape[0]
+        plan = self.planner.draw(n, self.config.grid, self.diffusion.num_timesteps, generator)
+        shape = (n, plan.copies, self.config.num_tokens, self.config.token_dim)
+        noise = torch.randn(shape, generator=generator).to(latents.device)
+        return self.plan_loss(latents, batch.labels, plan, noise, generator)
+
+    def plan_loss(self, latents, labels, plan, noise, generator=None, drop_labels=None):
+        """The loss of one plan: ``noise`` ``(N, K, L, d)`` in generation order."""
         device = latents.device
         x_start = patchify(latents, self.config.patch_size)  # (N, L, d) raster
-        n, length, dim = x_start.shape
-        plan = self.planner.draw(n, self.config.grid, self.diffusion.num_timesteps, generator)
+        length, dim = x_start.shape[1:]
         t = plan.t_per_token().to(device)  # (N, K, L)
         order = plan.order.to(device)
         x_ordered = torch.gather(x_start, 1, order[..., None].expand(-1, -1, dim)).unsqueeze(1)
-        noise = torch.randn((n, plan.copies, length, dim), generator=generator).to(device)
         x_t = self.diffusion.q_sample(x_ordered, t, noise)
         network_t = self.diffusion.timestep_map.to(device)[t]
-        out = self.model(x_start, x_t, network_t, labels, plan, generator)
+        out = self.model(x_start, x_t, network_t, labels, plan, generator, drop_labels)
         target = self.diffusion.target(self.prediction, x_ordered, t, noise)
         per_token = (target - out.float()).pow(2).mean(-1)
         weights = loss_weights(
@@ -81,7 +89,7 @@ def incontext_dit(experiment):
     return CausalFusion(experiment.model_copy(update={"factorisation": factorisation}))
 
 
-incontext_dit.check = CausalFusion.check
+incontext_dit.check = incontext_dit.network_config = CausalFusion.network_config
 
 
 @hookimpl

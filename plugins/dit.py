@@ -1,0 +1,253 @@
+"""DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers"): the AdaLN-Zero baseline.
+
+Every token of an image is noised at one timestep t; t and the class label enter each block
+through adaptive LayerNorm (shift, scale and gate regressed from their embedding), not as
+tokens, so attention is full and unmasked. The network predicts only the diffusion target
+(no learned variance), like the CausalFusion network. Of the factorisation config only the
+diffusion-axis weighting applies: there is one AR step and one noised copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from cfkit import hookimpl
+from cfkit.methods import Batch, LossOutput
+from cfkit.transformer import (
+    Attention,
+    ClassEmbedder,
+    Mlp,
+    TimestepEmbedder,
+    patchify,
+    sincos_pos_embed,
+    unpatchify,
+)
+from cfkit.weightings import loss_weights
+
+ATTENTION_BACKENDS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Architecture of a DiT; defaults match ``cfkit.transformer.TransformerConfig``."""
+
+    input_size: int = 8  # latent grid side
+    patch_size: int = 1
+    latent_channels: int = 4
+    hidden_size: int = 256
+    depth: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    num_classes: int = 10
+    class_dropout: float = 0.1
+    attention: Literal["sdpa", "eager"] = "sdpa"
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.input_size // self.patch_size
+        return side, side
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def token_dim(self) -> int:
+        return self.patch_size**2 * self.latent_channels
+
+    def check(self) -> DiTConfig:
+        if self.input_size % self.patch_size:
+            raise ValueError(
+                f"patch_size {self.patch_size} does not divide input_size {self.input_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}"
+            )
+        if self.hidden_size % 4:
+            raise ValueError("sincos position embedding needs hidden_size divisible by 4")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention {self.attention!r}; allowed: {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if not 0 <= self.class_dropout <= 1:
+            raise ValueError(f"class_dropout must be in [0, 1], got {self.class_dropout}")
+        return self
+
+
+# The paper's model sizes (Table 1; patch size is a separate option, DiT-XL/2 = DiT-XL with
+# patch_size 2), then a small CPU preset.
+PRESETS: dict[str, dict] = {
+    "DiT-S": dict(hidden_size=384, depth=12, num_heads=6),
+    "DiT-B": dict(hidden_size=768, depth=12, num_heads=12),
+    "DiT-L": dict(hidden_size=1024, depth=24, num_heads=16),
+    "DiT-XL": dict(hidden_size=1152, depth=28, num_heads=16),
+    "DiT-tiny": dict(hidden_size=128, depth=4, num_heads=4),
+}
+
+
+def network_config(model_options: dict) -> DiTConfig:
+    """The DiT config from a ``[model]`` table: an optional ``preset`` plus fields."""
+    options = dict(model_options)
+    name = options.pop("preset", None)
+    fields = sorted(DiTConfig.__dataclass_fields__)
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; allowed: preset, {', '.join(fields)}")
+    if name is not None and name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return DiTConfig(**{**PRESETS.get(name, {}), **options}).check()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(N, L, D)`` scaled by ``1 + scale`` and shifted by ``shift``, both ``(N, D)``."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class LabelEmbedder(ClassEmbedder):
+    """Class label -> one vector ``(N, D)``; index ``num_classes`` is the null class (CFG)."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout: float):
+        super().__init__(num_classes, hidden_size, cond_tokens=1, dropout=dropout)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` -> ``(N, D)``."""
+        return super().forward(labels)[:, 0]
+
+
+class DiTBlock(nn.Module):
+    """Transformer block whose two LayerNorms and residual gates are set by the condition
+    (adaLN-Zero: the modulation is zero-initialised, so the block starts as the identity)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, config.num_heads, qk_norm=False, backend=config.attention)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(N, L, D)``, condition ``c`` ``(N, D)`` -> ``(N, L, D)``."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm then a linear map back to token values."""
+
+    def __init__(self, dim: int, token_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, token_dim)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(N, L, D)``, condition ``c`` ``(N, D)`` -> ``(N, L, token_dim)``."""
+        shift, scale = self.modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion transformer over patch tokens, conditioned on t + class through adaLN-Zero."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config = config.check()
+        dim = config.hidden_size
+        # A linear map of patchified tokens is the reference's stride-p conv patch embedding.
+        self.patch_embed = nn.Linear(config.token_dim, dim)
+        self.timestep_embedder = TimestepEmbedder(dim)
+        self.label_embedder = LabelEmbedder(config.num_classes, dim, config.class_dropout)
+        self.register_buffer("pos_embed", torch.zeros(1, config.num_tokens, dim))
+        self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(dim, config.token_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Xavier linears with zero biases, fixed sin-cos positions, N(0, 0.02) label table
+        and timestep MLP, and zero adaLN modulations and output layer (as the reference):
+        every block starts as the identity and the network predicts 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        pos = sincos_pos_embed(self.config.hidden_size, self.config.grid[0])
+        self.pos_embed.copy_(torch.from_numpy(pos).float()[None])
+        nn.init.normal_(self.label_embedder.table.weight, std=0.02)
+        nn.init.normal_(self.timestep_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.timestep_embedder.mlp[2].weight, std=0.02)
+        for layer in [block.modulation[-1] for block in self.blocks] + [
+            self.final_layer.modulation[-1], self.final_layer.linear,
+        ]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Prediction for noisy ``x``: latents ``(N, C, H, W)`` or tokens ``(N, L, p*p*C)`` in
+        raster order; ``t`` ``(N,)`` network timesteps; ``labels`` ``(N,)`` (``num_classes``
+        is the null class, for CFG). Returns the same shape as ``x``; no label dropout here."""
+        latents = x.dim() == 4
+        tokens = patchify(x, self.config.patch_size) if latents else x
+        h = self.patch_embed(tokens) + self.pos_embed
+        c = self.timestep_embedder(t) + self.label_embedder(labels)
+        for block in self.blocks:
+            h = block(h, c)
+        out = self.final_layer(h, c)
+        if latents:
+            return unpatchify(out, self.config.patch_size, self.config.latent_channels)
+        return out
+
+
+class DiTMethod:
+    """The DiT loss: one uniform t per image, all tokens noised, MSE to the diffusion target,
+    weighted along the diffusion axis only."""
+
+    def __init__(self, experiment):
+        self.experiment = experiment
+        self.config = network_config(experiment.model)
+        self.model = DiT(self.config)
+        self.diffusion = experiment.diffusion.build()
+        self.prediction = experiment.diffusion.prediction
+        self.diffusion_weighting = experiment.factorisation.diffusion_weighting.build()
+
+    @classmethod
+    def check(cls, experiment) -> None:
+        network_config(experiment.model)
+
+    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> LossOutput:
+        """``per_token`` is ``(N, 1, L)`` in raster order (one copy, one AR step)."""
+        latents, labels = batch.latents, batch.labels
+        device = latents.device
+        x_start = patchify(latents, self.config.patch_size)  # (N, L, d)
+        n, length, _ = x_start.shape
+        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=generator)
+        noise = torch.randn(x_start.shape, generator=generator).to(device)
+        labels = self.model.label_embedder.drop(labels, generator)
+        t_device = t.to(device)
+        x_t = self.diffusion.q_sample(x_start, t_device, noise)
+        network_t = self.diffusion.timestep_map.to(device)[t_device]
+        out = self.model(x_t, network_t, labels)
+        target = self.diffusion.target(self.prediction, x_start, t_device, noise)
+        per_token = (target - out.float()).pow(2).mean(-1).unsqueeze(1)  # (N, 1, L)
+        t_tokens = t[:, None, None]  # one t for every token of an image
+        weights = loss_weights(
+            torch.zeros_like(t_tokens), t_tokens, length, self.diffusion.alphas_cumprod,
+            None, self.diffusion_weighting,
+        ).to(device, per_token.dtype)
+        return LossOutput((per_token * weights).mean(), per_token.detach())
+
+    def state(self) -> dict:
+        return {"method": "dit", "experiment": self.experiment.model_dump(mode="json")}
+
+
+@hookimpl
+def register_methods(register):
+    register("dit", DiTMethod)

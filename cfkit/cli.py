@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ def cmd_plugins(args) -> int:
     rows = [(c.kind, c.name, c.provider) for c in plugins.registry().components()]
     widths = [max(len(r[i]) for r in rows + [("kind", "name", "plugin")]) for i in range(3)]
     for row in [("kind", "name", "plugin")] + rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
 
 

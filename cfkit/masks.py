@@ -47,10 +47,15 @@ class Layout:
     def length(self) -> int:
         return self.kind.shape[-1]
 
-    def dense(self) -> torch.Tensor:
-        """``(..., T, T)`` bool, True = may attend."""
+    def __getitem__(self, index) -> Layout:
+        """The sub-layout of the token positions ``index`` (a slice along T)."""
+        return Layout(self.kind[..., index], self.step[..., index], self.copy[..., index])
+
+    def dense(self, keys: Layout | None = None) -> torch.Tensor:
+        """``(..., T, T_keys)`` bool, True = may attend; keys default to the queries."""
+        keys = self if keys is None else keys
         q = (self.kind.unsqueeze(-1), self.step.unsqueeze(-1), self.copy.unsqueeze(-1))
-        k = (self.kind.unsqueeze(-2), self.step.unsqueeze(-2), self.copy.unsqueeze(-2))
+        k = (keys.kind.unsqueeze(-2), keys.step.unsqueeze(-2), keys.copy.unsqueeze(-2))
         return may_attend(*q, *k)
 
     def mask_mod(self):

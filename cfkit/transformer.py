@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cfkit.masks import CLEAN, NOISY, Layout, may_attend
+from cfkit.masks import CLEAN, NOISY, Layout
 
 ATTENTION_BACKENDS = ("sdpa", "flex", "eager")
 
@@ -68,7 +68,8 @@ class TransformerConfig:
         if self.pos_embed == "sincos" and self.hidden_size % 4:
             raise ValueError("sincos position embedding needs hidden_size divisible by 4")
         if self.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention {self.attention!r}; allowed: {', '.join(ATTENTION_BACKENDS)}")
+            allowed = ", ".join(ATTENTION_BACKENDS)
+            raise ValueError(f"unknown attention {self.attention!r}; allowed: {allowed}")
         return self
 
 
@@ -202,15 +203,10 @@ class SplitMask:
     @classmethod
     def from_layout(cls, layout: Layout, context_len: int, copies: int) -> SplitMask:
         length = (layout.length - context_len) // copies
-        ctx = Layout(*(a[:, :context_len] for a in (layout.kind, layout.step, layout.copy)))
-        first = Layout(*(a[:, : context_len + length] for a in (layout.kind, layout.step, layout.copy)))
-        noisy = Layout(*(a[:, context_len:] for a in (first.kind, first.step, first.copy)))
-        return cls(_one_if_shared(ctx.dense()), _one_if_shared(_cross(noisy, first)), copies)
-
-
-def _cross(q: Layout, k: Layout) -> torch.Tensor:
-    return may_attend(q.kind[..., :, None], q.step[..., :, None], q.copy[..., :, None],
-                      k.kind[..., None, :], k.step[..., None, :], k.copy[..., None, :])
+        context = layout[:context_len]
+        first_copy = layout[: context_len + length]
+        noisy = first_copy[context_len:].dense(first_copy)
+        return cls(_one_if_shared(context.dense()), _one_if_shared(noisy), copies)
 
 
 def _one_if_shared(mask: torch.Tensor) -> torch.Tensor:
@@ -414,8 +410,9 @@ class CausalTransformer(nn.Module):
         layout = plan.layout(config.cond_len)
         clean_len = int((layout.kind[0] == CLEAN).sum())
         order = plan.order.to(x_start.device)
-        clean = torch.gather(x_start, 1, order[:, :clean_len, None].expand(-1, -1, x_start.shape[-1]))
-        pieces = [self.condition(labels), self.embed(clean, order[:, :clean_len])]
+        ahead = order[:, :clean_len]
+        clean = torch.gather(x_start, 1, ahead[..., None].expand(-1, -1, x_start.shape[-1]))
+        pieces = [self.condition(labels), self.embed(clean, ahead)]
         noisy = self.embed(x_t.reshape(n, copies * length, -1), order.repeat(1, copies))
         context_len = config.cond_len + clean_len
         if config.timestep == "add":

@@ -19,7 +19,8 @@ def network_config(model_options: dict) -> TransformerConfig:
     fields = set(TransformerConfig.__dataclass_fields__)
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise ValueError(f"unknown model option(s) {unknown}; allowed: preset, {', '.join(sorted(fields))}")
+        allowed = ", ".join(["preset", *sorted(fields)])
+        raise ValueError(f"unknown model option(s) {unknown}; allowed: {allowed}")
     return preset(name, **options) if name else TransformerConfig(**options).check()
 
 

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from refdata import reference_files
 
 from cfkit import config
 from cfkit.methods import Batch
 from cfkit.plan import Plan
 from cfkit.schedules import step_index
 from cfkit.transformer import patchify
-from refdata import reference_files
 
 OFFICIAL = reference_files("official_tiny_*.npz")
 TINY = {"preset": "CausalFusion-tiny", "input_size": 4, "latent_channels": 2, "hidden_size": 32,
@@ -30,8 +30,8 @@ def batch(n=4, seed=0):
 def test_plan_loss_equals_the_official_loss(npz, tmp_path):
     """With the recorded order, split, t, noise and dropped labels, the method's weighted
     loss is the official one (AR weights linear 2 -> 1)."""
-    from cfkit.convert import convert_official
     from cfkit import checkpoint
+    from cfkit.convert import convert_official
 
     d = np.load(npz)
     m = checkpoint.load(convert_official(npz.with_suffix(".pt"), tmp_path / "c"))

@@ -7,7 +7,12 @@ import torch
 from cfkit import plugins
 from cfkit.plan import Planner
 from cfkit.transformer import (
-    PRESETS, CausalTransformer, TransformerConfig, patchify, preset, unpatchify,
+    PRESETS,
+    CausalTransformer,
+    TransformerConfig,
+    patchify,
+    preset,
+    unpatchify,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -31,7 +36,8 @@ def draw(per_sample=False, copies=1, batch=3, grid=(4, 4), seed=1, sampler="per-
     )
     plan = planner.draw(batch, grid, 1000, g)
     length = grid[0] * grid[1]
-    return plan, torch.randn(batch, length, 2, generator=g), torch.randn(batch, copies, length, 2, generator=g)
+    x_start = torch.randn(batch, length, 2, generator=g)
+    return plan, x_start, torch.randn(batch, copies, length, 2, generator=g)
 
 
 def run(model, plan, x_start, x_t):

@@ -106,6 +106,57 @@ class Diffusion(Strict):
         return diffusion.GaussianDiffusion.named(self.beta_schedule, self.num_timesteps)
 
 
+class Data(Strict):
+    """Training data: shards (or an embedded dataset built into cached shards on first use)
+    and the image tokenizer that maps images to latents."""
+
+    dataset: Annotated[Component, _component("datasets", build=False)] | None = None
+    shards: str | None = None  # a folder, glob or brace pattern of train shards
+    val_shards: str | None = None
+    tokenizer: Annotated[Component, _component("image_tokenizers")] = Component(
+        kind="image_tokenizers", name="pixels"
+    )
+    encoded: bool = False  # shards hold pre-encoded latents (latent caching)
+    flip: bool = True  # horizontal-flip augmentation
+    shuffle_buffer: int = Field(1000, ge=1)
+    num_workers: int = Field(0, ge=0)
+    shard_size: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _check_source(self):
+        if self.dataset is None and self.shards is None:
+            raise ValueError("data: give a dataset (e.g. { name = \"digits\" }) or shards")
+        return self
+
+
+class Train(Strict):
+    """The optimisation loop (reference defaults: AdamW β=(0.9, 0.95), eps 1e-15, wd 0,
+    base LR 1e-4 per 256 images, linear warmup then constant, clip 1.0, EMA 0.9999)."""
+
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)  # global batch
+    base_lr: float = Field(1e-4, gt=0)  # per 256 images
+    lr: float | None = Field(None, gt=0)  # absolute; overrides base_lr scaling
+    warmup_steps: int = Field(0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-15
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema: float = Field(0.9999, ge=0, lt=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_checkpoint: bool = False
+    compile: bool = False
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    ckpt_every: int = Field(500, ge=1)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    tensorboard: bool = False
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
+
+
 class Experiment(Strict):
     """A whole experiment config."""
 
@@ -117,6 +168,8 @@ class Experiment(Strict):
     model: dict[str, Any] = {}
     factorisation: Factorisation = Factorisation()
     diffusion: Diffusion = Diffusion()
+    data: Data = Data(dataset=Component(kind="datasets", name="digits"))
+    train: Train = Train()
 
     @model_validator(mode="after")
     def _check_method(self):
@@ -199,7 +252,7 @@ def load(path, overrides: list[str] = (), model: type[BaseModel] = Experiment):
 
 def dump(config: BaseModel) -> str:
     """The resolved config as TOML (defaults filled in)."""
-    return _toml(config.model_dump(mode="json"))
+    return _toml(config.model_dump(mode="json", exclude_none=True))
 
 
 def _toml(data: dict, prefix: str = "") -> str:

@@ -202,3 +202,14 @@ class GaussianDiffusion:
         else:
             raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
         return mean, log_variance.expand_as(mean), x0
+
+    def ddim_mean_and_sigma(self, output, x_t, t, prediction="eps", eta=0.0):
+        """Mean and σ of the DDIM step (Song et al. 2021, eq. 12 and 16) and x̂_0:
+        x_{t-1} = sqrt(ᾱ_{t-1}) x̂_0 + sqrt(1 - ᾱ_{t-1} - σ²) ε̂ + σ z with
+        σ = η sqrt((1 - ᾱ_{t-1}) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_{t-1}); σ is 0 at t = 0."""
+        x0, eps = self.xstart_and_eps(prediction, x_t, t, output)
+        n = x_t.dim()
+        abar, abar_prev = extract(self.alphas_cumprod, t, n), extract(self.alphas_cumprod_prev, t, n)
+        sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+        mean = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).sqrt() * eps
+        return mean, sigma, x0

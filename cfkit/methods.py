@@ -3,6 +3,11 @@
 A method plugin registers a factory ``factory(experiment) -> Method`` where ``experiment``
 is the validated ``cfkit.config.Experiment``. The factory may also offer
 ``factory.check(experiment)`` to validate method-specific options early (config validation).
+
+``loss(batch, generator, model=None)`` runs the forward pass through ``model`` when given (a
+DDP/FSDP/compiled wrapper of ``method.model``). Randomness is drawn for the global batch
+(``batch.global_size`` rows) and the batch's rows (from ``batch.offset``) are used, so that
+any number of processes computes the same loss as one.
 """
 
 from __future__ import annotations
@@ -16,10 +21,21 @@ from torch import nn
 
 @dataclass
 class Batch:
-    """``latents`` ``(N, C, H, W)`` (tokenizer output, already scaled); ``labels`` ``(N,)``."""
+    """``latents`` ``(N, C, H, W)`` (tokenizer output, already scaled); ``labels`` ``(N,)``;
+    this process's rows start at ``offset`` of a global batch of ``global_size`` rows."""
 
     latents: torch.Tensor
     labels: torch.Tensor
+    offset: int = 0
+    global_size: int | None = None
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.offset, self.offset + self.latents.shape[0])
+
+    @property
+    def total(self) -> int:
+        return self.global_size or self.latents.shape[0]
 
 
 @dataclass
@@ -35,8 +51,17 @@ class LossOutput:
 class Method(Protocol):
     model: nn.Module
 
-    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> LossOutput: ...
+    def loss(self, batch: Batch, generator: torch.Generator | None = None,
+             model: nn.Module | None = None) -> LossOutput: ...
 
     def state(self) -> dict:
         """What a checkpoint needs to rebuild the method (JSON-serialisable)."""
         ...
+
+
+def drop_labels(labels: torch.Tensor, batch: Batch, probability: float, null_class: int,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Labels replaced by ``null_class`` with ``probability`` (CFG label dropout), drawn for
+    the global batch and taken at this batch's rows."""
+    u = torch.rand(batch.total, generator=generator)[batch.rows].to(labels.device)
+    return torch.where(u < probability, null_class, labels)

@@ -394,19 +394,16 @@ class CausalTransformer(nn.Module):
 
     # -- training forward ------------------------------------------------------------------
     def forward(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                labels: torch.Tensor, plan, generator: torch.Generator | None = None,
-                drop_labels: bool | None = None) -> torch.Tensor:
+                labels: torch.Tensor, plan) -> torch.Tensor:
         """Prediction for every noisy token of ``plan``.
 
         ``x_start`` ``(N, L, d)`` clean tokens in raster order; ``x_t`` ``(N, K, L, d)`` noisy
         tokens in generation order (``plan.order``); ``t`` ``(N, K, L)`` the network
-        timestep of each noisy token; ``labels`` ``(N,)``. Returns ``(N, K, L, d)`` in
-        generation order. Labels are dropped for CFG when training unless ``drop_labels``.
+        timestep of each noisy token; ``labels`` ``(N,)`` (after any CFG dropout, which the
+        method draws). Returns ``(N, K, L, d)`` in generation order.
         """
         config = self.config
         n, copies, length, _ = x_t.shape
-        if (drop_labels is None and self.training) or drop_labels:
-            labels = self.class_embedder.drop(labels, generator)
         layout = plan.layout(config.cond_len)
         clean_len = int((layout.kind[0] == CLEAN).sum())
         order = plan.order.to(x_start.device)
@@ -471,10 +468,17 @@ class CausalTransformer(nn.Module):
         if scale <= 1.0:
             return self.forward_cached(cache, x_t, positions, t)
         both = self.forward_cached(cache, x_t.repeat(2, 1, 1), positions.repeat(2, 1), t.repeat(2))
-        cond, uncond = both.chunk(2)
-        inside = (t >= interval[0]) & (t < interval[1])
-        guided = uncond + scale * (cond - uncond)
-        return torch.where(inside[:, None, None], guided, cond)
+        return guide(*both.chunk(2), t, scale, interval)
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, t: torch.Tensor, scale: float,
+          interval: tuple[float, float]) -> torch.Tensor:
+    """Classifier-free guidance ``uncond + scale * (cond - uncond)`` of predictions ``(N, n, d)``
+    where the network timestep ``t`` ``(N,)`` is in ``interval[0] <= t < interval[1]``, else
+    the conditional prediction."""
+    inside = (t >= interval[0]) & (t < interval[1])
+    guided = uncond + scale * (cond - uncond)
+    return torch.where(inside[:, None, None], guided, cond)
 
 
 def _concat_layouts(a: Layout, b: Layout) -> Layout:

@@ -7,7 +7,8 @@ import torch
 
 from cfkit import hookimpl
 from cfkit.config import Component
-from cfkit.methods import Batch, LossOutput
+from cfkit.methods import Batch, LossOutput, drop_labels
+from cfkit.plan import Plan
 from cfkit.transformer import CausalTransformer, TransformerConfig, patchify, preset
 from cfkit.weightings import loss_weights
 
@@ -49,16 +50,22 @@ class CausalFusion:
 
     check = network_config
 
-    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> LossOutput:
-        latents = batch.latents
-        n = latents.shape[0]
-        plan = self.planner.draw(n, self.config.grid, self.diffusion.num_timesteps, generator)
-        shape = (n, plan.copies, self.config.num_tokens, self.config.token_dim)
-        noise = torch.randn(shape, generator=generator).to(latents.device)
-        return self.plan_loss(latents, batch.labels, plan, noise, generator)
+    def loss(self, batch: Batch, generator: torch.Generator | None = None,
+             model=None) -> LossOutput:
+        latents, total, rows = batch.latents, batch.total, batch.rows
+        plan = self.planner.draw(total, self.config.grid, self.diffusion.num_timesteps, generator)
+        plan = Plan(plan.order[rows], plan.step[rows], plan.t[rows])
+        shape = (total, plan.copies, self.config.num_tokens, self.config.token_dim)
+        noise = torch.randn(shape, generator=generator)[rows].to(latents.device)
+        labels = batch.labels
+        if self.model.training:
+            embedder = self.model.class_embedder
+            labels = drop_labels(labels, batch, embedder.dropout, embedder.num_classes, generator)
+        return self.plan_loss(latents, labels, plan, noise, model=model)
 
-    def plan_loss(self, latents, labels, plan, noise, generator=None, drop_labels=None):
-        """The loss of one plan: ``noise`` ``(N, K, L, d)`` in generation order."""
+    def plan_loss(self, latents, labels, plan, noise, model=None):
+        """The loss of one plan given final labels: ``noise`` ``(N, K, L, d)`` in generation
+        order; ``model`` the module to run (default ``self.model``)."""
         device = latents.device
         x_start = patchify(latents, self.config.patch_size)  # (N, L, d) raster
         length, dim = x_start.shape[1:]
@@ -67,7 +74,7 @@ class CausalFusion:
         x_ordered = torch.gather(x_start, 1, order[..., None].expand(-1, -1, dim)).unsqueeze(1)
         x_t = self.diffusion.q_sample(x_ordered, t, noise)
         network_t = self.diffusion.timestep_map.to(device)[t]
-        out = self.model(x_start, x_t, network_t, labels, plan, generator, drop_labels)
+        out = (model or self.model)(x_start, x_t, network_t, labels, plan)
         target = self.diffusion.target(self.prediction, x_ordered, t, noise)
         per_token = (target - out.float()).pow(2).mean(-1)
         weights = loss_weights(

@@ -45,7 +45,7 @@ def test_plan_loss_equals_the_official_loss(npz, tmp_path):
     noise = patchify(torch.from_numpy(d["noise"]).double(), m.config.patch_size)
     noise = torch.gather(noise, 1, order[..., None].expand(-1, -1, noise.shape[-1]))[:, None]
     with torch.no_grad():
-        out = m.plan_loss(x, torch.from_numpy(d["y_effective"]), plan, noise, drop_labels=False)
+        out = m.plan_loss(x, torch.from_numpy(d["y_effective"]), plan, noise)
     assert abs(out.loss.item() - float(d["loss"])) < 1e-5
     np.testing.assert_allclose(out.per_token[:, 0].numpy(), d["mse"].mean(-1), atol=1e-5)
 

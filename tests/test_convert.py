@@ -60,8 +60,7 @@ def test_training_forward_matches_the_official_per_token_error(npz, backend):
     x_t = gather_tokens(patchify(xn, config.patch_size), order)
     eps = gather_tokens(patchify(noise, config.patch_size), order)
     with torch.no_grad():
-        out = model(tokens, x_t[:, None], plan.t_per_token(), torch.from_numpy(d["y_effective"]),
-                    plan, drop_labels=False)[:, 0]
+        out = model(tokens, x_t[:, None], plan.t_per_token(), torch.from_numpy(d["y_effective"]), plan)[:, 0]
     # per-token ε error |ε - ε̂| against the reference's sqrt(mse)
     np.testing.assert_allclose((eps - out).abs().numpy(), np.sqrt(d["mse"]), atol=1e-5, rtol=0)
     ar = torch.from_numpy(d["ar_weights"]).double()

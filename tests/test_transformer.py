@@ -43,7 +43,7 @@ def draw(per_sample=False, copies=1, batch=3, grid=(4, 4), seed=1, sampler="per-
 def run(model, plan, x_start, x_t):
     labels = torch.arange(x_start.shape[0]) % model.config.num_classes
     with torch.no_grad():
-        return model(x_start, x_t, plan.t_per_token(), labels, plan, drop_labels=False)
+        return model(x_start, x_t, plan.t_per_token(), labels, plan)
 
 
 def tiny(**options):

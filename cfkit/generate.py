@@ -1,0 +1,369 @@
+"""Generation: AR steps over a KV cache, each step's tokens denoised by a reverse diffusion.
+
+The L tokens are generated in an order ``(N, L)`` split into S AR steps. The condition tokens
+(``[labels; null]`` under classifier-free guidance) go into a KV cache first; every AR step
+then starts its tokens from Gaussian noise, runs the respaced reverse process against the
+cache (conditional and unconditional halves in one batched forward) and pushes its final
+clean tokens into the cache for the steps after it. S = 1 is plain in-context diffusion
+sampling. ``RecomputedContext`` runs the same algorithm through the training forward,
+recomputing the whole context at every diffusion step: the oracle of the cached path and
+the baseline of its benchmark. Editing keeps some tokens of an image as a first, given AR
+step and generates the others after it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from cfkit import plugins
+from cfkit.plan import Plan
+from cfkit.samplers import noise_like, respaced
+from cfkit.schedules import check_step_sizes, step_index
+from cfkit.transformer import CausalTransformer, guide, patchify, unpatchify
+
+KEEP_REGIONS = ("centre", "top", "bottom")
+Progress = Callable[[int, int], None]  # (diffusion steps done, total)
+
+
+class GenerationError(ValueError):
+    """Generation options that cannot work; the message says what is wrong and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance with ``scale`` (1 = none) at network timesteps
+    ``interval[0] <= t < interval[1]``."""
+
+    scale: float = 1.0
+    interval: tuple[float, float] = (0.0, math.inf)
+
+    @property
+    def active(self) -> bool:
+        return self.scale > 1.0
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(N, ...)`` for the rows the network runs: ``(2N, ...)`` when guided."""
+        return torch.cat([x, x]) if self.active else x
+
+    def labels(self, labels: torch.Tensor, null: int) -> torch.Tensor:
+        """``(N,)`` -> ``[labels; null]`` ``(2N,)`` when guided, else ``labels``."""
+        return torch.cat([labels, torch.full_like(labels, null)]) if self.active else labels
+
+
+@dataclass(frozen=True)
+class Generated:
+    """Generated tokens ``(N, L, d)`` in raster order, the generation ``order`` ``(N, L)`` and
+    the ``step_sizes`` ``(S,)`` of the generated AR steps (after any given tokens)."""
+
+    tokens: torch.Tensor
+    order: torch.Tensor
+    step_sizes: torch.Tensor
+    patch_size: int
+    channels: int
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """``(N, C, H, W)``."""
+        return unpatchify(self.tokens, self.patch_size, self.channels)
+
+
+class CachedContext:
+    """The clean context (condition tokens, then every finished AR step) held as a KV cache."""
+
+    def __init__(self, model: CausalTransformer, labels: torch.Tensor, order: torch.Tensor,
+                 guidance: Guidance):
+        self.model, self.order, self.guidance = model, order, guidance
+        self.cache = model.new_cache()
+        model.push_condition(self.cache, guidance.labels(labels, model.config.num_classes))
+
+    def add(self, tokens: torch.Tensor, span: slice) -> None:
+        """Push clean ``tokens`` ``(N, n, d)`` of the generation-order positions ``span``."""
+        rows = self.guidance.rows
+        self.model.push_clean(self.cache, rows(tokens), rows(self.order[:, span]))
+
+    def predict(self, x_t: torch.Tensor, span: slice, t: torch.Tensor) -> torch.Tensor:
+        """Guided prediction ``(N, n, d)`` for noisy ``x_t`` at ``span``, network timesteps ``t``."""
+        g = self.guidance
+        return self.model.guided_cached(self.cache, x_t, self.order[:, span], t, g.scale, g.interval)
+
+
+class RecomputedContext:
+    """The same context recomputed by the training forward at every diffusion step: the full
+    sequence ``[cond | clean | noisy]`` of the generation's split, with the tokens not yet
+    generated left at zero (the mask hides them from the step being denoised)."""
+
+    def __init__(self, model: CausalTransformer, labels: torch.Tensor, order: torch.Tensor,
+                 step_sizes: torch.Tensor, guidance: Guidance):
+        self.model, self.order, self.guidance = model, order, guidance
+        self.labels = guidance.labels(labels, model.config.num_classes)
+        # Plans live on the CPU, as the planner draws them; the forward moves what it needs.
+        self.plan_order = guidance.rows(order).cpu()
+        self.step = step_index(step_sizes.cpu()).expand_as(self.plan_order)  # (rows, L)
+        n, length = order.shape
+        weight = model.patch_embed.weight
+        self.x_start = torch.zeros(n, length, model.config.token_dim, device=weight.device,
+                                   dtype=weight.dtype)
+
+    def add(self, tokens: torch.Tensor, span: slice) -> None:
+        index = self.order[:, span, None].expand(-1, -1, tokens.shape[-1])
+        self.x_start = self.x_start.scatter(1, index, tokens.to(self.x_start))
+
+    def predict(self, x_t: torch.Tensor, span: slice, t: torch.Tensor) -> torch.Tensor:
+        g = self.guidance
+        n, length = self.order.shape
+        noisy = x_t.new_zeros(n, 1, length, x_t.shape[-1])
+        noisy[:, 0, span] = x_t
+        rows_t = g.rows(t)
+        num_steps = int(self.step[0, -1]) + 1
+        plan = Plan(self.plan_order, self.step, rows_t.cpu()[:, None, None].expand(-1, 1, num_steps))
+        token_t = rows_t[:, None, None].expand(-1, 1, length)
+        out = self.model(g.rows(self.x_start), g.rows(noisy), token_t, self.labels, plan)[:, 0, span]
+        return guide(*out.chunk(2), t, g.scale, g.interval) if g.active else out
+
+
+def reverse_process(predict: Callable, diffusion, sampler, x: torch.Tensor, prediction: str,
+                    generator: torch.Generator | None = None,
+                    on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """x_T ``(N, n, d)`` -> x_0 through every step of the (respaced) ``diffusion``;
+    ``predict(x_t, network_t)`` is the network output for x_t."""
+    n = x.shape[0]
+    timestep_map = diffusion.timestep_map.to(x.device)
+    for index in reversed(range(diffusion.num_timesteps)):
+        t = torch.full((n,), index, dtype=torch.long, device=x.device)
+        output = predict(x, timestep_map[t])
+        x = sampler.step(diffusion, output.to(x.dtype), x, t, prediction, generator)
+        if on_step is not None:
+            on_step()
+    return x
+
+
+def component(kind: str, spec, **options):
+    """A registered component by name (built with ``options``), or ``spec`` itself."""
+    if not isinstance(spec, str):
+        return spec
+    try:
+        return plugins.build(kind, spec, **options)
+    except (TypeError, ValueError) as error:
+        raise GenerationError(f"{kind} {spec!r} with options {options}: {error}") from None
+
+
+def equal_split(total: int, parts: int) -> torch.Tensor:
+    """``total`` as ``parts`` sizes ``(parts,)`` as equal as possible: the ``fixed`` schedule."""
+    return plugins.build("schedules", "fixed", steps=parts)(total)
+
+
+def check_labels(model: CausalTransformer, labels) -> torch.Tensor:
+    """Class labels as a LongTensor ``(N,)``, each in ``0..num_classes-1``."""
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    classes = model.config.num_classes
+    if labels.numel() == 0:
+        raise GenerationError("no class labels given; give at least one")
+    bad = labels[(labels < 0) | (labels >= classes)]
+    if bad.numel():
+        raise GenerationError(
+            f"class {int(bad[0])} is out of range; this model has {classes} classes: allowed "
+            f"0..{classes - 1}"
+        )
+    return labels
+
+
+def check_guidance(model: CausalTransformer, scale: float, interval) -> Guidance:
+    """The guidance of a CFG ``scale`` >= 1 and a network-timestep ``interval`` (lo, hi)."""
+    lo, hi = (float(v) for v in interval)
+    if scale < 1:
+        raise GenerationError(f"cfg scale must be >= 1 (1 = no guidance), got {scale}")
+    if not 0 <= lo < hi:
+        raise GenerationError(f"cfg interval must be 0 <= lo < hi (network timesteps), got {interval}")
+    if scale > 1 and model.class_embedder.table.num_embeddings <= model.config.num_classes:
+        raise GenerationError("this model has no null class (trained without label dropout): "
+                              "classifier-free guidance needs one; use cfg 1")
+    return Guidance(float(scale), (lo, hi))
+
+
+def generation_order(order, batch_size: int, grid: tuple[int, int],
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(N, L)`` raster indices in generation order from an ordering (name or object)."""
+    result = torch.as_tensor(component("orderings", order)(batch_size, grid, generator))
+    length = grid[0] * grid[1]
+    if result.shape != (batch_size, length) or not torch.equal(
+        result.sort(dim=-1).values, torch.arange(length).expand(batch_size, -1)
+    ):
+        raise GenerationError(f"ordering {order!r} must give ({batch_size}, {length}) raster indices, "
+                              f"each row a permutation of 0..{length - 1}")
+    return result
+
+
+def ar_step_sizes(num_tokens: int, ar_steps: int | None = None, step_sizes=None, schedule=None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sizes ``(S,)`` of the AR steps over ``num_tokens``: ``ar_steps`` equal steps, explicit
+    ``step_sizes`` or one draw of a ``schedule`` (name or object); one AR step if none."""
+    chosen = [name for name, value in (("ar_steps", ar_steps), ("step_sizes", step_sizes),
+                                       ("schedule", schedule)) if value is not None]
+    if len(chosen) > 1:
+        raise GenerationError(f"give one of ar_steps, step_sizes and schedule, not {' and '.join(chosen)}")
+    if step_sizes is not None:
+        sizes = step_sizes
+    elif schedule is not None:
+        sizes = component("schedules", schedule)(num_tokens, generator)
+    else:
+        steps = 1 if ar_steps is None else int(ar_steps)
+        if not 1 <= steps <= num_tokens:
+            raise GenerationError(f"ar_steps must be in 1..{num_tokens} (the number of tokens to "
+                                  f"generate), got {steps}")
+        sizes = equal_split(num_tokens, steps)
+    try:
+        return check_step_sizes(sizes, num_tokens)
+    except ValueError as error:
+        raise GenerationError(str(error)) from None
+
+
+def step_diffusions(diffusion, steps, num_ar_steps: int, split_steps: bool = False) -> list:
+    """The respaced diffusion of each AR step: ``steps`` each, or, with ``split_steps``, the
+    int ``steps`` split across the AR steps as equally as possible."""
+    if not split_steps:
+        return [_respaced(diffusion, steps)] * num_ar_steps
+    if isinstance(steps, str) and steps.isdigit():
+        steps = int(steps)
+    if not isinstance(steps, int):
+        raise GenerationError(f"split_steps needs an int number of diffusion steps, got {steps!r}")
+    if steps < 2 * num_ar_steps:
+        raise GenerationError(f"split_steps: {steps} diffusion steps leave fewer than 2 to some of "
+                              f"the {num_ar_steps} AR steps; give at least {2 * num_ar_steps}")
+    counts = equal_split(steps, num_ar_steps).tolist()
+    by_count = {count: _respaced(diffusion, count) for count in set(counts)}
+    return [by_count[count] for count in counts]
+
+
+def _respaced(diffusion, steps):
+    try:
+        return respaced(diffusion, steps)
+    except ValueError as error:
+        raise GenerationError(str(error)) from None
+
+
+def keep_mask(keep, grid: tuple[int, int]) -> torch.Tensor:
+    """Raster ``(L,)`` bool of the kept tokens from a bool ``(h, w)`` grid or a region name:
+    ``centre`` (the middle half of each side), ``top`` or ``bottom`` (half of the rows)."""
+    h, w = grid
+    if isinstance(keep, str):
+        if keep not in KEEP_REGIONS:
+            raise GenerationError(f"unknown keep region {keep!r}; allowed: {', '.join(KEEP_REGIONS)}")
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        regions = {
+            "centre": (rows >= h // 4) & (rows < h // 4 + h // 2)
+            & (cols >= w // 4) & (cols < w // 4 + w // 2),
+            "top": rows < h // 2,
+            "bottom": rows >= h // 2,
+        }
+        keep = regions[keep]
+    keep = torch.as_tensor(keep, dtype=torch.bool)
+    if keep.shape != (h, w):
+        raise GenerationError(f"keep mask must be a bool ({h}, {w}) grid, got shape {tuple(keep.shape)}")
+    return keep.reshape(-1)
+
+
+@torch.no_grad()
+def generate(model: CausalTransformer, diffusion, labels, *, ar_steps: int | None = None,
+             step_sizes=None, schedule=None, order="random", steps=250, split_steps: bool = False,
+             cfg: float = 1.0, cfg_interval=(0.0, math.inf), sampler="ddpm", prediction: str = "eps",
+             generator: torch.Generator | None = None, progress: Progress | None = None,
+             cached: bool = True) -> Generated:
+    """Class-conditional generation of ``len(labels)`` images' tokens.
+
+    ``diffusion`` is the model's (unrespaced) diffusion; ``steps`` its respacing for each AR
+    step (split across them with ``split_steps``). The AR steps are ``ar_steps`` equal steps,
+    explicit ``step_sizes`` or a ``schedule``; ``order`` and ``schedule`` are registered names
+    or objects, ``sampler`` a registered name or a sampler. ``cfg_interval`` is in network
+    timesteps (0..1000). ``cached=False`` recomputes the context at every diffusion step.
+    """
+    labels = check_labels(model, labels)
+    guidance = check_guidance(model, cfg, cfg_interval)
+    config = model.config
+    device = model.patch_embed.weight.device
+    order = generation_order(order, len(labels), config.grid, generator).to(device)
+    sizes = ar_step_sizes(config.num_tokens, ar_steps, step_sizes, schedule, generator)
+    given = torch.zeros(len(labels), 0, config.token_dim, device=device,
+                        dtype=model.patch_embed.weight.dtype)
+    return _generate(model, diffusion, labels.to(device), order, given, sizes, guidance, steps,
+                     split_steps, sampler, prediction, generator, progress, cached)
+
+
+@torch.no_grad()
+def edit(model: CausalTransformer, diffusion, image_latents: torch.Tensor, keep, labels, *,
+         ar_steps: int | None = None, step_sizes=None, schedule=None, order="random", steps=250,
+         split_steps: bool = False, cfg: float = 1.0, cfg_interval=(0.0, math.inf),
+         sampler="ddpm", prediction: str = "eps", generator: torch.Generator | None = None,
+         progress: Progress | None = None, cached: bool = True) -> Generated:
+    """Zero-shot editing: the ``keep`` tokens of ``image_latents`` ``(N, C, H, W)`` (a bool
+    ``(h, w)`` grid or one of ``KEEP_REGIONS``) are the first AR step's clean context; the
+    others are generated in ``order`` after them, for the (new) class ``labels``. The AR
+    steps (``ar_steps``, ``step_sizes`` or ``schedule``) split the generated tokens only;
+    the other options are those of ``generate``."""
+    config = model.config
+    expected = (config.latent_channels, config.input_size, config.input_size)
+    if image_latents.dim() != 4 or tuple(image_latents.shape[1:]) != expected:
+        raise GenerationError(f"image latents must be (N, {', '.join(map(str, expected))}), "
+                              f"got {tuple(image_latents.shape)}")
+    weight = model.patch_embed.weight
+    n = image_latents.shape[0]
+    labels = check_labels(model, labels)
+    labels = labels.expand(n) if labels.numel() == 1 else labels
+    if labels.numel() != n:
+        raise GenerationError(f"give one class or one per image ({n}), got {labels.numel()}")
+    guidance = check_guidance(model, cfg, cfg_interval)
+    kept = keep_mask(keep, config.grid).to(weight.device)
+    free = generation_order(order, n, config.grid, generator).to(weight.device)
+    free = free[~kept[free]].reshape(n, -1)  # the ordering's order of the tokens to generate
+    order = torch.cat([kept.nonzero()[:, 0].expand(n, -1), free], dim=1)
+    tokens = patchify(image_latents.to(weight), config.patch_size)
+    num_kept = int(kept.sum())
+    given = torch.gather(tokens, 1, order[:, :num_kept, None].expand(-1, -1, tokens.shape[-1]))
+    if num_kept == config.num_tokens:
+        return Generated(tokens, order, torch.zeros(0, dtype=torch.long), config.patch_size,
+                         config.latent_channels)
+    sizes = ar_step_sizes(free.shape[1], ar_steps, step_sizes, schedule, generator)
+    return _generate(model, diffusion, labels.to(weight.device), order, given, sizes, guidance,
+                     steps, split_steps, sampler, prediction, generator, progress, cached)
+
+
+def _generate(model, diffusion, labels, order, given, sizes, guidance, steps, split_steps,
+              sampler, prediction, generator, progress, cached) -> Generated:
+    """Generate the AR steps ``sizes`` after the ``given`` clean tokens ``(N, K, d)`` at the
+    first K positions of ``order``; returns every token in raster order."""
+    sampler = component("samplers", sampler)
+    diffusions = step_diffusions(diffusion, steps, len(sizes), split_steps)
+    num_given = given.shape[1]
+    if cached:
+        context = CachedContext(model, labels, order, guidance)
+    else:
+        all_sizes = torch.cat([torch.tensor([num_given]), sizes]) if num_given else sizes
+        context = RecomputedContext(model, labels, order, all_sizes, guidance)
+    if num_given:
+        context.add(given, slice(0, num_given))
+    total, done = sum(d.num_timesteps for d in diffusions), 0
+
+    def on_step():
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    pieces, start = [given], num_given
+    weight = model.patch_embed.weight
+    for s, (size, step_diffusion) in enumerate(zip(sizes.tolist(), diffusions, strict=True)):
+        span = slice(start, start + size)
+        x = noise_like(torch.empty(len(labels), size, given.shape[-1], device=weight.device,
+                                   dtype=weight.dtype), generator)
+        x = reverse_process(lambda x_t, t, span=span: context.predict(x_t, span, t), step_diffusion,
+                            sampler, x, prediction, generator, on_step)
+        if s < len(sizes) - 1:  # the last step's tokens are context for nothing
+            context.add(x, span)
+        pieces.append(x)
+        start += size
+    ordered = torch.cat(pieces, dim=1)
+    tokens = torch.empty_like(ordered).scatter(1, order[..., None].expand_as(ordered), ordered)
+    return Generated(tokens, order, sizes, model.config.patch_size, model.config.latent_channels)

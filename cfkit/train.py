@@ -1,0 +1,446 @@
+"""The trainer: single process or torchrun (DDP / FSDP), exact resume, safe checkpoints.
+
+Randomness of step ``k`` (plans, noise, label dropout) comes from a generator seeded by
+``(seed, k)`` and is drawn for the global batch, of which each process uses its rows; the
+data stream is a function of the seed too. So a run is reproducible across world sizes and a
+resumed run continues exactly as if it had never stopped.
+
+Run folder: ``config.json``, ``metrics.csv``, ``loss.png``, ``checkpoints/step-NNNNNNN/``
+(each a cfkit checkpoint: ``config.json``, ``model.safetensors``, ``ema.safetensors``,
+``optimizer.safetensors`` and ``state.json``).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from cfkit import checkpoint, data
+from cfkit import config as configs
+from cfkit.methods import Batch
+
+log = logging.getLogger(__name__)
+
+METRICS = ("step", "loss", "lr", "grad_norm", "images_per_s")
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (e.g. a non-finite loss); the last good checkpoint is intact."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CFKIT_CACHE", "~/.cache/cfkit")).expanduser()
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def dataset_shards(experiment: configs.Experiment, split: str = "train", is_main: bool = True) -> str:
+    """The shards of ``split``: the configured ones, or the dataset's cached shards, built on
+    first use into ``$CFKIT_CACHE/shards/`` (a temp folder renamed when complete)."""
+    spec = experiment.data
+    given = spec.shards if split == "train" else spec.val_shards
+    if given:
+        return given
+    if spec.dataset is None:
+        raise configs.ConfigError(f"data: no {split} shards and no dataset to build them from")
+    identity = {"dataset": spec.dataset.model_dump(), "shard_size": spec.shard_size}
+    if spec.encoded:
+        identity["tokenizer"] = spec.tokenizer.model_dump()
+    folder = cache_dir() / "shards" / f"{spec.dataset.name}-{_digest(identity)}" / split
+    if is_main and not folder.is_dir():
+        tmp = folder.with_name(f".{split}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer = spec.tokenizer.build() if spec.encoded else None
+        data.write_shards(spec.dataset.build(), tmp, split, spec.shard_size, tokenizer,
+                          prefix=spec.dataset.name)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    return str(folder)
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class Distributed:
+    """The process group from torchrun's environment (or a single process)."""
+
+    def __init__(self):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if self.world_size > 1 and not dist.is_initialized():
+            if cuda:
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if cuda else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item() / self.world_size
+
+    def close(self):
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(_digest([seed, step]), 16))
+
+
+def warmup_factor(warmup_steps: int):
+    """Linear warmup from 0 then constant (the reference's constant schedule with warmup)."""
+    return lambda step: step / max(1, warmup_steps) if step < warmup_steps else 1.0
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for target, source in zip(ema.parameters(), model.parameters(), strict=True):
+        target.mul_(decay).add_(source.detach(), alpha=1 - decay)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Optimizer state as flat tensors plus a JSON part (param groups, non-tensor values)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    folder = run_dir / "checkpoints"
+    found = [p for p in folder.glob("step-*") if (p / "state.json").exists()] if folder.is_dir() else []
+    return sorted(found)
+
+
+class Trainer:
+    """Trains ``experiment`` into ``run_dir``; ``resume`` continues from its last checkpoint."""
+
+    def __init__(self, experiment: configs.Experiment, run_dir, resume: bool = False,
+                 progress: bool = True):
+        self.experiment, self.run_dir, self.progress = experiment, Path(run_dir), progress
+        self.cfg = experiment.train
+        self.dist = Distributed()
+        torch.manual_seed(experiment.seed)
+        self.method = experiment.build_method()
+        self.net = self.method.model.to(self.dist.device)
+        if hasattr(self.net, "config") and self.cfg.grad_checkpoint:
+            object.__setattr__(self.net.config, "grad_checkpoint", True)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.optimizer = torch.optim.AdamW(
+            self.net.parameters(), lr=self.cfg.learning_rate, betas=self.cfg.betas,
+            eps=self.cfg.eps, weight_decay=self.cfg.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_factor(self.cfg.warmup_steps)
+        )
+        self.step = 0
+        if resume:
+            self._resume()
+        self.forward = self._wrap(self.net)
+        self.stop_requested = False
+
+    # -- setup -------------------------------------------------------------------------------
+    def _wrap(self, net):
+        if self.dist.world_size > 1:
+            if self.cfg.distributed == "fsdp":
+                from torch.distributed.fsdp import fully_shard
+
+                net = fully_shard(net)
+            else:
+                from torch.nn.parallel import DistributedDataParallel
+
+                device_ids = [self.dist.device] if self.dist.device.type == "cuda" else None
+                net = DistributedDataParallel(net, device_ids=device_ids)
+        if self.cfg.compile:
+            net = torch.compile(net)
+        return net
+
+    def _resume(self):
+        found = checkpoints(self.run_dir)
+        if not found:
+            raise TrainingError(f"nothing to resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        last = found[-1]
+        state = json.loads((last / "state.json").read_text())
+        device = str(self.dist.device)
+        self.net.load_state_dict(load_file(last / "model.safetensors", device=device))
+        self.ema.load_state_dict(load_file(last / "ema.safetensors", device=device))
+        load_optimizer(self.optimizer, load_file(last / "optimizer.safetensors", device=device),
+                       state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", last, self.step)
+
+    def stream(self) -> data.ShardStream:
+        spec = self.experiment.data
+        world = self.dist.world_size
+        if self.cfg.batch_size % world:
+            raise configs.ConfigError(
+                f"train.batch_size {self.cfg.batch_size} is not divisible by {world} processes"
+            )
+        shards = dataset_shards(self.experiment, "train", self.dist.is_main)
+        return data.ShardStream(
+            shards, self.cfg.batch_size // world, seed=self.experiment.seed, rank=self.dist.rank,
+            world_size=world, shuffle_buffer=spec.shuffle_buffer, flip=spec.flip,
+            skip_batches=self.step,
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+    def batch(self, item: dict, tokenizer) -> Batch:
+        device = self.dist.device
+        if "latents" in item:
+            latents = item["latents"].to(device)
+        else:
+            with torch.no_grad():
+                latents = tokenizer.encode(item["images"].to(device))
+        world = self.dist.world_size
+        return Batch(latents, item["labels"].to(device), offset=self.dist.rank * len(latents),
+                     global_size=len(latents) * world)
+
+    def train_step(self, batch: Batch) -> tuple[float, float]:
+        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16,
+                                  enabled=self.cfg.precision == "bf16")
+        with autocast:
+            out = self.method.loss(batch, step_generator(self.experiment.seed, self.step),
+                                   model=self.forward)
+        loss = self.dist.mean(out.loss.item())
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss} at step {self.step}; stopped before updating the weights. "
+                f"Last good checkpoint: {self._last_checkpoint_text()}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        update_ema(self.ema, self.net, self.cfg.ema)
+        self.step += 1
+        return loss, float(grad_norm)
+
+    def run(self) -> Path:
+        """Train to ``train.max_steps``; returns the run folder."""
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_json(self.run_dir / "config.json",
+                                  {"experiment": self.experiment.model_dump(mode="json")})
+            _truncate_metrics(self.run_dir / "metrics.csv", self.step)
+        tokenizer = self.experiment.data.tokenizer.build()
+        stream = self.stream()
+        batches = iter(data.loader(stream, self.experiment.data.num_workers))
+        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        bar = self._progress_bar()
+        try:
+            last_time, images = time.perf_counter(), 0
+            while self.step < self.cfg.max_steps:
+                item = next(batches)
+                loss, grad_norm = self.train_step(self.batch(item, tokenizer))
+                images += self.cfg.batch_size
+                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
+                    now = time.perf_counter()
+                    rate = images / (now - last_time)
+                    self._log_metrics(loss, grad_norm, rate)
+                    last_time, images = now, 0
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+                if bar is not None:
+                    bar.update(1)
+                if self.step % self.cfg.ckpt_every == 0 or self.stop_requested:
+                    self.save()
+                if self.stop_requested:
+                    log.warning("SIGTERM: saved step %d, exiting", self.step)
+                    break
+            if not checkpoints(self.run_dir) or checkpoints(self.run_dir)[-1].name != _name(self.step):
+                self.save()
+            if stream.errors.shards or stream.errors.samples:
+                log.warning("skipped %d corrupt shard(s) and %d corrupt sample(s)",
+                            stream.errors.shards, stream.errors.samples)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if bar is not None:
+                bar.close()
+        if self.dist.is_main:
+            plot_loss(self.run_dir / "metrics.csv", self.run_dir / "loss.png")
+        return self.run_dir
+
+    def _request_stop(self, signum, frame):
+        self.stop_requested = True
+
+    def _progress_bar(self):
+        if not (self.progress and self.dist.is_main):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step")
+
+    def _log_metrics(self, loss: float, grad_norm: float, rate: float) -> None:
+        if not self.dist.is_main:
+            return
+        path = self.run_dir / "metrics.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(METRICS)
+            writer.writerow([self.step, f"{loss:.6f}", f"{self.scheduler.get_last_lr()[0]:.3e}",
+                             f"{grad_norm:.4f}", f"{rate:.2f}"])
+        if self.cfg.tensorboard:
+            self._tensorboard(loss, grad_norm, rate)
+
+    def _tensorboard(self, loss, grad_norm, rate):
+        if not hasattr(self, "_writer"):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self.run_dir / "tensorboard")
+        for name, value in (("loss", loss), ("grad_norm", grad_norm), ("images_per_s", rate)):
+            self._writer.add_scalar(name, value, self.step)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        """Write ``checkpoints/step-N`` (a temp folder renamed when complete), then drop all
+        but the last ``keep_last``."""
+        full_state = self._gather_state()
+        if not self.dist.is_main:
+            _barrier()
+            return None
+        final = self.run_dir / "checkpoints" / _name(self.step)
+        tmp = final.with_name(f".{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model_state, ema_state, (opt_tensors, opt_meta) = full_state
+        checkpoint.save(tmp, self.experiment, model_state, ema_state)
+        checkpoint.write_weights(tmp / "optimizer.safetensors", opt_tensors)
+        checkpoint.write_json(tmp / "state.json", {
+            "step": self.step, "scheduler": self.scheduler.state_dict(), "optimizer": opt_meta,
+            "seed": self.experiment.seed, "world_size": self.dist.world_size,
+        })
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in checkpoints(self.run_dir)[: -self.cfg.keep_last]:
+            shutil.rmtree(old)
+        _barrier()
+        return final
+
+    def _gather_state(self):
+        if self.cfg.distributed == "fsdp" and self.dist.world_size > 1:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.net, options=options)
+            opt_state = get_optimizer_state_dict(self.net, self.optimizer, options=options)
+            tensors, meta = {}, {"param_groups": opt_state["param_groups"], "scalars": {}}
+            for name, values in opt_state["state"].items():
+                for key, value in values.items():
+                    tensors[f"{name}.{key}"] = value
+            ema_state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                         for k, v in self.ema.state_dict().items()}
+            return model_state, ema_state, (tensors, meta)
+        return self.net.state_dict(), self.ema.state_dict(), optimizer_tensors(self.optimizer)
+
+    def _last_checkpoint_text(self) -> str:
+        found = checkpoints(self.run_dir)
+        return str(found[-1]) if found else "none yet"
+
+
+def _name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows after ``step`` (a resumed run rewrites them), atomically."""
+    if not path.exists():
+        return
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as handle:
+            csv.writer(handle).writerows(kept)
+
+    checkpoint.atomic_write(path, write)
+
+
+def read_metrics(path) -> list[dict]:
+    with Path(path).open(newline="") as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def plot_loss(metrics_path: Path, out: Path) -> None:
+    if not metrics_path.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    checkpoint.atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def train(experiment: configs.Experiment, run_dir, resume: bool = False, progress: bool = True) -> Path:
+    trainer = Trainer(experiment, run_dir, resume, progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()
+
+
+def resume_experiment(run_dir, overrides=()) -> configs.Experiment:
+    """The experiment of an existing run folder (with ``--set`` overrides applied)."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"not a run folder (no config.json): {run_dir}")
+    raw = json.loads(path.read_text())["experiment"]
+    return configs.validate(configs.apply_overrides(raw, list(overrides)))
+

@@ -1,0 +1,145 @@
+"""Built-in datasets: digits (the embedded default), shapes (image + captions), imagefolder."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+
+from cfkit import hookimpl
+from cfkit.data import Sample, check_split
+
+
+class Digits:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), grey, scaled
+    0..16 -> 0..255. Fixed split: every fifth image (index % 5 == 0) is validation."""
+
+    num_classes, channels, image_size = 10, 1, 8
+
+    def samples(self, split):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        val = check_split(split) == "val"
+        images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+        for i, (image, label) in enumerate(zip(images, digits.target, strict=True)):
+            if (i % 5 == 0) == val:
+                yield Sample(f"digits-{i:05d}", image, int(label))
+
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
+           "yellow": (230, 210, 40)}
+SHAPES = ("circle", "square", "triangle")
+PLACES = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
+TEMPLATES = (
+    "a {colour} {shape} in the {place}",
+    "a {colour} {shape} at the {place} of the image",
+    "there is a {colour} {shape} in the {place} corner",
+    "a picture of a {colour} {shape}, {place}",
+    "{place}: one {colour} {shape} on a dark background",
+)
+
+
+class Shapes:
+    """Procedural image + caption set: one coloured shape in one quadrant of a dark image,
+    five paraphrased COCO-style captions each. Class = shape * 4 + colour (12 classes).
+    Deterministic from ``seed``; ``size`` train images (and ``size // 5`` validation)."""
+
+    num_classes, channels = len(SHAPES) * len(COLOURS), 3
+
+    def __init__(self, size: int = 5000, image_size: int = 16, seed: int = 0):
+        if size < 1 or image_size < 8:
+            raise ValueError(f"shapes: size must be >= 1 and image_size >= 8, got {size}, {image_size}")
+        self.size, self.image_size, self.seed = size, image_size, seed
+
+    def samples(self, split):
+        count = self.size if check_split(split) == "train" else max(1, self.size // 5)
+        rng = random.Random(f"shapes-{self.seed}-{split}")
+        for i in range(count):
+            shape, colour, place = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(PLACES))
+            image = draw_shape(self.image_size, shape, COLOURS[colour], PLACES[place], rng)
+            captions = [t.format(colour=colour, shape=shape, place=place) for t in TEMPLATES]
+            label = SHAPES.index(shape) * len(COLOURS) + list(COLOURS).index(colour)
+            yield Sample(f"shapes-{split}-{i:06d}", image, label, captions)
+
+
+def draw_shape(side: int, shape: str, colour, quadrant, rng: random.Random) -> np.ndarray:
+    """uint8 ``(side, side, 3)``: the shape filled in the given (row, col) quadrant."""
+    half = side // 2
+    radius = half * rng.uniform(0.3, 0.45)
+    cy = quadrant[0] * half + half / 2 + rng.uniform(-1, 1)
+    cx = quadrant[1] * half + half / 2 + rng.uniform(-1, 1)
+    y, x = np.mgrid[0:side, 0:side] + 0.5
+    if shape == "circle":
+        inside = (y - cy) ** 2 + (x - cx) ** 2 <= radius**2
+    elif shape == "square":
+        inside = (np.abs(y - cy) <= radius * 0.85) & (np.abs(x - cx) <= radius * 0.85)
+    else:  # triangle pointing up
+        top, bottom = cy - radius, cy + radius
+        width = (y - top) / (bottom - top) * radius
+        inside = (y >= top) & (y <= bottom) & (np.abs(x - cx) <= width)
+    image = np.full((side, side, 3), 16, dtype=np.uint8)
+    image[inside] = colour
+    return image
+
+
+class ImageFolder:
+    """Class sub-folders of images (the ImageNet layout), centre-cropped and resized as ADM.
+    Classes are the sorted sub-folder names; ``split`` picks ``PATH/train`` or ``PATH/val``
+    when those exist, else PATH itself."""
+
+    channels = 3
+    extensions = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+    def __init__(self, path: str, image_size: int = 256):
+        self.root = Path(path)
+        if not self.root.is_dir():
+            raise ValueError(f"imagefolder: not a folder: {path}")
+        self.image_size = image_size
+
+    def folder(self, split):
+        candidate = self.root / check_split(split)
+        return candidate if candidate.is_dir() else self.root
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(p.name for p in self.folder("train").iterdir() if p.is_dir())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def samples(self, split):
+        from PIL import Image
+
+        folder = self.folder(split)
+        classes = self.classes
+        if not classes:
+            raise ValueError(f"imagefolder: no class sub-folders in {folder}")
+        for label, name in enumerate(classes):
+            for path in sorted((folder / name).iterdir()):
+                if path.suffix.lower() in self.extensions:
+                    with Image.open(path) as image:
+                        array = centre_crop(image.convert("RGB"), self.image_size)
+                    yield Sample(f"{name}-{path.stem}", array, label)
+
+
+def centre_crop(image, size: int) -> np.ndarray:
+    """ADM's centre crop: halve with a box filter while >= 2x, bicubic resize, crop."""
+    from PIL import Image
+
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    array = np.asarray(image)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top:top + size, left:left + size]
+
+
+@hookimpl
+def register_datasets(register):
+    register("digits", Digits)
+    register("shapes", Shapes)
+    register("imagefolder", ImageFolder)

@@ -1,0 +1,84 @@
+"""Shared test settings: hypothesis profiles, paths and a runner for the ``cfkit`` CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "benchmarks" / "configs" / "factorisation-demo.toml"
+
+# Property tests run many small examples; wall-clock deadlines only make them flaky on a
+# loaded 2-core CI machine. `HYPOTHESIS_PROFILE=thorough pytest` digs deeper.
+settings.register_profile(
+    "cfkit", max_examples=40, deadline=None, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("thorough", parent=settings.get_profile("cfkit"), max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cfkit"))
+
+
+@pytest.fixture(scope="session")
+def demo_config() -> Path:
+    return DEMO_CONFIG
+
+
+def run_cfkit(*args: str, pythonpath: str | None = None, check_rc: int | None = None,
+              python: tuple[str, ...] = ("-m", "cfkit")) -> subprocess.CompletedProcess:
+    """Run ``python -m cfkit ARGS`` (or ``python PYTHON ARGS``) in a fresh interpreter.
+
+    ``pythonpath`` replaces PYTHONPATH (None removes it), so a test controls exactly which
+    extra plugins the child process can see.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    result = subprocess.run(
+        [sys.executable, *python, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+        timeout=120,
+    )
+    if check_rc is not None:
+        assert_rc(result, check_rc)
+    return result
+
+
+def assert_rc(result: subprocess.CompletedProcess, rc: int) -> None:
+    assert result.returncode == rc, (
+        f"rc {result.returncode} != {rc} for {result.args}\nstdout:\n{result.stdout}\n"
+        f"stderr:\n{result.stderr}"
+    )
+
+
+def run_cfkit_together(jobs: dict[str, tuple[tuple[str, ...], dict]]
+                       ) -> dict[str, subprocess.CompletedProcess]:
+    """Several ``run_cfkit(*args, **options)`` at once, jobs given as ``{name: (args,
+    options)}``. Each child mostly spends its time importing torch, so running them side by
+    side roughly halves the wall time on two cores."""
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = {name: pool.submit(run_cfkit, *args, **options)
+                   for name, (args, options) in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.fixture(scope="session")
+def cli_rc():
+    """``cli_rc(completed_process, rc)``: assert the exit status, showing the output if not."""
+    return assert_rc
+
+
+@pytest.fixture(scope="session")
+def cfkit_cli():
+    """``cfkit_cli(*args, pythonpath=None, check_rc=None, python=("-m", "cfkit"))``."""
+    return run_cfkit
+
+
+@pytest.fixture(scope="session")
+def cfkit_cli_together():
+    """``cfkit_cli_together({name: (args, options)})``: several CLI runs in parallel."""
+    return run_cfkit_together

@@ -1,0 +1,203 @@
+"""The plugin registry: lookup errors, duplicate names, and a real third-party plugin."""
+
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import cfkit
+from cfkit import hookspecs
+from cfkit.plugins import (
+    DuplicateComponentError,
+    Registry,
+    UnknownComponentError,
+    plugin_manager,
+    registry,
+)
+
+SNAKE_PACKAGE = Path(__file__).parent / "thirdparty" / "cfkit-snake-ordering"
+BUILT_INS = {
+    "orderings": {"raster", "random", "block-raster", "dilated"},
+    "schedules": {"fixed", "uniform", "exp-decay", "explicit"},
+    "weightings": {"linear", "cosine", "constant", "min-snr"},
+    "timestep_samplers": {"shared", "per-step"},
+}
+
+
+class FirstZigzag:
+    @staticmethod
+    @cfkit.hookimpl
+    def register_orderings(register):
+        register("zigzag", object)
+
+
+class SecondZigzag:
+    @staticmethod
+    @cfkit.hookimpl
+    def register_orderings(register):
+        register("zigzag", dict)
+
+
+def module_plugin(name: str, kind: str, component: str) -> types.ModuleType:
+    """A plugin module (as an entry point would load) registering one component."""
+    module = types.ModuleType(name)
+
+    def register_hook(register):
+        register(component, object)
+
+    setattr(module, f"register_{kind}", cfkit.hookimpl(register_hook))
+    return module
+
+
+@pytest.mark.parametrize("kind", hookspecs.KINDS)
+def test_every_kind_is_queryable(kind):
+    names = registry().names(kind)
+    assert names == sorted(names)
+    assert BUILT_INS.get(kind, set()) <= set(names)
+    for name in names:
+        component = registry().component(kind, name)
+        assert (component.kind, component.name) == (kind, name) and component.provider
+    with pytest.raises(UnknownComponentError, match=f"unknown {kind} name 'no-such-thing'"):
+        registry().component(kind, "no-such-thing")
+
+
+@pytest.mark.parametrize("kind", sorted(BUILT_INS))
+def test_unknown_name_error_lists_the_known_names_of_that_kind(kind):
+    with pytest.raises(UnknownComponentError) as error:
+        cfkit.build(kind, "no-such-thing")
+    message = str(error.value)
+    assert "'no-such-thing'" in message
+    known = message.split("known: ", 1)[1].split(", ")
+    assert known == registry().names(kind)
+    others = set().union(*(BUILT_INS[k] for k in BUILT_INS if k != kind)) - BUILT_INS[kind]
+    assert not others & set(known)
+
+
+def test_unknown_kind_lists_the_kinds():
+    with pytest.raises(UnknownComponentError) as error:
+        registry().names("colours")
+    assert all(kind in str(error.value) for kind in hookspecs.KINDS)
+    assert isinstance(error.value, KeyError)
+
+
+def test_an_extra_plugin_adds_components():
+    extra = Registry(plugin_manager(extra_plugins=(FirstZigzag, module_plugin("mod", "metrics", "fid"))))
+    assert extra.component("orderings", "zigzag").provider == "FirstZigzag"
+    assert extra.component("metrics", "fid").provider == "mod"
+    assert set(extra.names("orderings")) == set(registry().names("orderings")) | {"zigzag"}
+    assert "zigzag" not in registry().names("orderings")  # the process registry is untouched
+
+
+def test_two_plugins_registering_one_name_raise_naming_both_providers():
+    with pytest.raises(DuplicateComponentError) as error:
+        Registry(plugin_manager(extra_plugins=(FirstZigzag, SecondZigzag)))
+    message = str(error.value)
+    assert "orderings" in message and "'zigzag'" in message
+    assert "'FirstZigzag'" in message and "'SecondZigzag'" in message
+
+
+def test_a_plugin_reusing_a_built_in_name_raises_naming_both_providers():
+    with pytest.raises(DuplicateComponentError) as error:
+        Registry(plugin_manager(extra_plugins=(module_plugin("shadow", "schedules", "fixed"),)))
+    message = str(error.value)
+    assert "'fixed'" in message and "'shadow'" in message
+    assert registry().component("schedules", "fixed").provider in message
+
+
+def test_built_ins_are_entry_point_plugins_of_cfkit():
+    for kind, names in BUILT_INS.items():
+        for name in names:
+            assert registry().component(kind, name).provider == f"cfkit:{kind}"
+
+
+def parse_plugins_table(stdout: str) -> list[list[str]]:
+    return [line.split() for line in stdout.splitlines() if line.strip()]
+
+
+def test_cfkit_plugins_prints_kind_name_and_plugin_of_every_component(cfkit_cli):
+    result = cfkit_cli("plugins", check_rc=0)
+    header, *rows = parse_plugins_table(result.stdout)
+    assert header == ["kind", "name", "plugin"]
+    expected = [[c.kind, c.name, c.provider] for c in registry().components()]
+    assert sorted(rows) == sorted(expected)
+    assert ["orderings", "raster", "cfkit:orderings"] in rows
+
+
+# --- a third-party package, installed for real -------------------------------------------
+
+SNAKE_CHECK = """
+import sys
+from cfkit import config
+experiment = config.load(sys.argv[1])
+order = experiment.factorisation.ordering.build()(2, (3, 3))
+assert order.tolist() == [[0, 1, 2, 5, 4, 3, 6, 7, 8]] * 2, order.tolist()
+print("snake order ok")
+"""
+
+
+@pytest.fixture(scope="module")
+def snake_site(tmp_path_factory) -> Path:
+    """A folder with cfkit-snake-ordering installed (offline, no build isolation)."""
+    root = tmp_path_factory.mktemp("snake")
+    source = shutil.copytree(SNAKE_PACKAGE, root / "src")  # the build writes next to the source
+    target = root / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+         "--no-index", "--no-cache-dir", "--disable-pip-version-check", "--quiet",
+         "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (target / "cfkit_snake" / "__init__.py").is_file()
+    return target
+
+
+@pytest.fixture(scope="module")
+def snake_config(demo_config, tmp_path_factory) -> Path:
+    """The demo config with the snake ordering."""
+    path = tmp_path_factory.mktemp("snake-config") / "snake.toml"
+    path.write_text(demo_config.read_text().replace(
+        'ordering = { name = "random" }', 'ordering = { name = "snake" }'
+    ))
+    assert 'ordering = { name = "snake" }' in path.read_text()
+    return path
+
+
+@pytest.fixture(scope="module")
+def snake_runs(cfkit_cli_together, snake_site, snake_config):
+    """The CLI runs the snake tests look at, with and without the plugin on PYTHONPATH."""
+    site, config = str(snake_site), str(snake_config)
+    return cfkit_cli_together({
+        "validate": (("config", "validate", config), {"pythonpath": site}),
+        "plugins": (("plugins",), {"pythonpath": site}),
+        "build": ((config,), {"pythonpath": site, "python": ("-c", SNAKE_CHECK)}),
+        "validate without plugin": (("config", "validate", config), {}),
+    })
+
+
+def test_installed_snake_plugin_validates_a_config_using_it(snake_runs, cli_rc):
+    cli_rc(snake_runs["validate"], 0)
+    assert "valid" in snake_runs["validate"].stdout
+
+
+def test_installed_snake_plugin_is_listed_with_its_provider(snake_runs, cli_rc):
+    cli_rc(snake_runs["plugins"], 0)
+    rows = parse_plugins_table(snake_runs["plugins"].stdout)
+    assert ["orderings", "snake", "cfkit-snake-ordering:snake"] in rows
+
+
+def test_installed_snake_plugin_builds_the_boustrophedon_order(snake_runs, cli_rc):
+    cli_rc(snake_runs["build"], 0)
+    assert "snake order ok" in snake_runs["build"].stdout
+
+
+def test_without_the_snake_plugin_the_config_fails_listing_allowed_orderings(snake_runs, cli_rc):
+    result = snake_runs["validate without plugin"]
+    cli_rc(result, 2)
+    assert "factorisation.ordering" in result.stderr and "'snake'" in result.stderr
+    allowed = result.stderr.split("allowed: ", 1)[1].splitlines()[0].split(", ")
+    assert allowed == registry().names("orderings")
+    assert BUILT_INS["orderings"] <= set(allowed)

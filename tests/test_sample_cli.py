@@ -1,0 +1,185 @@
+"""The generation interfaces: ``cfkit.load(...)`` pipelines and the ``cfkit sample`` and
+``cfkit edit`` commands, on a checkpoint whose tokenizer decodes to images and on a converted
+official checkpoint (latents only)."""
+
+import numpy as np
+import pytest
+import torch
+from generation_plugins import install_third_party
+from PIL import Image
+from refdata import reference_files
+
+import cfkit
+from cfkit import checkpoint
+from cfkit import config as configs
+from cfkit.cli import main
+from cfkit.convert import convert_official
+from cfkit.tokenizers import to_uint8
+
+OPTIONS = ["--ar-steps", "2", "--steps", "4", "--cfg", "2", "--seed", "3", "--no-progress"]
+API_OPTIONS = dict(ar_steps=2, steps=4, cfg=2.0, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run far faster on one intra-op thread on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pixels_checkpoint(tmp_path_factory):
+    """A tiny 4x4 RGB model whose tokenizer (pixels, 3 channels) decodes its latents."""
+    experiment = configs.validate({
+        "name": "tiny-rgb", "method": {"name": "causalfusion"},
+        "model": {"input_size": 4, "latent_channels": 3, "hidden_size": 32, "depth": 2,
+                  "num_heads": 2, "num_classes": 5},
+        "data": {"dataset": {"name": "digits"}, "tokenizer": {"name": "pixels", "channels": 3}},
+    })
+    method = experiment.build_method()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in method.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return checkpoint.save(tmp_path_factory.mktemp("rgb") / "ckpt", experiment, method.model)
+
+
+@pytest.fixture(scope="module")
+def official_checkpoint(tmp_path_factory):
+    """The reference's tiny model, converted: 4 latent channels that no tokenizer decodes."""
+    found = reference_files("official_tiny_*.pt")
+    if not found:
+        pytest.skip("no official_tiny_*.pt in the reference folder")
+    return convert_official(found[0], tmp_path_factory.mktemp("official") / "ckpt")
+
+
+def cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def test_load_gives_a_pipeline_generating_reproducible_images(pixels_checkpoint):
+    pipe = cfkit.load(pixels_checkpoint)
+    images = pipe.generate([1, 4], order="random", **API_OPTIONS)
+    assert images.shape == (2, 3, 4, 4) and images.min() >= -1 and images.max() <= 1
+    torch.testing.assert_close(pipe.generate([1, 4], order="random", **API_OPTIONS), images,
+                               atol=0, rtol=0)
+    latents = pipe.generate_latents([1, 4], **API_OPTIONS).latents
+    torch.testing.assert_close(pipe.decode(latents), images, atol=0, rtol=0)
+    assert not torch.equal(pipe.generate([1, 4], **{**API_OPTIONS, "seed": 4}), images)
+
+
+def test_without_an_image_tokenizer_the_pipeline_returns_latents(official_checkpoint):
+    pipe = cfkit.load(official_checkpoint)
+    assert pipe.tokenizer is None
+    latents = pipe.generate([0, 3, 6], **API_OPTIONS)
+    config = pipe.model.config
+    assert latents.shape == (3, config.latent_channels, config.input_size, config.input_size)
+    assert latents.abs().max() > 1  # raw latents, not clamped images
+
+
+def test_pipeline_edit_keeps_the_kept_region(pixels_checkpoint):
+    pipe = cfkit.load(pixels_checkpoint)
+    images = pipe.generate([1, 2], **API_OPTIONS)
+    edited = pipe.edit(images, "top", 4, ar_steps=2, steps=4, seed=5)
+    torch.testing.assert_close(edited[..., :2, :], images[..., :2, :], atol=0, rtol=0)
+    assert not torch.equal(edited[..., 2:, :], images[..., 2:, :])
+
+
+def test_cli_sample_writes_npz_pngs_and_a_grid_equal_to_the_api(pixels_checkpoint, tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert cli("sample", pixels_checkpoint, "--class", 1, 2, "--num", 3, *OPTIONS, "--out", out) == 0
+    assert "wrote 3 sample(s)" in capsys.readouterr().out
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["000000.png", "000001.png", "000002.png", "grid.png", "samples.npz"]
+    saved = np.load(out / "samples.npz")
+    assert saved["labels"].tolist() == [1, 2, 1]
+    images = cfkit.load(pixels_checkpoint).generate([1, 2, 1], **API_OPTIONS)
+    np.testing.assert_array_equal(saved["arr_0"], to_uint8(images))
+    assert saved["arr_0"].shape == (3, 4, 4, 3) and saved["latents"].shape == (3, 3, 4, 4)
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{i:06d}.png")), saved["arr_0"][i])
+    grid = np.asarray(Image.open(out / "grid.png"))  # 2 x 2 cells, the last one empty
+    assert grid.shape == (8, 8, 3)
+    np.testing.assert_array_equal(grid[4:, :4], saved["arr_0"][2])
+    assert not grid[4:, 4:].any()
+
+
+def test_cli_sample_without_an_image_tokenizer_writes_latents_only(official_checkpoint, tmp_path):
+    out = tmp_path / "latents"
+    assert cli("sample", official_checkpoint, "--class", 3, *OPTIONS, "--out", out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["samples.npz"]
+    saved = np.load(out / "samples.npz")
+    assert sorted(saved.files) == ["labels", "latents"]
+    expected = cfkit.load(official_checkpoint).generate([3], **API_OPTIONS)
+    np.testing.assert_array_equal(saved["latents"], expected.numpy())
+
+
+def test_cli_edit_encodes_the_png_and_keeps_the_region(pixels_checkpoint, tmp_path):
+    source = to_uint8(cfkit.load(pixels_checkpoint).generate([0], **API_OPTIONS))[0]
+    png = tmp_path / "in.png"
+    Image.fromarray(source).save(png)
+    out = tmp_path / "edited"
+    assert cli("edit", pixels_checkpoint, "--image", png, "--keep", "bottom", "--class", 4,
+               *OPTIONS, "--out", out) == 0
+    edited = np.load(out / "samples.npz")
+    assert edited["labels"].tolist() == [4]
+    np.testing.assert_array_equal(edited["arr_0"][0, 2:], source[2:])
+    assert (edited["arr_0"][0, :2] != source[:2]).any()
+
+
+def test_third_party_components_work_by_name_in_the_cli_and_the_api(pixels_checkpoint, tmp_path,
+                                                                  monkeypatch):
+    install_third_party(monkeypatch)
+    out = tmp_path / "third-party"
+    assert cli("sample", pixels_checkpoint, "--class", 2, "--order", "reverse-raster",
+               "--schedule", "halves", "--steps", 4, "--no-progress", "--out", out) == 0
+    pipe = cfkit.load(pixels_checkpoint)
+    result = pipe.generate_latents([2], order="reverse-raster", schedule="halves", steps=4)
+    assert result.order.tolist() == [list(range(15, -1, -1))]
+    assert result.step_sizes.tolist() == [8, 8]
+    np.testing.assert_array_equal(np.load(out / "samples.npz")["latents"], result.latents.numpy())
+
+
+BAD_SAMPLES = {
+    "class out of range": (["--class", 5], "class 5 is out of range; this model has 5 classes: "
+                                          "allowed 0..4"),
+    "unknown order": (["--class", 1, "--order", "zigzag"],
+                      "unknown orderings name 'zigzag'; known: block-raster, dilated, random, raster"),
+    "unknown sampler": (["--class", 1, "--sampler", "euler"], "unknown samplers name 'euler'; known: "),
+    "one diffusion step": (["--class", 1, "--steps", 1], "allowed: an int N >= 2, 'ddimN'"),
+    "cfg below 1": (["--class", 1, "--cfg", "0.5"], "cfg scale must be >= 1"),
+    "too many AR steps": (["--class", 1, "--ar-steps", 17], "ar_steps must be in 1..16"),
+    "eta for ddpm": (["--class", 1, "--eta", "0.5"], "samplers 'ddpm' with options {'eta': 0.5}"),
+}
+
+
+@pytest.mark.parametrize("args,message", BAD_SAMPLES.values(), ids=BAD_SAMPLES.keys())
+def test_cli_sample_bad_input_exits_2_naming_what_is_allowed(pixels_checkpoint, tmp_path, capsys,
+                                                           args, message):
+    out = tmp_path / "never"
+    assert cli("sample", pixels_checkpoint, *args, "--no-progress", "--out", out) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_edit_bad_input_exits_2(pixels_checkpoint, official_checkpoint, tmp_path, capsys):
+    png = tmp_path / "big.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(png)
+    assert cli("edit", pixels_checkpoint, "--image", png, "--keep", "top", "--class", 1,
+               "--out", tmp_path / "x") == 2
+    assert "images must be (N, 3, 4, 4) for this checkpoint, got (1, 3, 8, 8)" in capsys.readouterr().err
+    assert cli("edit", official_checkpoint, "--image", png, "--keep", "top", "--class", 1,
+               "--out", tmp_path / "x") == 2
+    assert "PNG cannot be encoded" in capsys.readouterr().err
+    assert cli("sample", tmp_path / "missing", "--class", 1, "--out", tmp_path / "x") == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_cli_sample_shows_a_progress_bar_over_every_diffusion_step(pixels_checkpoint, tmp_path,
+                                                                    capsys):
+    assert cli("sample", pixels_checkpoint, "--class", 1, "--steps", 3, "--ar-steps", 2,
+               "--out", tmp_path / "bar") == 0
+    err = capsys.readouterr().err
+    assert "diffusion steps: 100%" in err and "6/6" in err  # T x S diffusion steps

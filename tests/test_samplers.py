@@ -1,0 +1,154 @@
+"""Diffusion samplers: DDPM equals the reference's ancestral step, DDPM and DDIM equal
+diffusers' schedulers on the same inputs and noise, and respacing from ``steps``."""
+
+import numpy as np
+import pytest
+import torch
+from refdata import reference_files
+
+from cfkit import plugins
+from cfkit.diffusion import GaussianDiffusion
+from cfkit.samplers import respaced
+
+BASE = GaussianDiffusion.named("linear", 1000)
+
+
+def reference_steps():
+    """(file, respacing) for every ``p_step_t_<respacing>`` of every diffusion*.npz."""
+    for path in reference_files("diffusion*.npz"):
+        for key in np.load(path).files:
+            if key.startswith("p_step_t_"):
+                respacing = key.removeprefix("p_step_t_")
+                yield pytest.param(path, respacing, id=f"{path.name}-{respacing}")
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def inputs(seed: int = 1, shape=(4, 5, 8)):
+    g = seeded(seed)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("path,respacing", list(reference_steps()))
+def test_ddpm_step_equals_the_reference_ancestral_step_given_the_same_noise(path, respacing):
+    d = np.load(path)
+    diffusion = BASE.respace(respacing)
+    x_t, eps, t = (torch.from_numpy(d[f"p_step_{k}_{respacing}"]) for k in ("xn", "eps", "t"))
+    x_prev = plugins.build("samplers", "ddpm").step(diffusion, eps, x_t, t, "eps", seeded(5))
+    noise = torch.randn(x_t.shape, generator=seeded(5))
+    mean = torch.from_numpy(d[f"p_step_mean_{respacing}"])
+    sigma = torch.from_numpy(d[f"p_step_log_variance_{respacing}"]).mul(0.5).exp()
+    expected = mean + (t != 0).float()[:, None, None] * sigma * noise
+    torch.testing.assert_close(x_prev, expected, atol=1e-5, rtol=1e-5)
+    assert (t == 0).any(), "the vectors should include the last step (no noise)"
+
+
+def test_ddpm_adds_no_noise_at_the_last_step():
+    x_t, eps = inputs()
+    sampler = plugins.build("samplers", "ddpm")
+    last = torch.zeros(4, dtype=torch.long)
+    a = sampler.step(BASE, eps, x_t, last, "eps", seeded(1))
+    b = sampler.step(BASE, eps, x_t, last, "eps", seeded(2))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    mean, _, _ = BASE.p_mean_variance(eps, x_t, last)
+    torch.testing.assert_close(a, mean, atol=0, rtol=0)
+    middle = torch.full((4,), 500)
+    assert not torch.equal(sampler.step(BASE, eps, x_t, middle, "eps", seeded(1)),
+                           sampler.step(BASE, eps, x_t, middle, "eps", seeded(2)))
+
+
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+
+def diffusers_scheduler(name: str, **options):
+    schedulers = pytest.importorskip("diffusers", reason="diffusers is not installed "
+                                     "(pip install -c constraints.txt diffusers)")
+    return getattr(schedulers, name)(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                     beta_schedule="linear", clip_sample=False, **options)
+
+
+@pytest.mark.parametrize("variance", ["fixed-large", "fixed-small"])
+@pytest.mark.parametrize("respacing", ["1000", "25"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_ddpm_step_equals_diffusers_ddpm_scheduler(variance, respacing, prediction):
+    scheduler = diffusers_scheduler("DDPMScheduler", variance_type=variance.replace("-", "_"),
+                                    prediction_type=DIFFUSERS_PREDICTION[prediction])
+    diffusion = BASE.respace(respacing)
+    network_t = diffusion.timestep_map
+    if respacing != "1000":  # diffusers takes a respacing as its list of kept timesteps
+        scheduler.set_timesteps(timesteps=network_t.flip(0).tolist())
+    sampler = plugins.build("samplers", "ddpm", variance=variance)
+    x_t, output = inputs()
+    last = diffusion.num_timesteps - 1
+    for index in (last, last // 2, 1, 0):
+        t = torch.full((4,), index)
+        ours = sampler.step(diffusion, output, x_t, t, prediction, seeded(index))
+        theirs = scheduler.step(output, int(network_t[index]), x_t, generator=seeded(index)).prev_sample
+        torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4, msg=f"index {index}")
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_ddim_step_equals_diffusers_ddim_scheduler(eta, prediction):
+    scheduler = diffusers_scheduler("DDIMScheduler", set_alpha_to_one=True,
+                                    prediction_type=DIFFUSERS_PREDICTION[prediction])
+    scheduler.set_timesteps(50)
+    diffusion = respaced(BASE, "ddim50")
+    network_t = diffusion.timestep_map
+    assert scheduler.timesteps.tolist() == network_t.flip(0).tolist()
+    sampler = plugins.build("samplers", "ddim", eta=eta)
+    x_t, output = inputs()
+    for index in (49, 25, 1, 0):
+        t = torch.full((4,), index)
+        ours = sampler.step(diffusion, output, x_t, t, prediction, seeded(index))
+        theirs = scheduler.step(output, int(network_t[index]), x_t, eta=eta,
+                                generator=seeded(index)).prev_sample
+        torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4, msg=f"index {index}")
+
+
+def test_ddim_with_eta_0_is_deterministic_and_eta_1_is_not():
+    x_t, eps = inputs()
+    t = torch.full((4,), 500)
+    deterministic = plugins.build("samplers", "ddim")
+    generator = seeded(3)
+    first = deterministic.step(BASE, eps, x_t, t, "eps", generator)
+    assert torch.equal(generator.get_state(), seeded(3).get_state()), "eta 0 drew noise"
+    torch.testing.assert_close(first, deterministic.step(BASE, eps, x_t, t, "eps", seeded(4)))
+    noisy = plugins.build("samplers", "ddim", eta=1.0)
+    assert not torch.equal(noisy.step(BASE, eps, x_t, t, "eps", seeded(3)),
+                           noisy.step(BASE, eps, x_t, t, "eps", seeded(4)))
+
+
+def test_ddim_with_eta_1_has_the_ddpm_posterior_variance():
+    """σ_t(η = 1) is the posterior variance β̃_t: the DDIM and fixed-small DDPM steps agree."""
+    diffusion = respaced(BASE, 20)
+    x_t, eps = inputs()
+    t = torch.full((4,), 12)
+    ddim = plugins.build("samplers", "ddim", eta=1.0).step(diffusion, eps, x_t, t, "eps", seeded(7))
+    ddpm = plugins.build("samplers", "ddpm", variance="fixed-small")
+    torch.testing.assert_close(ddim, ddpm.step(diffusion, eps, x_t, t, "eps", seeded(7)),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("steps,kept", [
+    (4, [0, 333, 666, 999]), ("4", [0, 333, 666, 999]), ("ddim4", [0, 250, 500, 750]),
+    ("2,2", [0, 499, 500, 999]), (1000, list(range(1000))),
+])
+def test_respaced_takes_an_int_ddim_n_or_sections(steps, kept):
+    assert respaced(BASE, steps).timestep_map.tolist() == kept
+
+
+@pytest.mark.parametrize("steps", [1, "1", 0, "abc", "ddim1", 1001, "ddim", 2.5])
+def test_bad_steps_raise_value_error_saying_what_is_allowed(steps):
+    with pytest.raises(ValueError, match=r"steps .*allowed: an int N >= 2, 'ddimN' or a comma list"):
+        respaced(BASE, steps)
+
+
+def test_bad_sampler_options_name_the_problem():
+    with pytest.raises(ValueError, match="allowed: fixed-large, fixed-small"):
+        plugins.build("samplers", "ddpm", variance="learned")
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        plugins.build("samplers", "ddim", eta=-0.1)

@@ -71,11 +71,19 @@ def read_config(directory) -> dict:
     return config
 
 
+def resolve(directory) -> Path:
+    """A checkpoint folder, or a training run folder's latest checkpoint."""
+    directory = Path(directory)
+    steps = sorted(p for p in (directory / "checkpoints").glob("step-*") if (p / "config.json").exists())
+    return steps[-1] if steps else directory
+
+
 def load(directory, prefer_ema: bool = True, device="cpu"):
-    """The method of a checkpoint folder with its weights loaded (EMA when present)."""
+    """The method of a checkpoint folder (or a run folder's latest checkpoint) with its weights
+    loaded (EMA when present)."""
     from cfkit import config as configs
 
-    directory = Path(directory)
+    directory = resolve(directory)
     experiment = configs.validate(read_config(directory)["experiment"])
     method = experiment.build_method()
     weights = directory / "ema.safetensors"

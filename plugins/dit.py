@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cfkit import hookimpl
-from cfkit.methods import Batch, LossOutput
+from cfkit.methods import Batch, LossOutput, drop_labels
 from cfkit.transformer import (
     Attention,
     ClassEmbedder,
@@ -222,19 +222,23 @@ class DiTMethod:
     def check(cls, experiment) -> None:
         network_config(experiment.model)
 
-    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> LossOutput:
-        """``per_token`` is ``(N, 1, L)`` in raster order (one copy, one AR step)."""
-        latents, labels = batch.latents, batch.labels
+    def loss(self, batch: Batch, generator: torch.Generator | None = None,
+             model=None) -> LossOutput:
+        """``per_token`` is ``(N, 1, L)`` in raster order (one copy, one AR step). Randomness
+        is drawn for the global batch; ``model`` is the module to run (default ``self.model``)."""
+        latents, labels, rows = batch.latents, batch.labels, batch.rows
         device = latents.device
         x_start = patchify(latents, self.config.patch_size)  # (N, L, d)
-        n, length, _ = x_start.shape
-        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=generator)
-        noise = torch.randn(x_start.shape, generator=generator).to(device)
-        labels = self.model.label_embedder.drop(labels, generator)
+        length = x_start.shape[1]
+        t = torch.randint(0, self.diffusion.num_timesteps, (batch.total,), generator=generator)[rows]
+        noise = torch.randn((batch.total, *x_start.shape[1:]), generator=generator)[rows].to(device)
+        if self.model.training:
+            embedder = self.model.label_embedder
+            labels = drop_labels(labels, batch, embedder.dropout, embedder.num_classes, generator)
         t_device = t.to(device)
         x_t = self.diffusion.q_sample(x_start, t_device, noise)
         network_t = self.diffusion.timestep_map.to(device)[t_device]
-        out = self.model(x_t, network_t, labels)
+        out = (model or self.model)(x_t, network_t, labels)
         target = self.diffusion.target(self.prediction, x_start, t_device, noise)
         per_token = (target - out.float()).pow(2).mean(-1).unsqueeze(1)  # (N, 1, L)
         t_tokens = t[:, None, None]  # one t for every token of an image

@@ -7,6 +7,7 @@ registry and options by building the component, so a bad config fails when it is
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -101,6 +102,11 @@ class Diffusion(Strict):
     beta_schedule: Literal["linear", "cosine"] = "linear"
     num_timesteps: int = Field(1000, ge=2)
     prediction: Literal["eps", "x0", "v"] = "eps"
+
+    @model_validator(mode="after")
+    def _check_schedule(self):
+        diffusion.beta_schedule(self.beta_schedule, self.num_timesteps)
+        return self
 
     def build(self) -> diffusion.GaussianDiffusion:
         return diffusion.GaussianDiffusion.named(self.beta_schedule, self.num_timesteps)
@@ -219,12 +225,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def format_errors(error: ValidationError) -> str:
+def _fields_at(model: type[BaseModel], path) -> list[str]:
+    """The field names of the (nested) model at ``path``, or [] when not a model."""
+    for part in path:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def format_errors(error: ValidationError, model: type[BaseModel]) -> str:
     lines = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
-        if item["type"] in ("value_error", "assertion_error"):
+        if item["type"] == "extra_forbidden":
+            allowed = ", ".join(_fields_at(model, item["loc"][:-1]))
+            lines.append(f"{field}: unknown key (got {item.get('input')!r}); allowed keys: {allowed}")
+        elif item["type"] in ("value_error", "assertion_error"):
             lines.append(f"{field}: {message}")
         else:
             lines.append(f"{field}: {message}; got {item.get('input')!r}")
@@ -235,7 +254,7 @@ def validate(data: dict, model: type[BaseModel] = Experiment):
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(format_errors(error)) from None
+        raise ConfigError(format_errors(error, model)) from None
 
 
 def load(path, overrides: list[str] = (), model: type[BaseModel] = Experiment):
@@ -289,7 +308,7 @@ def _literal(value) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_literal(v) for v in value) + "]"
     if isinstance(value, dict):

@@ -20,6 +20,9 @@ BETA_SCHEDULES = ("linear", "cosine")
 def beta_schedule(name: str, num_timesteps: int = 1000) -> np.ndarray:
     """Betas ``(T,)`` float64: ``linear`` (DDPM, 1e-4 to 0.02 scaled to T) or ``cosine``."""
     if name == "linear":
+        if num_timesteps <= 20:
+            raise ValueError(f"the linear β schedule (1e-4 to 0.02, scaled by 1000/T) needs "
+                             f"num_timesteps > 20, got {num_timesteps}")
         scale = 1000 / num_timesteps
         return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
     if name == "cosine":
@@ -83,6 +86,8 @@ class GaussianDiffusion:
         abar = np.cumprod(alphas)
         abar_prev = np.append(1.0, abar[:-1])
         posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+        # t = 0's posterior variance is 0; its log uses t = 1's (β_0 when there is no t = 1).
+        first_variance = posterior_variance[1] if len(betas) > 1 else betas[0]
         arrays = {
             "betas": betas,
             "alphas_cumprod": abar,
@@ -94,12 +99,12 @@ class GaussianDiffusion:
             "posterior_variance": posterior_variance,
             # log of the posterior variance with the t=0 entry (0) replaced by t=1's.
             "posterior_log_variance_clipped": np.log(
-                np.append(posterior_variance[1], posterior_variance[1:])
+                np.append(first_variance, posterior_variance[1:])
             ),
             "posterior_mean_coef1": betas * np.sqrt(abar_prev) / (1.0 - abar),
             "posterior_mean_coef2": (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
             # "fixed large": betas, with the first entry the posterior variance at t=1.
-            "fixed_large_log_variance": np.log(np.append(posterior_variance[1], betas[1:])),
+            "fixed_large_log_variance": np.log(np.append(first_variance, betas[1:])),
         }
         for name, value in arrays.items():
             setattr(self, name, torch.from_numpy(value))

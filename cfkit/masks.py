@@ -27,12 +27,34 @@ def may_attend(q_kind, q_step, q_copy, k_kind, k_step, k_copy):
     Every token sees the condition tokens; condition tokens see only them. A clean token of
     step s sees clean tokens of steps <= s. A noisy token of step s sees clean tokens of
     steps < s and the noisy tokens of step s in its own copy.
+
+    Written as two comparisons of per-token keys so that, for a dense (T, T) mask, all the
+    case analysis happens on the T tokens and only two compares run on T x T: a key is seen
+    when its clean rank is within the query's clean horizon, or when it is a noisy token of
+    the query's own (step, copy) group.
     """
-    clean_query = (q_kind == CLEAN) & (k_kind == CLEAN) & (k_step <= q_step)
-    noisy_sees_clean = (k_kind == CLEAN) & (k_step < q_step)
-    noisy_sees_noisy = (k_kind == NOISY) & (k_step == q_step) & (k_copy == q_copy)
-    noisy_query = (q_kind == NOISY) & (noisy_sees_clean | noisy_sees_noisy)
-    return (k_kind == COND) | clean_query | noisy_query
+    return (_clean_rank(k_kind, k_step) <= _clean_horizon(q_kind, q_step)) | (
+        _noisy_group(k_kind, k_step, k_copy, absent=-1)
+        == _noisy_group(q_kind, q_step, q_copy, absent=-2)
+    )
+
+
+_NEVER = 2**62
+
+
+def _clean_rank(kind, step):
+    """Condition keys -2 (seen by all), clean keys their step, noisy keys never."""
+    return torch.where(kind == COND, -2, torch.where(kind == CLEAN, step, _NEVER))
+
+
+def _clean_horizon(kind, step):
+    """The last clean step a query sees: condition -1 (none), clean s, noisy s - 1."""
+    return torch.where(kind == COND, -1, torch.where(kind == CLEAN, step, step - 1))
+
+
+def _noisy_group(kind, step, copy, absent: int):
+    """(step, copy) of a noisy token as one integer; ``absent`` for other tokens."""
+    return torch.where(kind == NOISY, step * 2**20 + copy, absent)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ class Registry:
         self._components: dict[str, dict[str, Component]] = {kind: {} for kind in hookspecs.KINDS}
         for kind in hookspecs.KINDS:
             hook = getattr(manager.hook, f"register_{kind}")
-            for impl in reversed(hook.get_hookimpls()):  # registration order
+            for impl in hook.get_hookimpls():  # registration order
                 impl.function(register=functools.partial(self._add, kind, impl.plugin_name))
 
     def _add(self, kind: str, provider: str, name: str, factory: Callable[..., Any]) -> None:

@@ -93,8 +93,6 @@ def test_dump_round_trips_to_the_same_model(demo_config, tmp_path, overrides):
     assert again.model_dump() == experiment.model_dump()
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError,
-                   reason="bug: config._literal does not escape control characters")
 def test_dump_round_trips_strings_with_control_characters(tmp_path):
     experiment = config.validate({"name": "two\nlines\tand a tab"})
     written = tmp_path / "resolved.toml"

@@ -70,8 +70,6 @@ def test_respacing_keeps_alphas_cumprod_at_the_kept_steps(case):
     assert GaussianDiffusion.named(*schedule, respacing=sections).timestep_map.tolist() == kept.tolist()
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="bug: GaussianDiffusion needs T >= 2 (posterior_variance[1])")
 def test_respacing_to_a_single_step_is_possible():
     one = GaussianDiffusion.named("linear", 1000).respace("1")
     assert one.timestep_map.tolist() == [0]

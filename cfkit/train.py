@@ -364,7 +364,9 @@ class Trainer:
     def _gather_state(self):
         if self.cfg.distributed == "fsdp" and self.dist.world_size > 1:
             from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
             )
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -116,27 +116,42 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _options(texts: list[str]) -> dict:
+    """``KEY=VALUE`` texts -> component options (values as TOML literals, else strings)."""
+    return {".".join(key): value for key, value in map(configs.parse_override, texts)}
+
+
+def _dataset(args):
+    options = _options(args.option)
+    if getattr(args, "source", None) is not None:
+        options["path"] = args.source
+    return plugins.build("datasets", args.name, **options)
+
+
 def cmd_shards(args) -> int:
     from cfkit import data
 
-    options = dict(configs.parse_override(text) for text in args.option)
-    options = {".".join(k): v for k, v in options.items()}
-    if args.source is not None:
-        options["path"] = args.source
-    dataset = plugins.build("datasets", args.name, **options)
-    tokenizer = plugins.build("image_tokenizers", args.encode) if args.encode else None
-    paths = data.write_shards(dataset, args.out, args.split, args.shard_size, tokenizer,
+    if args.tokenizer_option and not args.encode:
+        raise ValueError("--tokenizer-option needs --encode TOKENIZER")
+    tokenizer = None
+    if args.encode:
+        tokenizer = plugins.build("image_tokenizers", args.encode, **_options(args.tokenizer_option))
+    paths = data.write_shards(_dataset(args), args.out, args.split, args.shard_size, tokenizer,
                               prefix=args.name)
     print(f"wrote {len(paths)} shard(s) to {args.out}")
     return 0
 
 
 def cmd_tokenizer_train(args) -> int:
-    """Train a byte-level BPE tokenizer on caption files and write its tokenizer.json."""
+    """Train a byte-level BPE tokenizer on caption files or a dataset's train captions and write
+    its tokenizer.json."""
+    from cfkit import data
     from cfkit.checkpoint import atomic_write
     from cfkit.tokenizers import read_captions, train_bpe
 
-    captions = read_captions(args.captions)
+    if args.option and not args.name:
+        raise ValueError("--option sets options of --dataset; give --dataset NAME")
+    captions = data.dataset_captions(_dataset(args)) if args.name else read_captions(args.captions)
     tokenizer = train_bpe(captions, args.vocab_size)
     atomic_write(Path(args.out), lambda tmp: tokenizer.save(str(tmp)))
     print(f"wrote {args.out}: {tokenizer.get_vocab_size()} tokens from {len(captions)} captions")
@@ -149,6 +164,14 @@ def _generation_arguments(p: argparse.ArgumentParser) -> None:
     split.add_argument("--ar-steps", type=int, metavar="S", help="S AR steps of equal size (default 1)")
     split.add_argument("--step-sizes", metavar="A,B,...", help="explicit AR step sizes")
     split.add_argument("--schedule", metavar="NAME", help="one draw of a registered schedule")
+    _sampling_arguments(p)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="folder for samples.npz and the PNGs")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """How each AR step is sampled (``cfkit sample``, ``edit`` and ``eval``)."""
     p.add_argument("--order", default="random", help="a registered ordering (default random)")
     p.add_argument("--steps", default="250", help="diffusion steps: N, ddimN or a comma list")
     p.add_argument("--split-steps", action="store_true",
@@ -159,9 +182,6 @@ def _generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="ddpm", help="a registered sampler (default ddpm)")
     p.add_argument("--eta", type=float, help="the sampler's eta option (ddim)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="folder for samples.npz and the PNGs")
-    p.add_argument("--no-progress", action="store_true")
 
 
 def _generation_options(args) -> dict:
@@ -175,11 +195,11 @@ def _generation_options(args) -> dict:
                 cfg_interval=tuple(args.cfg_interval), sampler=sampler, seed=args.seed)
 
 
-def _write_samples(pipe, result, labels, out) -> None:
+def _write_samples(pipe, result, labels, out, prompts=None) -> None:
     from cfkit.pipeline import save_samples
 
     images = None if pipe.tokenizer is None else pipe.decode(result.latents)
-    save_samples(out, result.latents, labels, images)
+    save_samples(out, result.latents, labels, images, prompts)
     what = "samples.npz, one PNG per image and grid.png" if images is not None else (
         "samples.npz with latents only: the checkpoint's image tokenizer does not decode them")
     print(f"wrote {len(result.latents)} sample(s) to {out}: {what}")
@@ -207,12 +227,40 @@ def cmd_sample(args) -> int:
     import cfkit
 
     pipe = cfkit.load(args.checkpoint, args.device)
-    num = len(args.classes) if args.num is None else args.num
+    given = args.classes or args.prompts
+    num = len(given) if args.num is None else args.num
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
+    if args.prompts:  # text-to-image; labels -1 (no class)
+        prompts = (args.prompts * math.ceil(num / len(args.prompts)))[:num]
+        result = pipe.text_to_image_latents(prompts, progress=_progress_bar(args),
+                                            **_generation_options(args))
+        _write_samples(pipe, result, torch.full((num,), -1), args.out, prompts)
+        return 0
     labels = torch.tensor(args.classes).repeat(math.ceil(num / len(args.classes)))[:num]
     result = pipe.generate_latents(labels, progress=_progress_bar(args), **_generation_options(args))
     _write_samples(pipe, result, labels, args.out)
+    return 0
+
+
+def cmd_caption(args) -> int:
+    import cfkit
+    from cfkit.pipeline import read_image
+
+    pipe = cfkit.load(args.checkpoint, args.device)
+    if pipe.tokenizer is None:
+        raise ValueError(f"{args.checkpoint}: its image tokenizer does not give the model's latents, "
+                         "so a PNG cannot be encoded for captioning")
+    images = torch.cat([read_image(path, pipe.tokenizer.channels) for path in args.images])
+    decoding = dict(top_k=args.top_k, top_p=args.top_p, beams=args.beams or 1,
+                    temperature=args.temperature)
+    captions = pipe.caption(images, seed=args.seed, **decoding)
+    if args.json:
+        print(json.dumps([{"image": path, "caption": text}
+                          for path, text in zip(args.images, captions, strict=True)]))
+    else:
+        for path, text in zip(args.images, captions, strict=True):
+            print(f"{path}\t{text}")
     return 0
 
 
@@ -229,6 +277,54 @@ def cmd_edit(args) -> int:
     result = pipe.edit_latents(image, args.keep, labels, progress=_progress_bar(args),
                                **_generation_options(args))
     _write_samples(pipe, result, labels, args.out)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from cfkit import evaluate
+
+    generation = _generation_options(args)
+    for key in ("ar_steps", "step_sizes", "schedule"):  # --ar-steps lists the S_eval values
+        generation.pop(key)
+    metric_options: dict[str, dict] = {}
+    for key, value in _options(args.metric_option).items():
+        metric, _, option = key.partition(".")
+        if not option:
+            raise ValueError(f"--metric-option {key}=...: give METRIC.KEY=VALUE, e.g. probe.t=100")
+        metric_options.setdefault(metric, {})[option] = value
+    report = evaluate.evaluate(
+        args.checkpoint, [m for m in args.metrics.split(",") if m], num=args.num,
+        ar_steps=args.ar_steps, generation=generation, metric_options=metric_options,
+        features=args.features, feature_options=_options(args.feature_option),
+        reference_split=args.reference_split, batch_size=args.batch_size, device=args.device,
+        progress=not args.no_progress,
+        samples_out=(args.out or args.checkpoint) if args.save_samples else None)
+    written = evaluate.write_report(report, args.out or args.checkpoint)
+    print(evaluate.summary(report), end="")
+    print(f"wrote {', '.join(map(str, written))}")
+    return 0
+
+
+def cmd_fid(args) -> int:
+    from cfkit import evaluate
+
+    options = dict(features=args.features, feature_options=_options(args.feature_option),
+                   batch_size=args.batch_size, show_progress=not args.no_progress, device=args.device)
+    if args.save_stats:
+        statistics = evaluate.save_statistics(args.path_a, args.path_b, **options)
+        print(f"wrote {args.path_b}: statistics of {statistics.num} images ({args.features})")
+        return 0
+    result = evaluate.fid_between(args.path_a, args.path_b, **options)
+    print(json.dumps(result) if args.json else f"{result['name']}: {result['value']:.4f}")
+    return 0
+
+
+def cmd_cider(args) -> int:
+    from cfkit import evaluate
+
+    result = evaluate.cider(args.predictions, args.references, args.tokenizer)
+    print(json.dumps(result) if args.json else
+          f"{result['name']}: {result['value']:.2f} over {result['images']} images")
     return 0
 
 
@@ -279,6 +375,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=["train", "val"])
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--encode", metavar="TOKENIZER", help="write latents of this image tokenizer")
+    p.add_argument("--tokenizer-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the --encode tokenizer, as in a config's tokenizer table, "
+                   "e.g. channels=3 or path=kl16.ckpt")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset option, e.g. size=2000 or image_size=32")
     p.set_defaults(run=cmd_shards)
@@ -286,16 +385,24 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help="text tokenizers: train a BPE tokenizer on captions")
     actions = p.add_subparsers(dest="action", required=True)
     t = actions.add_parser("train", help="train a byte-level BPE tokenizer (load it as text tokenizer bpe)")
-    t.add_argument("--captions", nargs="+", required=True, metavar="FILE",
-                   help="caption files: text (one a line), a .json list or .jsonl")
+    source = t.add_mutually_exclusive_group(required=True)
+    source.add_argument("--captions", nargs="+", metavar="FILE",
+                        help="caption files: text (one a line), a .json list or .jsonl")
+    source.add_argument("--dataset", dest="name", metavar="NAME",
+                        help="a dataset plugin with captions (e.g. shapes): its train captions")
+    t.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="--dataset option, e.g. size=2000")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--out", required=True, help="tokenizer.json to write")
     t.set_defaults(run=cmd_tokenizer_train)
     p = sub.add_parser("sample", help="generate images (or latents) from a checkpoint")
     p.add_argument("checkpoint", help="cfkit checkpoint folder")
-    p.add_argument("--class", dest="classes", type=int, nargs="+", required=True, metavar="C",
-                   help="class labels, repeated to --num images")
-    p.add_argument("--num", type=int, help="number of images (default: one per --class)")
+    condition = p.add_mutually_exclusive_group(required=True)
+    condition.add_argument("--class", dest="classes", type=int, nargs="+", metavar="C",
+                           help="class labels, repeated to --num images")
+    condition.add_argument("--prompt", dest="prompts", nargs="+", metavar="TEXT",
+                           help="captions of a text-to-image checkpoint, repeated to --num images")
+    p.add_argument("--num", type=int, help="number of images (default: one per --class or --prompt)")
     _generation_arguments(p)
     p.set_defaults(run=cmd_sample)
 
@@ -307,6 +414,68 @@ def parser() -> argparse.ArgumentParser:
                    help="the class of the regenerated tokens")
     _generation_arguments(p)
     p.set_defaults(run=cmd_edit)
+
+    p = sub.add_parser("caption", help="caption images with a multimodal checkpoint")
+    p.add_argument("checkpoint", help="run folder or checkpoint folder")
+    p.add_argument("--image", dest="images", nargs="+", required=True, metavar="PNG",
+                   help="image files at the checkpoint's size")
+    decoding = p.add_mutually_exclusive_group()
+    decoding.add_argument("--greedy", action="store_true", help="the most likely id each step (default)")
+    decoding.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely ids")
+    decoding.add_argument("--top-p", type=float, metavar="P", help="sample from the top-p nucleus")
+    decoding.add_argument("--beams", type=int, metavar="B", help="beam search with B beams")
+    p.add_argument("--temperature", type=float, default=1.0, help="of top-k / top-p sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {image, caption}")
+    p.set_defaults(run=cmd_caption)
+
+    p = sub.add_parser("eval", help="sample a run or checkpoint and evaluate it: eval.json, eval.md")
+    p.add_argument("checkpoint", help="run folder or checkpoint folder")
+    p.add_argument("--metrics", required=True, metavar="A,B,...",
+                   help="metric plugins, e.g. fid,class-accuracy,is,precision-recall,probe")
+    p.add_argument("--num", type=int, default=1000, help="samples per S_eval (default 1000)")
+    p.add_argument("--ar-steps", type=int, nargs="+", default=[1], metavar="S",
+                   help="the S_eval values to sample with, each in S equal AR steps (default 1)")
+    _sampling_arguments(p)
+    p.set_defaults(step_sizes=None, schedule=None)
+    p.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE",
+                   help="a metric's option, e.g. probe.t=100 or precision-recall.k=5")
+    p.add_argument("--features", metavar="NAME",
+                   help="feature network (default: <dataset>-cnn when registered, else inception)")
+    p.add_argument("--feature-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="feature network option, e.g. weights=pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--reference-split", default="train", choices=["train", "val"],
+                   help="the dataset split FID and precision/recall compare with (default train)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="folder for eval.json and eval.md (default: the evaluated folder)")
+    p.add_argument("--save-samples", action="store_true", help="also write samples-S{S}.npz to --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("fid", help="FID between two folders of images or .npz files")
+    p.add_argument("path_a", help="a folder of images, an .npz of arr_0 images or of mu/sigma")
+    p.add_argument("path_b", help="the same; with --save-stats, the .npz to write")
+    p.add_argument("--features", default="inception",
+                   help="feature network (default inception: needs its weights, see README)")
+    p.add_argument("--feature-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--save-stats", action="store_true",
+                   help="write the statistics of PATH_A to PATH_B (mu, sigma) instead")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=cmd_fid)
+
+    p = sub.add_parser("cider", help="CIDEr-D of COCO caption results against COCO annotations")
+    p.add_argument("predictions", help="COCO results JSON: [{image_id, caption}, ...]")
+    p.add_argument("references", help="COCO captions JSON: {annotations: [{image_id, caption}, ...]}")
+    p.add_argument("--tokenizer", default="auto", choices=["auto", "ptb", "simple"],
+                   help="ptb: pycocoevalcap's (java); simple: its pure-Python approximation; "
+                   "auto: ptb when java is present")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_cider)
     return root
 
 

@@ -113,8 +113,9 @@ class Diffusion(Strict):
 
 
 class Data(Strict):
-    """Training data: shards (or an embedded dataset built into cached shards on first use)
-    and the image tokenizer that maps images to latents."""
+    """Training data: shards (or an embedded dataset built into cached shards on first use),
+    the image tokenizer that maps images to latents and, for methods with text, the text
+    tokenizer of the captions."""
 
     dataset: Annotated[Component, _component("datasets", build=False)] | None = None
     shards: str | None = None  # a folder, glob or brace pattern of train shards
@@ -122,6 +123,8 @@ class Data(Strict):
     tokenizer: Annotated[Component, _component("image_tokenizers")] = Component(
         kind="image_tokenizers", name="pixels"
     )
+    # captions -> ids, for methods with text (e.g. { name = "bytes" })
+    text_tokenizer: Annotated[Component, _component("text_tokenizers")] | None = None
     encoded: bool = False  # shards hold pre-encoded latents (latent caching)
     flip: bool = True  # horizontal-flip augmentation
     shuffle_buffer: int = Field(1000, ge=1)

@@ -50,7 +50,8 @@ class Guidance:
         return torch.cat([x, x]) if self.active else x
 
     def labels(self, labels: torch.Tensor, null: int) -> torch.Tensor:
-        """``(N,)`` -> ``[labels; null]`` ``(2N,)`` when guided, else ``labels``."""
+        """``(N, ...)`` -> ``[labels; null]`` ``(2N, ...)`` when guided, else ``labels`` (class
+        labels, or caption ids whose null caption is all ``null``)."""
         return torch.cat([labels, torch.full_like(labels, null)]) if self.active else labels
 
 
@@ -78,7 +79,7 @@ class CachedContext:
                  guidance: Guidance):
         self.model, self.order, self.guidance = model, order, guidance
         self.cache = model.new_cache()
-        model.push_condition(self.cache, guidance.labels(labels, model.config.num_classes))
+        model.push_condition(self.cache, guidance.labels(labels, model.null_label))
 
     def add(self, tokens: torch.Tensor, span: slice) -> None:
         """Push clean ``tokens`` ``(N, n, d)`` of the generation-order positions ``span``."""
@@ -99,7 +100,7 @@ class RecomputedContext:
     def __init__(self, model: CausalTransformer, labels: torch.Tensor, order: torch.Tensor,
                  step_sizes: torch.Tensor, guidance: Guidance):
         self.model, self.order, self.guidance = model, order, guidance
-        self.labels = guidance.labels(labels, model.config.num_classes)
+        self.labels = guidance.labels(labels, model.null_label)
         # Plans live on the CPU, as the planner draws them; the forward moves what it needs.
         self.plan_order = guidance.rows(order).cpu()
         self.step = step_index(step_sizes.cpu()).expand_as(self.plan_order)  # (rows, L)
@@ -178,7 +179,7 @@ def check_guidance(model: CausalTransformer, scale: float, interval) -> Guidance
         raise GenerationError(f"cfg scale must be >= 1 (1 = no guidance), got {scale}")
     if not 0 <= lo < hi:
         raise GenerationError(f"cfg interval must be 0 <= lo < hi (network timesteps), got {interval}")
-    if scale > 1 and model.class_embedder.table.num_embeddings <= model.config.num_classes:
+    if scale > 1 and model.null_label is None:
         raise GenerationError("this model has no null class (trained without label dropout): "
                               "classifier-free guidance needs one; use cfg 1")
     return Guidance(float(scale), (lo, hi))
@@ -280,15 +281,43 @@ def generate(model: CausalTransformer, diffusion, labels, *, ar_steps: int | Non
     or objects, ``sampler`` a registered name or a sampler. ``cfg_interval`` is in network
     timesteps (0..1000). ``cached=False`` recomputes the context at every diffusion step.
     """
-    labels = check_labels(model, labels)
+    return _from_noise(model, diffusion, check_labels(model, labels), ar_steps, step_sizes, schedule,
+                       order, steps, split_steps, cfg, cfg_interval, sampler, prediction, generator,
+                       progress, cached)
+
+
+@torch.no_grad()
+def text_to_image(model, diffusion, text, *, ar_steps: int | None = None, step_sizes=None,
+                  schedule=None, order="random", steps=250, split_steps: bool = False,
+                  cfg: float = 1.0, cfg_interval=(0.0, math.inf), sampler="ddpm",
+                  prediction: str = "eps", generator: torch.Generator | None = None,
+                  progress: Progress | None = None) -> Generated:
+    """Text-to-image generation with a ``cfkit.multimodal.MultimodalTransformer``: framed
+    caption ids ``text`` ``(N, max_text_len)`` (``model.frame``) go into the KV cache before
+    the image, and CFG's unconditional branch is the null caption. Options as ``generate``'s."""
+    if not hasattr(model, "check_text"):
+        raise GenerationError(f"{type(model).__name__} is not text-conditioned: give class labels")
+    try:
+        text = model.check_text(text)
+    except ValueError as error:
+        raise GenerationError(str(error)) from None
+    return _from_noise(model, diffusion, text, ar_steps, step_sizes, schedule, order, steps,
+                       split_steps, cfg, cfg_interval, sampler, prediction, generator, progress,
+                       cached=True)
+
+
+def _from_noise(model, diffusion, condition, ar_steps, step_sizes, schedule, order, steps,
+                split_steps, cfg, cfg_interval, sampler, prediction, generator, progress,
+                cached) -> Generated:
+    """Every token generated for the checked ``condition`` (class labels or caption ids)."""
     guidance = check_guidance(model, cfg, cfg_interval)
     config = model.config
     device = model.patch_embed.weight.device
-    order = generation_order(order, len(labels), config.grid, generator).to(device)
+    order = generation_order(order, len(condition), config.grid, generator).to(device)
     sizes = ar_step_sizes(config.num_tokens, ar_steps, step_sizes, schedule, generator)
-    given = torch.zeros(len(labels), 0, config.token_dim, device=device,
+    given = torch.zeros(len(condition), 0, config.token_dim, device=device,
                         dtype=model.patch_embed.weight.dtype)
-    return _generate(model, diffusion, labels.to(device), order, given, sizes, guidance, steps,
+    return _generate(model, diffusion, condition.to(device), order, given, sizes, guidance, steps,
                      split_steps, sampler, prediction, generator, progress, cached)
 
 

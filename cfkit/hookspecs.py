@@ -21,6 +21,7 @@ KINDS = (
     "samplers",
     "datasets",
     "metrics",
+    "feature_networks",
 )
 
 
@@ -72,3 +73,8 @@ def register_datasets(register):
 @hookspec
 def register_metrics(register):
     """Evaluation metrics (FID, CIDEr, linear probe, ...)."""
+
+
+@hookspec
+def register_feature_networks(register):
+    """Image feature networks for FID and its kin (see cfkit.metrics.FeatureNetwork)."""

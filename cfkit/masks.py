@@ -127,6 +127,26 @@ def batch_layout(cond_len: int, step: torch.Tensor, copies: int = 1, clean_len=N
     return Layout(*(torch.cat([p[i] for p in parts], dim=1) for i in range(3)))
 
 
+def multimodal_layout(cond_len: int, step: torch.Tensor, text_len: int, text_first,
+                      copies: int = 1) -> Layout:
+    """Layout ``(B, T)`` of ``[cond | text (text_len) | clean (all L) | noisy x copies]`` for
+    image steps ``(B, L)`` and a caption per sample, with ``T = cond_len + text_len + (1 +
+    copies) L``. The rule needs no text case: a text token is a clean token of an AR step of
+    its own, so text is causal. ``text_first`` ``(B,)`` bool puts a sample's text steps
+    before its image steps (text-to-image: the image sees the caption) or after them
+    (captioning: the caption sees every clean image token, never a noisy one). All L clean
+    tokens are kept so that a caption after the image sees the whole image."""
+    batch, num_tokens = step.shape
+    first = torch.as_tensor(text_first, dtype=torch.bool).reshape(-1, 1).expand(batch, 1)
+    position = torch.arange(text_len).expand(batch, -1)
+    text_step = torch.where(first, position, num_tokens + position)
+    image = batch_layout(cond_len, step + torch.where(first, text_len, 0), copies, num_tokens)
+    text = Layout(torch.full_like(text_step, CLEAN), text_step, torch.full_like(text_step, -1))
+    parts = (image[:cond_len], text, image[cond_len:])
+    return Layout(*(torch.cat([getattr(p, name) for p in parts], dim=1)
+                    for name in ("kind", "step", "copy")))
+
+
 def sequence_layout(cond_len: int, step_sizes, copies: int = 1) -> Layout:
     """Layout ``(T,)`` of the official sequence for one split given by ``step_sizes``."""
     sizes = torch.as_tensor(step_sizes, dtype=torch.long)

@@ -12,7 +12,7 @@ any number of processes computes the same loss as one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -22,12 +22,14 @@ from torch import nn
 @dataclass
 class Batch:
     """``latents`` ``(N, C, H, W)`` (tokenizer output, already scaled); ``labels`` ``(N,)``;
-    this process's rows start at ``offset`` of a global batch of ``global_size`` rows."""
+    this process's rows start at ``offset`` of a global batch of ``global_size`` rows;
+    ``captions`` each row's captions (a list of strings, or None), for methods with text."""
 
     latents: torch.Tensor
     labels: torch.Tensor
     offset: int = 0
     global_size: int | None = None
+    captions: list | None = None
 
     @property
     def rows(self) -> slice:
@@ -41,11 +43,13 @@ class Batch:
 @dataclass
 class LossOutput:
     """``loss`` the scalar to minimise; ``per_token`` ``(N, K, L)`` unweighted squared error
-    (mean over token values) in generation order; ``plan`` the plan used, if any."""
+    (mean over token values) in generation order; ``plan`` the plan used, if any; ``terms``
+    the named parts of ``loss`` (detached), e.g. ``image`` and ``caption``, where it has parts."""
 
     loss: torch.Tensor
     per_token: torch.Tensor
     plan: Any = None
+    terms: dict = field(default_factory=dict)
 
 
 class Method(Protocol):

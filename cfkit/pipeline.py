@@ -2,8 +2,9 @@
 
 ``cfkit.load(CHECKPOINT)`` gives a ``Pipeline``: the network, its diffusion and prediction
 target, and the checkpoint's image tokenizer when that maps images to the model's latents.
-``generate`` and ``edit`` return images in [-1, 1] ``(N, C, H, W)`` when there is such a
-tokenizer, else latents. ``save_samples`` writes ``samples.npz`` (``latents``, ``labels``
+``generate``, ``edit`` and (text-conditioned checkpoints) ``text_to_image`` return images in
+[-1, 1] ``(N, C, H, W)`` when there is such a tokenizer, else latents; ``caption`` returns
+one caption per image. ``save_samples`` writes ``samples.npz`` (``latents``, ``labels``
 and, when decoded, ``arr_0`` uint8 ``(N, H, W, C)``), one PNG per image and ``grid.png``.
 """
 
@@ -20,6 +21,7 @@ from cfkit import checkpoint
 from cfkit.generate import Generated, GenerationError
 from cfkit.generate import edit as edit_tokens
 from cfkit.generate import generate as generate_tokens
+from cfkit.generate import text_to_image as text_to_image_tokens
 from cfkit.tokenizers import from_uint8, to_uint8
 from cfkit.transformer import CausalTransformer
 
@@ -31,6 +33,7 @@ class Pipeline:
         if not isinstance(method.model, CausalTransformer):
             raise GenerationError(f"method {type(method).__name__} cannot be sampled in AR steps: "
                                   "generation needs a CausalTransformer network")
+        self.method = method
         self.model = method.model
         self.diffusion = method.diffusion
         self.experiment = method.experiment
@@ -76,6 +79,37 @@ class Pipeline:
     def edit(self, images: torch.Tensor, keep, classes, *, seed: int = 0, **options) -> torch.Tensor:
         return self.decode(self.edit_latents(images, keep, classes, seed=seed, **options).latents)
 
+    @property
+    def text_conditioned(self) -> bool:
+        """Whether the checkpoint's method has text (``text_to_image`` and ``caption``)."""
+        return hasattr(self.method, "frame")
+
+    def _text_method(self):
+        if not self.text_conditioned:
+            raise GenerationError(f"method {self.experiment.method.name!r} has no text: "
+                                  "text-to-image and captioning need a multimodal checkpoint")
+        return self.method
+
+    def text_to_image_latents(self, prompts, *, seed: int = 0, **options) -> Generated:
+        """Tokens and latents of one image per caption of ``prompts`` (a string or a list);
+        ``options`` are those of ``cfkit.generate.text_to_image`` (ar_steps, cfg, ...)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        text = self._text_method().frame(prompts).to(self.model.pos_embed.device)
+        generator = torch.Generator().manual_seed(seed)
+        return text_to_image_tokens(self.model, self.diffusion, text, prediction=self.prediction,
+                                    generator=generator, **options)
+
+    def text_to_image(self, prompts, *, seed: int = 0, **options) -> torch.Tensor:
+        """Images ``(N, C, H, W)`` in [-1, 1] (or latents) for the captions ``prompts``."""
+        return self.decode(self.text_to_image_latents(prompts, seed=seed, **options).latents)
+
+    def caption(self, images: torch.Tensor, *, seed: int = 0, **decoding) -> list[str]:
+        """One caption per image of ``images`` (latents when there is no image tokenizer);
+        greedy, or ``top_k`` / ``top_p`` sampling, or ``beams`` (``cfkit.captioning``)."""
+        method = self._text_method()
+        generator = torch.Generator().manual_seed(seed)
+        return method.caption(self.encode(images), generator=generator, **decoding)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents if self.tokenizer is None else self.tokenizer.decode(latents)
 
@@ -120,11 +154,14 @@ def save_png(path: Path, image: np.ndarray) -> None:
 
 
 def save_samples(out, latents: torch.Tensor, labels: torch.Tensor,
-                 images: torch.Tensor | None = None) -> list[Path]:
+                 images: torch.Tensor | None = None, prompts: list[str] | None = None) -> list[Path]:
     """Write ``samples.npz`` and, with ``images`` in [-1, 1], ``{i:06d}.png`` and ``grid.png``
-    to the folder ``out``; returns the paths written."""
+    to the folder ``out``; returns the paths written. Text-to-image samples also store their
+    ``prompts``."""
     out = Path(out)
     arrays = {"latents": latents.float().cpu().numpy(), "labels": labels.cpu().numpy()}
+    if prompts is not None:
+        arrays["prompts"] = np.array(prompts, dtype=str)
     if images is not None:
         arrays["arr_0"] = to_uint8(images)
 

@@ -7,6 +7,7 @@ are listed there by cfkit's own package metadata, so the core never names them.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -70,8 +71,11 @@ class Registry:
         return known[name]
 
     def build(self, kind: str, name: str, **options: Any) -> Any:
-        """The component ``name`` of ``kind``, built from its options."""
-        return self.component(kind, name).factory(**options)
+        """The component ``name`` of ``kind``, built from its options; an unknown or missing
+        option is a ValueError listing the allowed ones."""
+        factory = self.component(kind, name).factory
+        check_options(f"{kind} {name!r}", factory, options)
+        return factory(**options)
 
     def components(self) -> list[Component]:
         return [c for kind in hookspecs.KINDS for c in self._components[kind].values()]
@@ -82,6 +86,25 @@ class Registry:
                 f"unknown component kind {kind!r}; known: {', '.join(hookspecs.KINDS)}"
             )
         return self._components[kind]
+
+
+def check_options(what: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Raise a ValueError naming the options ``factory`` does not take (or lacks) and the
+    ones it takes; a factory taking ``**kwargs`` or without a signature is not checked."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    allowed = ", ".join(p.name for p in named) or "(none)"
+    unknown = [key for key in options if key not in {p.name for p in named}]
+    if unknown:
+        raise ValueError(f"{what} has no option {', '.join(map(repr, unknown))}; allowed: {allowed}")
+    missing = [p.name for p in named if p.default is p.empty and p.name not in options]
+    if missing:
+        raise ValueError(f"{what} needs option {', '.join(map(repr, missing))}; allowed: {allowed}")
 
 
 def plugin_manager(extra_plugins: tuple[Any, ...] = ()) -> pluggy.PluginManager:

@@ -54,7 +54,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def from_uint8(array: np.ndarray) -> torch.Tensor:
     """uint8 ``(N, H, W, C)`` -> float images in [-1, 1] ``(N, C, H, W)``."""
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.from_numpy(np.array(array)).permute(0, 3, 1, 2).float() / 127.5 - 1  # a writable copy
 
 
 def frame(tokenizer: TextTokenizer, text: str, length: int) -> list[int]:

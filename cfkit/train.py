@@ -126,25 +126,30 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         target.mul_(decay).add_(source.detach(), alpha=1 - decay)
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Optimizer state as flat tensors plus a JSON part (param groups, non-tensor values)."""
-    state = optimizer.state_dict()
+def optimizer_tensors(state: dict, names: list[str] | None = None) -> tuple[dict, dict]:
+    """An optimizer state dict as flat tensors plus a JSON part (param groups, non-tensor
+    values), keyed by parameter index. ``names`` maps index -> name where the state dict is
+    keyed by parameter names (FSDP's full state dict), so every run writes the same format."""
+    index = {name: i for i, name in enumerate(names)} if names else {}
     tensors, scalars = {}, {}
-    for index, values in state["state"].items():
+    for param, values in state["state"].items():
         for name, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value
-            else:
-                scalars[f"{index}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+            target = tensors if torch.is_tensor(value) else scalars
+            target[f"{index.get(param, param)}.{name}"] = value
+    groups = [{**g, "params": [index.get(p, p) for p in g["params"]]} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def optimizer_state(tensors: dict, meta: dict, names: list[str] | None = None) -> dict:
+    """The optimizer state dict of ``optimizer_tensors``' output, keyed by parameter index
+    or, given ``names``, by parameter name."""
+    key = (lambda i: names[i]) if names else (lambda i: i)
     state: dict = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = flat.split(".", 1)
+        state.setdefault(key(int(index)), {})[name] = value
+    groups = [{**g, "params": [key(i) for i in g["params"]]} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -167,6 +172,8 @@ class Trainer:
         if hasattr(self.net, "config") and self.cfg.grad_checkpoint:
             object.__setattr__(self.net.config, "grad_checkpoint", True)
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        # before the optimizer: FSDP replaces the parameters by their shards
+        self.forward = self._wrap(self.net)
         self.optimizer = torch.optim.AdamW(
             self.net.parameters(), lr=self.cfg.learning_rate, betas=self.cfg.betas,
             eps=self.cfg.eps, weight_decay=self.cfg.weight_decay,
@@ -177,16 +184,16 @@ class Trainer:
         self.step = 0
         if resume:
             self._resume()
-        self.forward = self._wrap(self.net)
         self.stop_requested = False
 
     # -- setup -------------------------------------------------------------------------------
     def _wrap(self, net):
         if self.dist.world_size > 1:
-            if self.cfg.distributed == "fsdp":
+            if self.sharded:
                 from torch.distributed.fsdp import fully_shard
 
                 net = fully_shard(net)
+                fully_shard(self.ema)  # sharded like the weights it averages
             else:
                 from torch.nn.parallel import DistributedDataParallel
 
@@ -203,13 +210,36 @@ class Trainer:
         last = found[-1]
         state = json.loads((last / "state.json").read_text())
         device = str(self.dist.device)
-        self.net.load_state_dict(load_file(last / "model.safetensors", device=device))
-        self.ema.load_state_dict(load_file(last / "ema.safetensors", device=device))
-        load_optimizer(self.optimizer, load_file(last / "optimizer.safetensors", device=device),
-                       state["optimizer"])
+        model, ema, optimizer = (load_file(last / f"{name}.safetensors", device=device)
+                                 for name in ("model", "ema", "optimizer"))
+        if self.sharded:
+            self._load_sharded(model, ema, optimizer, state["optimizer"])
+        else:
+            self.net.load_state_dict(model)
+            self.ema.load_state_dict(ema)
+            self.optimizer.load_state_dict(optimizer_state(optimizer, state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         log.info("resumed from %s at step %d", last, self.step)
+
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.distributed == "fsdp" and self.dist.world_size > 1
+
+    def _load_sharded(self, model: dict, ema: dict, tensors: dict, meta: dict) -> None:
+        """Load a checkpoint's full (unsharded) tensors into the FSDP shards."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.net, model, options=options)
+        set_model_state_dict(self.ema, ema, options=options)
+        names = [name for name, _ in self.net.named_parameters()]
+        set_optimizer_state_dict(self.net, self.optimizer, optimizer_state(tensors, meta, names),
+                                 options=options)
 
     def stream(self) -> data.ShardStream:
         spec = self.experiment.data
@@ -235,7 +265,7 @@ class Trainer:
                 latents = tokenizer.encode(item["images"].to(device))
         world = self.dist.world_size
         return Batch(latents, item["labels"].to(device), offset=self.dist.rank * len(latents),
-                     global_size=len(latents) * world)
+                     global_size=len(latents) * world, captions=item.get("captions"))
 
     def train_step(self, batch: Batch) -> tuple[float, float]:
         autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16,
@@ -244,19 +274,24 @@ class Trainer:
             out = self.method.loss(batch, step_generator(self.experiment.seed, self.step),
                                    model=self.forward)
         loss = self.dist.mean(out.loss.item())
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"loss is {loss} at step {self.step}; stopped before updating the weights. "
-                f"Last good checkpoint: {self._last_checkpoint_text()}"
-            )
+        self._check_finite("loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip))
+        # a finite loss can still overflow in backward; its step would write NaN weights
+        self._check_finite("gradient norm", grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         update_ema(self.ema, self.net, self.cfg.ema)
         self.step += 1
-        return loss, float(grad_norm)
+        return loss, grad_norm
+
+    def _check_finite(self, what: str, value: float) -> None:
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"{what} is {value} at step {self.step}; stopped before updating the weights. "
+                f"Last good checkpoint: {self._last_checkpoint_text()}"
+            )
 
     def run(self) -> Path:
         """Train to ``train.max_steps``; returns the run folder."""
@@ -285,9 +320,11 @@ class Trainer:
                         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
                 if bar is not None:
                     bar.update(1)
-                if self.step % self.cfg.ckpt_every == 0 or self.stop_requested:
+                # SIGTERM reaches the processes at different steps: they agree on one to stop at
+                stop = self.dist.mean(float(self.stop_requested)) > 0
+                if self.step % self.cfg.ckpt_every == 0 or stop:
                     self.save()
-                if self.stop_requested:
+                if stop:
                     log.warning("SIGTERM: saved step %d, exiting", self.step)
                     break
             if not checkpoints(self.run_dir) or checkpoints(self.run_dir)[-1].name != _name(self.step):
@@ -362,7 +399,7 @@ class Trainer:
         return final
 
     def _gather_state(self):
-        if self.cfg.distributed == "fsdp" and self.dist.world_size > 1:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 get_model_state_dict,
@@ -370,16 +407,13 @@ class Trainer:
             )
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_state = get_model_state_dict(self.net, options=options)
+            names = [name for name, _ in self.net.named_parameters()]
             opt_state = get_optimizer_state_dict(self.net, self.optimizer, options=options)
-            tensors, meta = {}, {"param_groups": opt_state["param_groups"], "scalars": {}}
-            for name, values in opt_state["state"].items():
-                for key, value in values.items():
-                    tensors[f"{name}.{key}"] = value
-            ema_state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
-                         for k, v in self.ema.state_dict().items()}
-            return model_state, ema_state, (tensors, meta)
-        return self.net.state_dict(), self.ema.state_dict(), optimizer_tensors(self.optimizer)
+            return (get_model_state_dict(self.net, options=options),
+                    get_model_state_dict(self.ema, options=options),
+                    optimizer_tensors(opt_state, names) if self.dist.is_main else None)  # rank 0's
+        return (self.net.state_dict(), self.ema.state_dict(),
+                optimizer_tensors(self.optimizer.state_dict()))
 
     def _last_checkpoint_text(self) -> str:
         found = checkpoints(self.run_dir)

@@ -312,6 +312,13 @@ class KVCache:
             self.keys[layer], self.values[layer] = k, v
         return k, v
 
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """A cache of the batch rows ``rows`` ``(M,)`` (e.g. the surviving beams of a search)."""
+        out = KVCache(len(self.keys))
+        out.keys = [None if k is None else k[rows] for k in self.keys]
+        out.values = [None if v is None else v[rows] for v in self.values]
+        return out
+
     def repeat(self, times: int) -> KVCache:
         """A cache with the batch repeated (e.g. to run several candidates per sample)."""
         out = KVCache(len(self.keys))
@@ -436,6 +443,12 @@ class CausalTransformer(nn.Module):
         return Layout(kind, step, copy), plan.t.to(t.device).reshape(n, copies * steps)
 
     # -- KV-cached inference ---------------------------------------------------------------
+    @property
+    def null_label(self) -> int | None:
+        """The condition of the unconditional branch of CFG: the null class (None without one)."""
+        embedder = self.class_embedder
+        return embedder.num_classes if embedder.table.num_embeddings > embedder.num_classes else None
+
     def new_cache(self) -> KVCache:
         return KVCache(self.config.depth)
 
@@ -452,13 +465,32 @@ class CausalTransformer(nn.Module):
                        t: torch.Tensor) -> torch.Tensor:
         """Prediction ``(N, n, d)`` for noisy tokens ``x_t`` of one AR step at ``positions``,
         network timestep ``t`` ``(N,)``, attending to the cache and to each other."""
+        return self.final_layer(self.step_hidden_states(cache, x_t, positions, t))
+
+    def step_hidden_states(self, cache: KVCache, x_t: torch.Tensor, positions: torch.Tensor,
+                           t: torch.Tensor) -> torch.Tensor:
+        """``forward_cached`` before the output layer: last-block states ``(N, n, D)``."""
         x = self.embed(x_t, positions)
         t_embed = self.timestep_embedder(t)[:, None]
         if self.config.timestep == "add":
-            x = self.run(x + t_embed, cache=cache)
-            return self.final_layer(x)
-        x = self.run(torch.cat([x, t_embed], dim=1), cache=cache)
-        return self.final_layer(x[:, :-1])
+            return self.run(x + t_embed, cache=cache)
+        return self.run(torch.cat([x, t_embed], dim=1), cache=cache)[:, :-1]
+
+    def hidden_states(self, latents: torch.Tensor, t: torch.Tensor,
+                      labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Last-block states ``(N, L, D)`` (raster order) of every token of ``latents``
+        ``(N, C, H, W)``, given as the one AR step at network timestep ``t`` ``(N,)``: the
+        features of a linear probe. ``labels=None`` is unconditional: the null class, or no
+        condition tokens for a model trained without one."""
+        tokens = patchify(latents, self.config.patch_size)
+        n, length, _ = tokens.shape
+        cache = self.new_cache()
+        if labels is None and self.null_label is not None:
+            labels = torch.full((n,), self.null_label, dtype=torch.long, device=tokens.device)
+        if labels is not None:
+            self.push_condition(cache, labels)
+        positions = torch.arange(length, device=tokens.device).expand(n, -1)
+        return self.step_hidden_states(cache, tokens, positions, t)
 
     def guided_cached(self, cache: KVCache, x_t, positions, t, scale: float = 1.0,
                       interval: tuple[float, float] = (0, float("inf"))) -> torch.Tensor:

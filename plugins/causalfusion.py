@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from cfkit import hookimpl
-from cfkit.config import Component
 from cfkit.methods import Batch, LossOutput, drop_labels
 from cfkit.plan import Plan
 from cfkit.transformer import CausalTransformer, TransformerConfig, patchify, preset
@@ -36,7 +35,7 @@ class CausalFusion:
     def __init__(self, experiment):
         self.experiment = experiment
         self.config = self.network_config(experiment)
-        self.model = CausalTransformer(self.config)
+        self.model = self.network()
         self.diffusion = experiment.diffusion.build()
         self.prediction = experiment.diffusion.prediction
         factorisation = experiment.factorisation
@@ -50,37 +49,55 @@ class CausalFusion:
 
     check = network_config
 
+    def network(self) -> CausalTransformer:
+        return CausalTransformer(self.config)
+
     def loss(self, batch: Batch, generator: torch.Generator | None = None,
              model=None) -> LossOutput:
-        latents, total, rows = batch.latents, batch.total, batch.rows
-        plan = self.planner.draw(total, self.config.grid, self.diffusion.num_timesteps, generator)
-        plan = Plan(plan.order[rows], plan.step[rows], plan.t[rows])
-        shape = (total, plan.copies, self.config.num_tokens, self.config.token_dim)
-        noise = torch.randn(shape, generator=generator)[rows].to(latents.device)
+        plan, noise = self.draw(batch, generator)
         labels = batch.labels
         if self.model.training:
             embedder = self.model.class_embedder
             labels = drop_labels(labels, batch, embedder.dropout, embedder.num_classes, generator)
-        return self.plan_loss(latents, labels, plan, noise, model=model)
+        return self.plan_loss(batch.latents, labels, plan, noise, model=model)
+
+    def draw(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[Plan, torch.Tensor]:
+        """This batch's rows of a plan and of its noise ``(N, K, L, d)``, drawn for the global batch."""
+        total, rows = batch.total, batch.rows
+        plan = self.planner.draw(total, self.config.grid, self.diffusion.num_timesteps, generator)
+        plan = Plan(plan.order[rows], plan.step[rows], plan.t[rows])
+        shape = (total, plan.copies, self.config.num_tokens, self.config.token_dim)
+        noise = torch.randn(shape, generator=generator)[rows].to(batch.latents.device)
+        return plan, noise
 
     def plan_loss(self, latents, labels, plan, noise, model=None):
         """The loss of one plan given final labels: ``noise`` ``(N, K, L, d)`` in generation
         order; ``model`` the module to run (default ``self.model``)."""
-        device = latents.device
-        x_start = patchify(latents, self.config.patch_size)  # (N, L, d) raster
-        length, dim = x_start.shape[1:]
-        t = plan.t_per_token().to(device)  # (N, K, L)
-        order = plan.order.to(device)
-        x_ordered = torch.gather(x_start, 1, order[..., None].expand(-1, -1, dim)).unsqueeze(1)
-        x_t = self.diffusion.q_sample(x_ordered, t, noise)
-        network_t = self.diffusion.timestep_map.to(device)[t]
+        x_start, x_t, t, target = self.noised(latents, plan, noise)
+        network_t = self.diffusion.timestep_map.to(t.device)[t]
         out = (model or self.model)(x_start, x_t, network_t, labels, plan)
-        target = self.diffusion.target(self.prediction, x_ordered, t, noise)
+        return self.weighted_loss(out, target, t, plan)
+
+    def noised(self, latents, plan, noise):
+        """The diffusion inputs of a plan: clean tokens ``(N, L, d)`` in raster order, noisy
+        tokens ``x_t`` ``(N, K, L, d)`` in generation order, their timesteps ``t``
+        ``(N, K, L)`` and the regression target ``(N, K, L, d)``."""
+        x_start = patchify(latents, self.config.patch_size)  # (N, L, d) raster
+        t = plan.t_per_token().to(latents.device)  # (N, K, L)
+        order = plan.order.to(latents.device)
+        x_ordered = torch.gather(x_start, 1, order[..., None].expand(-1, -1, x_start.shape[-1]))
+        x_ordered = x_ordered.unsqueeze(1)
+        x_t = self.diffusion.q_sample(x_ordered, t, noise)
+        return x_start, x_t, t, self.diffusion.target(self.prediction, x_ordered, t, noise)
+
+    def weighted_loss(self, out, target, t, plan) -> LossOutput:
+        """Squared error of the prediction ``out`` ``(N, K, L, d)``, weighted along the AR and
+        the diffusion axes."""
         per_token = (target - out.float()).pow(2).mean(-1)
         weights = loss_weights(
-            plan.step_start().unsqueeze(1), t.cpu(), length, self.diffusion.alphas_cumprod,
+            plan.step_start().unsqueeze(1), t.cpu(), plan.num_tokens, self.diffusion.alphas_cumprod,
             self.ar_weighting, self.diffusion_weighting,
-        ).to(device, per_token.dtype)
+        ).to(per_token.device, per_token.dtype)
         return LossOutput((per_token * weights).mean(), per_token.detach(), plan)
 
     def state(self) -> dict:
@@ -89,6 +106,8 @@ class CausalFusion:
 
 def incontext_dit(experiment):
     """In-context DiT: CausalFusion with one AR step and no AR-axis weighting."""
+    from cfkit.config import Component  # not at import: cfkit.config loads the plugins
+
     factorisation = experiment.factorisation.model_copy(update={
         "schedule": Component(kind="schedules", name="fixed", steps=1),
         "ordering": Component(kind="orderings", name="raster"),

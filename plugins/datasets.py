@@ -122,7 +122,8 @@ class ImageFolder:
                 if path.suffix.lower() in self.extensions:
                     with Image.open(path) as image:
                         array = centre_crop(image.convert("RGB"), self.image_size)
-                    yield Sample(f"{name}-{path.stem}", array, label)
+                    # a dot would end the key where webdataset splits a file name
+                    yield Sample(f"{name}-{path.stem}".replace(".", "_"), array, label)
 
 
 def centre_crop(image, size: int) -> np.ndarray:

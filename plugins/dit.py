@@ -195,15 +195,36 @@ class DiT(nn.Module):
         raster order; ``t`` ``(N,)`` network timesteps; ``labels`` ``(N,)`` (``num_classes``
         is the null class, for CFG). Returns the same shape as ``x``; no label dropout here."""
         latents = x.dim() == 4
-        tokens = patchify(x, self.config.patch_size) if latents else x
-        h = self.patch_embed(tokens) + self.pos_embed
-        c = self.timestep_embedder(t) + self.label_embedder(labels)
-        for block in self.blocks:
-            h = block(h, c)
-        out = self.final_layer(h, c)
+        c = self.condition(t, labels)
+        out = self.final_layer(self.run(x, c), c)
         if latents:
             return unpatchify(out, self.config.patch_size, self.config.latent_channels)
         return out
+
+    def condition(self, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The adaLN condition ``(N, D)`` of timesteps ``t`` ``(N,)`` and ``labels`` (None:
+        the timestep only)."""
+        c = self.timestep_embedder(t)
+        return c if labels is None else c + self.label_embedder(labels)
+
+    def run(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Last-block states ``(N, L, D)`` of latents or tokens ``x`` under condition ``c``."""
+        tokens = patchify(x, self.config.patch_size) if x.dim() == 4 else x
+        h = self.patch_embed(tokens) + self.pos_embed
+        for block in self.blocks:
+            h = block(h, c)
+        return h
+
+    def hidden_states(self, latents: torch.Tensor, t: torch.Tensor,
+                      labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Last-block states ``(N, L, D)`` (raster order) of ``latents`` ``(N, C, H, W)`` at
+        network timestep ``t`` ``(N,)``: the features of a linear probe. ``labels=None`` is
+        unconditional: the null class, or no label embedding for a model trained without one."""
+        embedder = self.label_embedder
+        if labels is None and embedder.table.num_embeddings > embedder.num_classes:
+            labels = torch.full((latents.shape[0],), embedder.num_classes, dtype=torch.long,
+                                device=latents.device)
+        return self.run(latents, self.condition(t, labels))
 
 
 class DiTMethod:

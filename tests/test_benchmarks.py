@@ -54,3 +54,26 @@ def test_train_step_reports_dit(dtype):
     assert_measured(report)
     assert report["sequence_length"] == 16  # no condition tokens: t and class go to adaLN
     assert report["cost_per_noised_token_ratio"] > 0
+
+
+DATA = ROOT / "benchmarks" / "perf" / "data.py"
+
+
+def test_data_reports_the_loader_against_the_training_step():
+    done = subprocess.run(
+        [sys.executable, str(DATA), "--batch", "8", "--batches", "3", "--warmup", "1", "--repeats", "2",
+         "--train-steps", "2", "--train-warmup", "1", "--json"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["config"] == "digits-tiny.toml" and report["target_ratio"] == 5
+    train = report["train"]["samples_per_s"]
+    assert train > 0 and len(report["train"]["step_s"]) == 2
+    for kind in ("pixels", "latents"):
+        loader = report[f"loader_{kind}"]
+        assert loader["samples_per_s"] > 0 and len(loader["runs_samples_per_s"]) == 2
+        assert loader["errors"] == {"shards": 0, "samples": 0}
+        assert report[f"ratio_{kind}"] == pytest.approx(loader["samples_per_s"] / train)
+    assert report["ratio"] == min(report["ratio_pixels"], report["ratio_latents"])
+    assert report["meets_target"] == (report["ratio"] >= 5)

@@ -1,0 +1,380 @@
+"""The evaluation harness behind ``cfkit eval``, ``cfkit fid`` and ``cfkit cider``.
+
+``evaluate`` loads a run or checkpoint, samples ``num`` class-balanced images for each
+number of AR steps in ``ar_steps`` (the generation options of ``cfkit sample``), runs the
+requested metric plugins on them (metrics on the model, e.g. the linear probe, run once)
+and returns a report, which ``write_report`` saves as ``eval.json`` and ``eval.md``. Sample
+and reference features are extracted once and shared by the metrics; reference features are
+cached per dataset, split and feature network. The feature network defaults to the
+classifier ``<dataset>-cnn`` when one is registered for the run's dataset (built with the
+dataset's options), else ``inception``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cfkit import checkpoint, plugins
+from cfkit.metrics import (
+    NEEDS,
+    Extracted,
+    MetricError,
+    MetricSkipped,
+    Statistics,
+    cached_features,
+    dataset_images,
+    extract,
+    frechet_distance,
+    is_statistics_file,
+    paired_captions,
+    read_caption_annotations,
+    read_caption_results,
+    read_images,
+)
+from cfkit.tokenizers import to_uint8
+
+FORMAT = "cfkit-eval/1"
+
+
+@dataclass(eq=False)
+class SampleSet:
+    """uint8 ``images`` ``(N, C, H, W)`` generated for ``labels`` ``(N,)`` in ``ar_steps``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    ar_steps: int
+    extracted: Extracted | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class EvalContext:
+    """What metrics read: the method, its dataset and the feature network, and the reference
+    and sample features (each extracted once)."""
+
+    def __init__(self, method, features: str | None = None, feature_options: dict | None = None,
+                 reference_split: str = "train", batch_size: int = 250, device: str = "cpu",
+                 show_progress: bool = True):
+        self.method, self.experiment = method, method.experiment
+        self.feature_name, self.feature_options = features, dict(feature_options or {})
+        self.reference_split, self.batch_size, self.device = reference_split, batch_size, device
+        self.show_progress = show_progress
+        self._images: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._reference: Extracted | None = None
+
+    @functools.cached_property
+    def dataset_spec(self):
+        spec = self.experiment.data.dataset
+        if spec is None:
+            raise MetricError("this run trains on shards without a dataset (data.dataset); the "
+                              "reference images and the probe's labelled splits come from a dataset")
+        return spec
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset_spec.name
+
+    @functools.cached_property
+    def dataset(self):
+        return self.dataset_spec.build()
+
+    def dataset_images(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images ``(N, C, H, W)`` and labels ``(N,)`` of a dataset split (read once)."""
+        if split not in self._images:
+            self._images[split] = dataset_images(self.dataset, split)
+        return self._images[split]
+
+    @functools.cached_property
+    def network(self):
+        name, options = self.feature_name, dict(self.feature_options)
+        own = f"{self.dataset_name}-cnn"
+        if name is None:
+            name = own if own in plugins.registry().names("feature_networks") else "inception"
+        if name == own:
+            options = {**self.dataset_spec.options, **options}
+        return plugins.build("feature_networks", name, **options).to(self.device)
+
+    def reference(self) -> Extracted:
+        """Features of the dataset's reference split, cached on disk."""
+        if self._reference is None:
+            split, network = self.reference_split, self.network
+            key = {"dataset": self.dataset_spec.model_dump(), "split": split,
+                   "network": network.identity()}
+
+            def compute() -> Extracted:
+                images = self.dataset_images(split)[0]
+                bar = self.progress(len(images), f"reference features ({split})")
+                return extract(network, images, self.batch_size, bar)
+
+            self._reference = cached_features(key, compute, f"{self.dataset_name}-{split}-{network.name}")
+        return self._reference
+
+    def features(self, samples: SampleSet) -> Extracted:
+        if samples.extracted is None:
+            bar = self.progress(len(samples), f"features S={samples.ar_steps}")
+            samples.extracted = extract(self.network, samples.images, self.batch_size, bar)
+        return samples.extracted
+
+    def progress(self, total: int, desc: str):
+        return progress_bar(total, desc, self.show_progress)
+
+
+def progress_bar(total: int, desc: str, show: bool = True):
+    """``update(n)``: a tqdm bar on stderr over ``total`` images, closed when full."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not show, file=sys.stderr)
+
+    def update(n: int) -> None:
+        bar.update(n)
+        if bar.n >= total:
+            bar.close()
+
+    return update
+
+
+def build_metrics(names, options: dict[str, dict] | None = None) -> dict:
+    """The metric plugins ``names`` built with their ``options`` (``{name: {key: value}}``)."""
+    options = dict(options or {})
+    unused = sorted(set(options) - set(names))
+    if unused:
+        raise MetricError(f"options given for metric(s) {unused} that are not evaluated; "
+                          f"evaluated: {', '.join(names)}")
+    if not names:
+        raise MetricError(f"no metrics given; known: {', '.join(plugins.registry().names('metrics'))}")
+    metrics = {}
+    for name in names:
+        try:
+            metric = plugins.build("metrics", name, **options.get(name, {}))
+        except TypeError as error:
+            raise MetricError(f"metric {name!r} with options {options.get(name, {})}: {error}") from None
+        if getattr(metric, "needs", None) not in NEEDS:
+            raise MetricError(f"metric {name!r} needs {getattr(metric, 'needs', None)!r}; "
+                              f"allowed: {', '.join(NEEDS)}")
+        metrics[name] = metric
+    return metrics
+
+
+def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,), generation: dict | None = None,
+             metric_options: dict[str, dict] | None = None, features: str | None = None,
+             feature_options: dict | None = None, reference_split: str = "train",
+             batch_size: int = 250, device: str = "cpu", progress: bool = True,
+             samples_out=None) -> dict:
+    """Evaluate a run or checkpoint: the report (see ``write_report``). ``generation`` holds
+    ``Pipeline.generate_latents`` options but the AR steps (order, steps, cfg, seed, ...);
+    batch ``b`` of a sample set is drawn with seed ``seed + b``. With ``samples_out``, each
+    sample set is saved as ``samples-S{S}.npz`` there (readable by ``cfkit fid``)."""
+    started = time.perf_counter()
+    directory = checkpoint.resolve(checkpoint_dir)
+    built = build_metrics(list(metrics), metric_options)
+    method = checkpoint.load(directory, device=device)
+    context = EvalContext(method, features, feature_options, reference_split, batch_size, device, progress)
+    skipped = {name: _skip_reason(metric, context) for name, metric in built.items()}
+    skipped = {name: reason for name, reason in skipped.items() if reason is not None}
+    active = {name: metric for name, metric in built.items() if name not in skipped}
+    on_samples = {name: m for name, m in active.items() if m.needs == "samples"}
+    on_model = {name: m for name, m in active.items() if m.needs == "model"}
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+
+    generation = dict(generation or {})
+    report = {"format": FORMAT, "checkpoint": str(directory), "method": method.experiment.method.name,
+              "dataset": None, "feature_network": None, "reference": None,
+              "generation": None, "results": [], "skipped": skipped, "seconds": {}}
+    if on_samples or on_model:
+        report["dataset"] = context.dataset_spec.model_dump()
+    if on_samples:
+        ar_steps = sorted(set(int(s) for s in ar_steps))
+        pipe = _pipeline(method)
+        reference = context.reference()  # fails early when the network does not take the dataset
+        report["feature_network"] = context.network.identity()
+        report["reference"] = {"split": reference_split, "num": len(reference)}
+        report["generation"] = {"num": num, "ar_steps": ar_steps, "batch_size": batch_size,
+                                **{k: _jsonable(v) for k, v in generation.items()}}
+        for s in ar_steps:
+            tick = time.perf_counter()
+            samples = sample(pipe, num, s, generation, batch_size,
+                             context.progress(num, f"sampling S={s}"))
+            report["seconds"][f"sampling S={s}"] = round(time.perf_counter() - tick, 2)
+            if samples_out is not None:
+                save_sample_set(Path(samples_out) / f"samples-S{s}.npz", samples)
+            tick = time.perf_counter()
+            for name, metric in on_samples.items():
+                report["results"] += _records(name, metric(context, samples), ar_steps=s)
+            report["seconds"][f"metrics S={s}"] = round(time.perf_counter() - tick, 2)
+    for name, metric in on_model.items():
+        tick = time.perf_counter()
+        report["results"] += _records(name, metric(context), ar_steps=None)
+        report["seconds"][name] = round(time.perf_counter() - tick, 2)
+    report["seconds"]["total"] = round(time.perf_counter() - started, 2)
+    return report
+
+
+def _skip_reason(metric, context) -> str | None:
+    if metric.needs == "captions":
+        return ("scores generated captions against references: use cfkit cider PREDICTIONS.json "
+                "REFERENCES.json (cfkit eval samples class-conditional images)")
+    check = getattr(metric, "check", None)
+    try:
+        if check is not None:
+            check(context)
+    except MetricSkipped as reason:
+        return str(reason)
+    return None
+
+
+def _pipeline(method):
+    from cfkit.pipeline import Pipeline
+
+    pipe = Pipeline(method)
+    if pipe.tokenizer is None:
+        raise MetricError("image metrics need images: this checkpoint's image tokenizer does not "
+                          "decode its latents")
+    return pipe
+
+
+def _records(metric: str, values: dict[str, float], ar_steps: int | None) -> list[dict]:
+    return [{"metric": metric, "name": name, "value": float(value), "ar_steps": ar_steps}
+            for name, value in values.items()]
+
+
+def _jsonable(value):
+    return value if isinstance(value, (str, int, float, bool, list, tuple, type(None))) else repr(value)
+
+
+def sample(pipe, num: int, ar_steps: int, generation: dict, batch_size: int, progress=None) -> SampleSet:
+    """``num`` images in ``ar_steps`` AR steps for the classes ``0, 1, ..., K-1, 0, ...``;
+    batch ``b`` drawn with seed ``generation["seed"] + b``."""
+    if num < 2:
+        raise MetricError(f"--num must be >= 2 (statistics of one image are undefined), got {num}")
+    options = dict(generation)
+    seed = options.pop("seed", 0)
+    labels = torch.arange(num) % pipe.model.config.num_classes
+    images = []
+    for b, start in enumerate(range(0, num, batch_size)):
+        chunk = labels[start:start + batch_size]
+        decoded = pipe.generate(chunk, ar_steps=ar_steps, seed=seed + b, **options)
+        images.append(torch.from_numpy(to_uint8(decoded)).permute(0, 3, 1, 2))
+        if progress is not None:
+            progress(len(chunk))
+    return SampleSet(torch.cat(images), labels, ar_steps)
+
+
+def save_sample_set(path: Path, samples: SampleSet) -> None:
+    import numpy as np
+
+    arrays = {"arr_0": samples.images.permute(0, 2, 3, 1).numpy(), "labels": samples.labels.numpy()}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    checkpoint.atomic_write(path, write)
+
+
+# -- reports --------------------------------------------------------------------------------
+def write_report(report: dict, out) -> list[Path]:
+    """``eval.json`` (the report) and ``eval.md`` (a summary) in the folder ``out``."""
+    out = Path(out)
+    checkpoint.write_json(out / "eval.json", report)
+    checkpoint.atomic_write(out / "eval.md", lambda tmp: Path(tmp).write_text(summary(report)))
+    return [out / "eval.json", out / "eval.md"]
+
+
+def summary(report: dict) -> str:
+    """The report as short markdown: settings, a table per S_eval, model metrics, skips."""
+    lines = [f"# Evaluation of {report['checkpoint']}", ""]
+    gen, dataset = report["generation"], report["dataset"]
+    if dataset is not None:
+        lines.append(f"Method {report['method']} on {_component(dataset)}.")
+    if gen is not None:
+        settings = ", ".join(f"{k} {v}" for k, v in gen.items() if k not in ("num", "ar_steps"))
+        network, reference = report["feature_network"], report["reference"]
+        accuracy = network.get("held_out_accuracy")
+        held_out = "" if accuracy is None else f", held-out accuracy {accuracy:.2%}"
+        lines += [f"{gen['num']} class-balanced samples per S_eval ({settings}).",
+                  f"Feature network {network['name']}{held_out}; reference: the {reference['split']} "
+                  f"split ({reference['num']} images).", ""]
+        per_s = [r for r in report["results"] if r["ar_steps"] is not None]
+        columns = list(dict.fromkeys(r["name"] for r in per_s))
+        if columns:
+            lines += ["| S_eval | " + " | ".join(columns) + " |",
+                      "|---" * (len(columns) + 1) + "|"]
+            for s in gen["ar_steps"]:
+                values = {r["name"]: r["value"] for r in per_s if r["ar_steps"] == s}
+                lines.append(f"| {s} | " + " | ".join(_number(values.get(c)) for c in columns) + " |")
+            lines.append("")
+    for record in (r for r in report["results"] if r["ar_steps"] is None):
+        lines.append(f"- {record['name']}: {_number(record['value'])}")
+    for name, reason in report["skipped"].items():
+        lines.append(f"- {name}: skipped ({reason})")
+    lines += ["", f"Took {report['seconds'].get('total', 0):.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def _component(spec: dict) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+    return spec["name"] + (f" ({options})" if options else "")
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+# -- cfkit fid / cfkit cider -----------------------------------------------------------------
+def set_statistics(path, network, batch_size: int = 250, show_progress: bool = True):
+    """``(Statistics, description)`` of a folder of images, an image ``.npz`` or a statistics
+    ``.npz`` (``mu``, ``sigma``: must come from ``network``); images are checked by it."""
+    if is_statistics_file(path):
+        statistics, meta = Statistics.load(path)
+        made_by = meta.get("feature_network")
+        if made_by is not None and made_by != network.name:
+            raise MetricError(f"{path} holds statistics of feature network {made_by}, not "
+                              f"{network.name}: give --features {made_by}")
+        if statistics.mean.size != network.num_features:
+            raise MetricError(f"{path} holds statistics of {statistics.mean.size} features; "
+                              f"{network.name} gives {network.num_features}")
+        return statistics, f"statistics of {statistics.num}"
+    images = read_images(path)
+    bar = progress_bar(len(images), f"features {Path(path).name}", show_progress)
+    return Statistics.of(extract(network, images, batch_size, bar).features), tuple(images.shape)
+
+
+def fid_between(path_a, path_b, features: str = "inception", feature_options: dict | None = None,
+                batch_size: int = 250, show_progress: bool = True, device: str = "cpu") -> dict:
+    """FID between two sets (folders of images, image or statistics ``.npz`` files)."""
+    network = plugins.build("feature_networks", features, **dict(feature_options or {})).to(device)
+    a, shape_a = set_statistics(path_a, network, batch_size, show_progress)
+    b, shape_b = set_statistics(path_b, network, batch_size, show_progress)
+    if isinstance(shape_a, tuple) and isinstance(shape_b, tuple) and shape_a[1:] != shape_b[1:]:
+        raise MetricError(f"{path_a} holds {shape_a[1:]} images and {path_b} {shape_b[1:]} images "
+                          "(C, H, W); FID compares sets of one image size")
+    return {"name": f"FID ({network.name})", "value": frechet_distance(a, b),
+            "feature_network": network.identity(), "num": [a.num, b.num]}
+
+
+def save_statistics(path, out, features: str = "inception", feature_options: dict | None = None,
+                    batch_size: int = 250, show_progress: bool = True, device: str = "cpu") -> Statistics:
+    """Write the statistics of a set as ``out`` (``mu``, ``sigma``, pytorch-fid's keys)."""
+    network = plugins.build("feature_networks", features, **dict(feature_options or {})).to(device)
+    statistics, _ = set_statistics(path, network, batch_size, show_progress)
+    statistics.save(out, feature_network=network.name,
+                    feature_identity=json.dumps(network.identity(), sort_keys=True))
+    return statistics
+
+
+def cider(predictions_path, references_path, tokenizer: str = "auto") -> dict:
+    """CIDEr-D of COCO caption results against COCO caption annotations."""
+    metric = plugins.build("metrics", "cider", tokenizer=tokenizer)
+    predictions, references = paired_captions(read_caption_results(predictions_path),
+                                              read_caption_annotations(references_path))
+    (name, value), = metric.score(predictions, references).items()
+    return {"name": name, "value": value, "images": len(predictions)}

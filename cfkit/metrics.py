@@ -1,0 +1,407 @@
+"""Evaluation metrics: feature networks, feature statistics, the Fréchet distance and its kin.
+
+A feature network (``register_feature_networks``) maps uint8 images ``(N, C, H, W)`` to
+features ``(N, F)`` and, when it is a classifier, to logits ``(N, K)`` too; its
+``identity()`` says what its features depend on (name, weights), which keys the cache of a
+dataset's reference features. Every metric on images works on extracted features, so that
+they are computed once per sample set and cached once per dataset:
+
+- FID through torchmetrics' ``FrechetInceptionDistance``, fed the sufficient statistics it
+  accumulates (count, sum, sum of outer products) of the two feature sets;
+- Inception Score through torchmetrics' ``InceptionScore`` on the logits;
+- precision and recall of the k-NN manifolds (Kynkäänniemi et al., 2019);
+- class accuracy: how often the classifier agrees with the requested class.
+
+A metric plugin (``register_metrics``) has ``needs`` (``"samples"``: called once per sample
+set; ``"model"``: once per evaluation; ``"captions"``: scores captions with ``score``) and
+``__call__(context, samples=None) -> {label: value}`` (see ``cfkit.evaluate``). A metric
+that does not apply raises ``MetricSkipped`` with the reason, which reports record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from cfkit import checkpoint
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+NEEDS = ("samples", "model", "captions")
+
+
+class MetricError(ValueError):
+    """Inputs a metric cannot score; the message says what is wrong and what is allowed."""
+
+
+class MetricSkipped(Exception):
+    """A metric that does not apply to this evaluation; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """``features`` ``(N, F)`` and, from a classifier, ``logits`` ``(N, K)`` (else None)."""
+
+    features: torch.Tensor
+    logits: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+class FeatureNetwork(Protocol):
+    """``network(images)`` maps uint8 ``(N, C, H, W)`` to ``Extracted``; it raises
+    ``MetricError`` naming the shapes it takes when given others."""
+
+    name: str  # as reports name it: "FID-10k (digits-cnn)"
+    num_features: int
+    classes: str | None  # the dataset whose class labels the logits predict, if any
+
+    def __call__(self, images: torch.Tensor) -> Extracted: ...
+
+    def identity(self) -> dict:
+        """JSON-able description of what the features depend on (name, weights digest)."""
+        ...
+
+    def to(self, device) -> FeatureNetwork:
+        """The network on ``device`` (it returns its outputs there; ``extract`` moves them)."""
+        ...
+
+
+class Metric(Protocol):
+    needs: str  # one of NEEDS
+
+    def __call__(self, context, samples=None) -> dict[str, float]: ...
+
+
+# -- images ---------------------------------------------------------------------------------
+def check_images(images: torch.Tensor, shapes: Iterable[tuple[int, int, int]] | None, who: str) -> None:
+    """``images`` must be uint8 ``(N, C, H, W)``, with ``(C, H, W)`` one of ``shapes`` (any
+    when None)."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        got = (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor)
+               else type(images).__name__)
+        raise MetricError(f"{who} takes uint8 images (N, C, H, W), got {got}")
+    shapes = None if shapes is None else [tuple(s) for s in shapes]
+    if shapes is not None and tuple(images.shape[1:]) not in shapes:
+        allowed = " or ".join(f"(N, {', '.join(map(str, s))})" for s in shapes)
+        got = ", ".join(map(str, images.shape[1:]))
+        raise MetricError(f"{who} takes images {allowed}, got (N, {got})")
+
+
+def to_signed(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` -> float32 in [-1, 1]."""
+    return images.float() / 127.5 - 1
+
+
+def dataset_images(dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of a dataset split as uint8 ``(N, C, H, W)`` and its labels ``(N,)``."""
+    images, labels = [], []
+    for sample in dataset.samples(split):
+        images.append(sample.image)
+        labels.append(-1 if sample.label is None else sample.label)
+    if not images:
+        raise MetricError(f"dataset split {split!r} is empty")
+    array = np.stack(images)
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
+
+
+@torch.no_grad()
+def extract(network: FeatureNetwork, images: torch.Tensor, batch_size: int = 250,
+            progress: Callable[[int], None] | None = None) -> Extracted:
+    """``network`` over ``images`` in batches; ``progress(n)`` after each batch of n."""
+    if len(images) == 0:
+        raise MetricError("no images to extract features from")
+    features, logits = [], []
+    for start in range(0, len(images), batch_size):
+        out = network(images[start:start + batch_size])
+        features.append(out.features.float().cpu())
+        if out.logits is not None:
+            logits.append(out.logits.float().cpu())
+        if progress is not None:
+            progress(len(out.features))
+    return Extracted(torch.cat(features), torch.cat(logits) if logits else None)
+
+
+def read_images(path) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` images of a folder of image files (or, for a folder written by
+    ``cfkit sample``, of its ``samples.npz``) or of an ``.npz`` whose ``arr_0`` is uint8
+    ``(N, H, W, C)`` (the ADM and ``cfkit sample`` layout)."""
+    path = Path(path)
+    if path.is_dir() and (path / "samples.npz").is_file():
+        path = path / "samples.npz"
+    if path.is_dir():
+        return _read_folder(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    if path.suffix != ".npz":
+        raise MetricError(f"{path}: give a folder of images or an .npz file")
+    with np.load(path, allow_pickle=False) as data:
+        if "arr_0" not in data:
+            raise MetricError(f"{path}: no arr_0 images in it (keys: {', '.join(data.files)}); an "
+                              "image .npz holds arr_0 uint8 (N, H, W, C)")
+        array = data["arr_0"]
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise MetricError(f"{path}: arr_0 must be uint8 (N, H, W, 1|3), got {array.dtype} {array.shape}")
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def _read_folder(folder: Path) -> torch.Tensor:
+    from PIL import Image
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise MetricError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    arrays = []
+    for file in files:
+        with Image.open(file) as image:
+            grey = image.mode in ("1", "L", "LA", "I", "I;16", "F")
+            array = np.asarray(image.convert("L" if grey else "RGB"))
+        arrays.append(array[..., None] if array.ndim == 2 else array)
+        if arrays[-1].shape != arrays[0].shape:
+            raise MetricError(f"{folder}: images differ in size: {files[0].name} is "
+                              f"{_hwc(arrays[0])}, {file.name} is {_hwc(arrays[-1])}; a set "
+                              "must hold one image size")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _hwc(array: np.ndarray) -> str:
+    h, w, c = array.shape
+    return f"{w}x{h} {'grey' if c == 1 else 'RGB'}"
+
+
+# -- statistics and the Fréchet distance ----------------------------------------------------
+@dataclass(frozen=True)
+class Statistics:
+    """Gaussian statistics of a feature set: ``num`` samples, ``mean`` ``(F,)`` and
+    (unbiased) ``cov`` ``(F, F)``, float64."""
+
+    num: int
+    mean: np.ndarray
+    cov: np.ndarray
+
+    @classmethod
+    def of(cls, features) -> Statistics:
+        x = np.asarray(features, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise MetricError(f"statistics need features (N >= 2, F), got shape {x.shape}")
+        return cls(x.shape[0], x.mean(0), np.atleast_2d(np.cov(x, rowvar=False)))
+
+    def save(self, path, **meta: str) -> None:
+        """An ``.npz`` with ``mu`` and ``sigma`` (as pytorch-fid's), ``num`` and ``meta``."""
+        arrays = {"mu": self.mean, "sigma": self.cov, "num": np.int64(self.num),
+                  **{k: np.str_(v) for k, v in meta.items()}}
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        checkpoint.atomic_write(Path(path), write)
+
+    @classmethod
+    def load(cls, path) -> tuple[Statistics, dict[str, str]]:
+        """Statistics of an ``.npz`` with ``mu`` and ``sigma`` and the strings saved with it."""
+        with np.load(path, allow_pickle=False) as data:
+            if not {"mu", "sigma"} <= set(data.files):
+                raise MetricError(f"{path}: no mu and sigma in it (keys: {', '.join(data.files)})")
+            mean, cov = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+            num = int(data["num"]) if "num" in data.files else 2  # any n >= 2: FID needs mu, sigma
+            meta = {k: str(data[k]) for k in data.files if data[k].dtype.kind == "U"}
+        if mean.ndim != 1 or cov.shape != (mean.size, mean.size):
+            raise MetricError(f"{path}: mu must be (F,) and sigma (F, F), got {mean.shape}, {cov.shape}")
+        return cls(num, mean, cov), meta
+
+
+def is_statistics_file(path) -> bool:
+    path = Path(path)
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    with np.load(path, allow_pickle=False) as data:
+        return {"mu", "sigma"} <= set(data.files)
+
+
+class _Given(nn.Identity):
+    """Features that are already extracted, as torchmetrics' custom feature extractor."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+
+def frechet_distance(a: Statistics, b: Statistics) -> float:
+    """FID ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2)`` by torchmetrics'
+    FrechetInceptionDistance, given the sufficient statistics it accumulates."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    dim = a.mean.size
+    if b.mean.size != dim:
+        raise MetricError(f"the feature sets have {dim} and {b.mean.size} features: statistics of "
+                          "different feature networks cannot be compared")
+    metric = FrechetInceptionDistance(feature=_Given(dim))
+    metric.update(torch.empty(0, dim, dtype=torch.float64), real=True)  # sets the dtype; adds nothing
+    metric.merge_state({**_sums("real", a), **_sums("fake", b)})
+    return float(metric.compute())
+
+
+def _sums(side: str, s: Statistics) -> dict[str, torch.Tensor]:
+    outer = s.cov * (s.num - 1) + s.num * np.outer(s.mean, s.mean)
+    return {f"{side}_features_sum": torch.from_numpy(s.mean * s.num),
+            f"{side}_features_cov_sum": torch.from_numpy(outer),
+            f"{side}_features_num_samples": torch.tensor(s.num)}
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """Mean and standard deviation over ``splits`` of exp(E KL(p(y|x) || p(y))), by
+    torchmetrics' InceptionScore on ``logits`` ``(N, K)``; ``seed`` fixes its shuffle."""
+    from torchmetrics.image.inception import InceptionScore
+
+    if splits < 2 or len(logits) < 2 * splits:
+        raise MetricError(f"inception score: need splits >= 2 and at least 2 samples per split, "
+                          f"got {len(logits)} samples in {splits} splits")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = InceptionScore(feature=_Given(logits.shape[1]), splits=splits)
+    metric.update(logits.double())
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., 2019) of features ``(N, F)``: the
+    share of fake samples inside the real manifold (the union of balls around each real
+    sample reaching its k-th nearest real neighbour), and of real samples inside the fake one."""
+    if k < 1 or k >= min(len(real), len(fake)):
+        raise MetricError(f"precision/recall: k must be in 1..{min(len(real), len(fake)) - 1} "
+                          f"(fewer than each set's size), got {k}")
+    real, fake = real.double(), fake.double()
+    return _inside(real, fake, k), _inside(fake, real, k)
+
+
+def _inside(manifold: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 1024) -> float:
+    radii = torch.cat([torch.cdist(manifold[i:i + chunk], manifold).kthvalue(k + 1, dim=1).values
+                       for i in range(0, len(manifold), chunk)])  # k + 1: the nearest is itself
+    inside = torch.cat([(torch.cdist(queries[i:i + chunk], manifold) <= radii).any(dim=1)
+                        for i in range(0, len(queries), chunk)])
+    return float(inside.double().mean())
+
+
+def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of samples whose most likely class is their label."""
+    return float((logits.argmax(dim=1) == labels.to(logits.device)).double().mean())
+
+
+def count_label(num: int) -> str:
+    """1000 -> "1k", 50000 -> "50k", 1500 -> "1500" (as in "FID-50k")."""
+    return f"{num // 1000}k" if num >= 1000 and num % 1000 == 0 else str(num)
+
+
+# -- caches ---------------------------------------------------------------------------------
+def digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    from cfkit.train import cache_dir
+
+    return cache_dir()
+
+
+def cached_features(key: dict, compute: Callable[[], Extracted], prefix: str) -> Extracted:
+    """``compute()``, cached in ``$CFKIT_CACHE/features/{prefix}-{digest(key)}.npz``."""
+    path = cache_root() / "features" / f"{prefix}-{digest(key)}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            logits = torch.from_numpy(data["logits"]) if "logits" in data.files else None
+            return Extracted(torch.from_numpy(data["features"]), logits)
+    out = compute()
+    arrays = {"features": out.features.numpy(), "key": np.str_(json.dumps(key, sort_keys=True))}
+    if out.logits is not None:
+        arrays["logits"] = out.logits.numpy()
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    checkpoint.atomic_write(path, write)
+    return out
+
+
+# -- captions -------------------------------------------------------------------------------
+def read_caption_results(path) -> dict[Any, str]:
+    """COCO caption results ``[{"image_id": ..., "caption": ...}, ...]``: one caption per image."""
+    items = _read_json(path)
+    if isinstance(items, dict) and "annotations" in items:
+        items = items["annotations"]
+    if not isinstance(items, list):
+        raise MetricError(f"{path}: COCO results are a JSON list of {{image_id, caption}}")
+    results: dict[Any, str] = {}
+    for item in items:
+        image_id, caption = _caption_item(item, path)
+        if image_id in results:
+            raise MetricError(f"{path}: image_id {image_id!r} has more than one caption; "
+                              "give one prediction per image")
+        results[image_id] = caption
+    if not results:
+        raise MetricError(f"{path}: no predictions")
+    return results
+
+
+def read_caption_annotations(path) -> dict[Any, list[str]]:
+    """COCO caption annotations ``{"annotations": [{"image_id", "caption"}, ...]}`` (or just
+    that list): every reference caption of every image."""
+    data = _read_json(path)
+    items = data.get("annotations") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise MetricError(f"{path}: COCO annotations are {{\"annotations\": [{{image_id, caption}}, "
+                          "...]}} or that list")
+    references: dict[Any, list[str]] = {}
+    for item in items:
+        image_id, caption = _caption_item(item, path)
+        references.setdefault(image_id, []).append(caption)
+    if not references:
+        raise MetricError(f"{path}: no annotations")
+    return references
+
+
+def paired_captions(predictions: dict, references: dict) -> tuple[dict, dict]:
+    """Predictions and the references of the predicted images (as COCO's evaluation, which
+    scores the images of the results); every predicted image must have references."""
+    missing = [i for i in predictions if i not in references]
+    if missing:
+        raise MetricError(f"{len(missing)} predicted image(s) have no reference captions, e.g. "
+                          f"image_id {missing[0]!r}; the references hold {len(references)} images")
+    return predictions, {i: references[i] for i in predictions}
+
+
+def _read_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise MetricError(f"{path}: not valid JSON: {error}") from None
+
+
+def _caption_item(item, path) -> tuple[Any, str]:
+    if not (isinstance(item, dict) and "image_id" in item and isinstance(item.get("caption"), str)):
+        raise MetricError(f"{path}: each entry needs an image_id and a caption string, got {item!r}")
+    return item["image_id"], item["caption"]

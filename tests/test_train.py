@@ -1,0 +1,347 @@
+"""The trainer: resume continues bitwise, a non-finite step stops with the last good checkpoint
+intact, SIGTERM saves before exiting, a SIGKILLed run resumes onto the uninterrupted curve,
+DDP and FSDP (2 gloo processes) follow the one-process curve, and the run folder holds the
+metrics columns, loss.png and the last N checkpoints, each written as temp + rename.
+
+Runs are a tiny digits CausalFusion (hidden 32, depth 2, batch 8, 20 steps) compared with one
+shared uninterrupted run (``reference``). Subprocesses cover what needs a real process:
+signals and torchrun.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cfkit import checkpoint, plugins, train
+from cfkit import config as configs
+from cfkit import data as cfdata
+from cfkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "benchmarks" / "configs" / "digits-tiny.toml"
+TINY = ("model.hidden_size=32", "model.depth=2", "train.batch_size=8", "train.max_steps=20",
+        "train.ckpt_every=5", "train.keep_last=2", "train.log_every=1", "train.warmup_steps=5")
+WEIGHTS = ("model", "ema", "optimizer")
+# 2 processes vs 1 sum the loss and the gradients in another order, so they agree to rounding:
+# observed 1e-6 on the CSV's 6-decimal losses (its rounding) and 1.2e-7 on the weights.
+LOSS_RTOL = 1e-5
+WEIGHT_ATOL = 1e-6
+# QK-norm's key bias shifts every logit of a query equally, which softmax ignores: its
+# gradient is zero up to rounding, and AdamW (eps 1e-15) turns that rounding into +-lr steps.
+GRADIENT_FREE = re.compile(r"attn\.k_norm\.bias$")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    """The digits train shards, written once (the runs then need no cache)."""
+    folder = tmp_path_factory.mktemp("shards")
+    cfdata.write_shards(plugins.build("datasets", "digits"), folder, "train", prefix="digits")
+    return f'data.shards="{folder}"'
+
+
+def overrides(shards: str, *extra: str) -> list[str]:
+    """The tiny run on ``shards``, then ``extra`` overrides."""
+    return [*TINY, shards, *extra]
+
+
+def sets(shards: str, *extra: str) -> list[str]:
+    """``overrides`` as ``--set`` arguments."""
+    return [arg for text in overrides(shards, *extra) for arg in ("--set", text)]
+
+
+def cli_train(capsys, *argv: str) -> tuple[int, str]:
+    """``cfkit train ARGV`` in this process: (exit status, stderr)."""
+    rc = main(["train", *argv, "--no-progress"])
+    return rc, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shards) -> Path:
+    """An uninterrupted 20-step run."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    train.train(configs.load(CONFIG, overrides(shards)), run, progress=False)
+    return run
+
+
+def losses(run: Path) -> list[tuple[str, str]]:
+    """(step, loss) of metrics.csv as written, for bitwise comparison."""
+    return [(row["step"], row["loss"]) for row in read_rows(run)]
+
+
+def read_rows(run: Path) -> list[dict]:
+    with (run / "metrics.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def step_of(folder: Path) -> int:
+    return json.loads((folder / "state.json").read_text())["step"]
+
+
+def saved(run: Path, step: int, name: str) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step-{step:07d}" / f"{name}.safetensors")
+
+
+def assert_same_checkpoint(run: Path, other: Path, step: int) -> None:
+    for name in WEIGHTS:
+        mine, theirs = saved(run, step, name), saved(other, step, name)
+        assert mine.keys() == theirs.keys()
+        different = [k for k in mine if not torch.equal(mine[k], theirs[k])]
+        assert not different, f"{name} at step {step} differs in {different}"
+
+
+def max_weight_difference(run: Path, other: Path, step: int) -> float:
+    """Largest |difference| of the model weights, gradient-free parameters left out."""
+    mine, theirs = saved(run, step, "model"), saved(other, step, "model")
+    assert mine.keys() == theirs.keys()
+    return max((mine[k] - theirs[k]).abs().max().item() for k in mine if not GRADIENT_FREE.search(k))
+
+
+def all_finite(run: Path, step: int) -> bool:
+    return all(torch.isfinite(t).all() for name in WEIGHTS for t in saved(run, step, name).values())
+
+
+# -- resume -----------------------------------------------------------------------------------
+def test_resumed_10_plus_10_steps_equal_20_steps_bitwise(capsys, tmp_path, shards, reference):
+    run = tmp_path / "run"
+    rc, err = cli_train(capsys, str(CONFIG), "--out", str(run), *sets(shards, "train.max_steps=10"))
+    assert rc == 0, err
+    assert step_of(train.checkpoints(run)[-1]) == 10
+    rc, err = cli_train(capsys, "--resume", str(run), "--set", "train.max_steps=20")
+    assert rc == 0, err
+    assert losses(run) == losses(reference)
+    assert [s for s, _ in losses(run)] == [str(s) for s in range(1, 21)]
+    assert_same_checkpoint(run, reference, 20)
+
+
+def test_resume_without_a_checkpoint_is_an_error(capsys, tmp_path, shards):
+    run = tmp_path / "run"
+    experiment = configs.load(CONFIG, overrides(shards))
+    checkpoint.write_json(run / "config.json", {"experiment": experiment.model_dump(mode="json")})
+    rc, err = cli_train(capsys, "--resume", str(run))
+    assert rc == 2
+    assert "nothing to resume" in err
+
+
+# -- non-finite steps -------------------------------------------------------------------------
+@pytest.mark.parametrize("lr, what", [
+    ("1e30", "loss"),  # weights of 1e30 overflow the forward pass
+    ("1e5", "gradient norm"),  # a finite loss (~1e12) whose backward overflows
+])
+def test_non_finite_step_stops_naming_it_and_keeps_the_last_good_checkpoint(
+        capsys, tmp_path, shards, lr, what):
+    run = tmp_path / "run"
+    rc, err = cli_train(capsys, str(CONFIG), "--out", str(run),
+                        *sets(shards, f"train.lr={lr}", "train.warmup_steps=0", "train.ckpt_every=1"))
+    assert rc == 2
+    found = re.search(r"error: (loss|gradient norm) is (nan|inf|-inf) at step (\d+)", err)
+    assert found, err
+    step = int(found[3])
+    last = train.checkpoints(run)[-1]
+    assert (last.name, step_of(last)) == (f"step-{step:07d}", step)
+    assert f"Last good checkpoint: {last}" in err
+    assert all_finite(run, step)
+    assert found[1] == what
+    assert checkpoint.load(run) is not None
+    assert read_rows(run)[-1]["step"] == str(step)  # the failed step logged nothing
+
+
+# -- signals ----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(run: Path, shards: str, *extra: str, processes: int = 1) -> subprocess.Popen:
+    """A new tiny run into ``run`` with ``extra`` overrides; see ``launch``."""
+    return launch(run, [str(CONFIG), "--out", str(run), *sets(shards, *extra)], processes)
+
+
+def launch(run: Path, argv: list[str], processes: int = 1) -> subprocess.Popen:
+    """``cfkit train ARGV`` (under torchrun for ``processes`` > 1) in a fresh process group,
+    its output in ``run``'s sibling ``.log`` file."""
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                f"--master_port={free_port()}"] if processes > 1 else []
+    command = [sys.executable, *launcher, "-m", "cfkit", "train", *argv, "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["CFKIT_CACHE"] = str(run.parent / "cache")
+    with (run.parent / f"{run.name}.log").open("w") as log:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def output(run: Path) -> str:
+    return (run.parent / f"{run.name}.log").read_text()
+
+
+def wait_until(condition, process: subprocess.Popen, run: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"exited {process.returncode} too early:\n{output(run)}"
+        assert time.monotonic() < deadline, f"timed out:\n{output(run)}"
+        time.sleep(0.005)
+
+
+def logged_steps(run: Path) -> int:
+    path = run / "metrics.csv"
+    return len(path.read_text().splitlines()) - 1 if path.exists() else 0
+
+
+def finish(process: subprocess.Popen, run: Path) -> int:
+    """The exit status; a hung run is killed with its torchrun workers (own sessions)."""
+    try:
+        return process.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        for pid in [*workers(process).values(), process.pid]:
+            os.killpg(pid, signal.SIGKILL)
+        process.wait()
+        pytest.fail(f"did not exit:\n{output(run)}")
+
+
+def test_sigterm_saves_the_step_it_stopped_at_then_exits_cleanly(tmp_path, shards):
+    run = tmp_path / "run"
+    process = start(run, shards, "train.max_steps=1000", "train.ckpt_every=1000")
+    wait_until(lambda: logged_steps(run) >= 1, process, run)
+    process.send_signal(signal.SIGTERM)
+    assert finish(process, run) == 0, output(run)
+    assert_stopped_with_one_checkpoint(run, world_size=1)
+
+
+def test_sigterm_to_one_ddp_process_stops_both_at_one_saved_step(tmp_path, shards):
+    run = tmp_path / "run"
+    process = start(run, shards, "train.max_steps=1000", "train.ckpt_every=1000", processes=2)
+    wait_until(lambda: logged_steps(run) >= 1, process, run)
+    # rank 1, which does not write checkpoints: rank 0 must learn of the signal to save
+    os.kill(workers(process)[1], signal.SIGTERM)
+    assert finish(process, run) == 0, output(run)
+    assert_stopped_with_one_checkpoint(run, world_size=2)
+
+
+def workers(launcher: subprocess.Popen) -> dict[int, int]:
+    """torchrun's worker processes as {rank: pid} (from Linux's /proc)."""
+    found = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            parent = re.search(r"^PPid:\s+(\d+)", status.read_text(), re.MULTILINE)
+            environ = (status.parent / "environ").read_bytes().split(b"\0")
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+        rank = [v[5:] for v in environ if v.startswith(b"RANK=")]
+        if int(parent[1]) == launcher.pid and rank:
+            found[int(rank[0])] = int(status.parent.name)
+    return found
+
+
+def assert_stopped_with_one_checkpoint(run: Path, world_size: int) -> None:
+    """One checkpoint, at the last logged step (no step trained after it), loadable."""
+    assert re.search(r"SIGTERM: saved step \d+, exiting", output(run)), output(run)
+    found = train.checkpoints(run)
+    assert len(found) == 1, output(run)
+    step = step_of(found[0])
+    assert 1 <= step < 1000
+    assert found[0].name == f"step-{step:07d}"
+    assert int(read_rows(run)[-1]["step"]) == step
+    assert json.loads((found[0] / "state.json").read_text())["world_size"] == world_size
+    assert checkpoint.load(run) is not None
+    assert all_finite(run, step)
+
+
+def test_sigkilled_run_resumes_onto_the_uninterrupted_curve(capsys, tmp_path, shards, reference):
+    run = tmp_path / "run"
+    process = start(run, shards)
+    wait_until(lambda: bool(train.checkpoints(run)), process, run)
+    process.send_signal(signal.SIGKILL)
+    assert finish(process, run) == -signal.SIGKILL
+    killed_at = step_of(train.checkpoints(run)[-1])
+    assert killed_at < 20, "the run finished before it was killed"
+    rc, err = cli_train(capsys, "--resume", str(run))
+    assert rc == 0, err
+    assert losses(run) == losses(reference)  # rows after the checkpoint rewritten, not doubled
+    assert_same_checkpoint(run, reference, 20)
+
+
+# -- distributed ------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_with_half_batches_follow_the_one_process_curve(
+        tmp_path, shards, reference, strategy):
+    run = tmp_path / "run"
+    process = start(run, shards, f'train.distributed="{strategy}"', processes=2)
+    assert finish(process, run) == 0, output(run)
+    assert [s for s, _ in losses(run)] == [s for s, _ in losses(reference)]
+    np.testing.assert_allclose([float(v) for _, v in losses(run)],
+                               [float(v) for _, v in losses(reference)], rtol=LOSS_RTOL, atol=0)
+    last = train.checkpoints(run)[-1]
+    assert (last.name, json.loads((last / "state.json").read_text())["world_size"]) == (
+        "step-0000020", 2)
+    assert max_weight_difference(run, reference, 20) <= WEIGHT_ATOL
+    for name in WEIGHTS:  # one checkpoint format for every world size and strategy
+        assert saved(run, 20, name).keys() == saved(reference, 20, name).keys()
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_a_one_process_checkpoint_onto_its_curve(tmp_path, shards, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "checkpoints" / "step-0000020")  # resume from step 15
+    process = launch(run, ["--resume", str(run), "--set", 'train.distributed="fsdp"'], processes=2)
+    assert finish(process, run) == 0, output(run)
+    assert json.loads((run / "checkpoints" / "step-0000020" / "state.json").read_text())[
+        "world_size"] == 2
+    np.testing.assert_allclose([float(v) for _, v in losses(run)],
+                               [float(v) for _, v in losses(reference)], rtol=LOSS_RTOL, atol=0)
+    assert max_weight_difference(run, reference, 20) <= WEIGHT_ATOL
+
+
+# -- the run folder ---------------------------------------------------------------------------
+def test_run_folder_has_metrics_columns_a_loss_plot_and_the_last_n_checkpoints(reference):
+    with (reference / "metrics.csv").open() as handle:
+        assert handle.readline().strip() == "step,loss,lr,grad_norm,images_per_s"
+    rows = train.read_metrics(reference / "metrics.csv")
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["images_per_s"] > 0
+               for r in rows)
+    lrs = [r["lr"] for r in rows]
+    assert lrs[:5] == sorted(set(lrs[:5])) and lrs[5:] == [2e-3] * 15  # warmup 5 steps to lr
+    assert (reference / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # saved at 5, 10, 15 and 20; keep_last 2; no temp folder left behind
+    assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [
+        "step-0000015", "step-0000020"]
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_last(
+        monkeypatch, tmp_path, shards, reference):
+    run = tmp_path / "run"
+    write_json = checkpoint.write_json
+
+    def failing(path, value):
+        if Path(path).name == "state.json" and "0000010" in str(path):
+            raise OSError("disk full")
+        write_json(path, value)
+
+    monkeypatch.setattr(checkpoint, "write_json", failing)
+    experiment = configs.load(CONFIG, overrides(shards))
+    with pytest.raises(OSError, match="disk full"):
+        train.train(experiment, run, progress=False)
+    assert not (run / "checkpoints" / "step-0000010").exists()
+    assert [step_of(p) for p in train.checkpoints(run)] == [5]
+    assert checkpoint.resolve(run).name == "step-0000005"  # what `cfkit sample RUN` would load
+    monkeypatch.setattr(checkpoint, "write_json", write_json)
+    train.train(experiment, run, resume=True, progress=False)
+    assert losses(run) == losses(reference)
+    assert_same_checkpoint(run, reference, 20)

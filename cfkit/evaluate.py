@@ -1,9 +1,11 @@
 """The evaluation harness behind ``cfkit eval``, ``cfkit fid`` and ``cfkit cider``.
 
-``evaluate`` loads a run or checkpoint, samples ``num`` class-balanced images for each
-number of AR steps in ``ar_steps`` (the generation options of ``cfkit sample``), runs the
-requested metric plugins on them (metrics on the model, e.g. the linear probe, run once)
-and returns a report, which ``write_report`` saves as ``eval.json`` and ``eval.md``. Sample
+``evaluate`` loads a run or checkpoint, samples ``num`` class-balanced images (a text-to-image
+checkpoint: one image per held-out caption, the first caption of each validation image) for
+each number of AR steps in ``ar_steps`` (the generation options of ``cfkit sample``), runs the
+requested metric plugins on them (metrics on the model, e.g. the linear probe, run once;
+caption metrics, e.g. CIDEr, on greedy captions of ``num`` validation images) and returns a
+report, which ``write_report`` saves as ``eval.json`` and ``eval.md``. Sample
 and reference features are extracted once and shared by the metrics; reference features are
 cached per dataset, split and feature network. The feature network defaults to the
 classifier ``<dataset>-cnn`` when one is registered for the run's dataset (built with the
@@ -85,6 +87,15 @@ class EvalContext:
     @functools.cached_property
     def dataset(self):
         return self.dataset_spec.build()
+
+    def held_out_captions(self, num: int) -> tuple[list[list[str]], torch.Tensor]:
+        """The captions ``[[caption, ...], ...]`` and labels ``(num,)`` of the first ``num``
+        validation images (cycled when there are fewer)."""
+        found = [(s.captions, -1 if s.label is None else s.label) for s in self.dataset.samples("val")]
+        if not found or any(not captions for captions, _ in found):
+            raise MetricError(f"dataset {self.dataset_name} has no captions for every validation image")
+        chosen = [found[i % len(found)] for i in range(num)]
+        return [c for c, _ in chosen], torch.tensor([label for _, label in chosen])
 
     def dataset_images(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images ``(N, C, H, W)`` and labels ``(N,)`` of a dataset split (read once)."""
@@ -182,6 +193,7 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,), generat
     active = {name: metric for name, metric in built.items() if name not in skipped}
     on_samples = {name: m for name, m in active.items() if m.needs == "samples"}
     on_model = {name: m for name, m in active.items() if m.needs == "model"}
+    on_captions = {name: m for name, m in active.items() if m.needs == "captions"}
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}", file=sys.stderr)
 
@@ -189,7 +201,7 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,), generat
     report = {"format": FORMAT, "checkpoint": str(directory), "method": method.experiment.method.name,
               "dataset": None, "feature_network": None, "reference": None,
               "generation": None, "results": [], "skipped": skipped, "seconds": {}}
-    if on_samples or on_model:
+    if on_samples or on_model or on_captions:
         report["dataset"] = context.dataset_spec.model_dump()
     if on_samples:
         ar_steps = sorted(set(int(s) for s in ar_steps))
@@ -199,10 +211,15 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,), generat
         report["reference"] = {"split": reference_split, "num": len(reference)}
         report["generation"] = {"num": num, "ar_steps": ar_steps, "batch_size": batch_size,
                                 **{k: _jsonable(v) for k, v in generation.items()}}
+        prompts = labels = None
+        if pipe.text_conditioned:
+            captions, labels = context.held_out_captions(num)
+            prompts = [c[0] for c in captions]
+            report["generation"]["condition"] = "held-out captions"
         for s in ar_steps:
             tick = time.perf_counter()
             samples = sample(pipe, num, s, generation, batch_size,
-                             context.progress(num, f"sampling S={s}"))
+                             context.progress(num, f"sampling S={s}"), prompts, labels)
             report["seconds"][f"sampling S={s}"] = round(time.perf_counter() - tick, 2)
             if samples_out is not None:
                 save_sample_set(Path(samples_out) / f"samples-S{s}.npz", samples)
@@ -214,12 +231,19 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,), generat
         tick = time.perf_counter()
         report["results"] += _records(name, metric(context), ar_steps=None)
         report["seconds"][name] = round(time.perf_counter() - tick, 2)
+    if on_captions:
+        tick = time.perf_counter()
+        predictions, references = caption_held_out(context, num, batch_size, generation.get("seed", 0))
+        report["captioning"] = {"num": len(predictions), "decoding": "greedy"}
+        for name, metric in on_captions.items():
+            report["results"] += _records(name, metric.score(predictions, references), ar_steps=None)
+        report["seconds"]["captioning"] = round(time.perf_counter() - tick, 2)
     report["seconds"]["total"] = round(time.perf_counter() - started, 2)
     return report
 
 
 def _skip_reason(metric, context) -> str | None:
-    if metric.needs == "captions":
+    if metric.needs == "captions" and not hasattr(context.method, "caption"):
         return ("scores generated captions against references: use cfkit cider PREDICTIONS.json "
                 "REFERENCES.json (cfkit eval samples class-conditional images)")
     check = getattr(metric, "check", None)
@@ -250,22 +274,44 @@ def _jsonable(value):
     return value if isinstance(value, (str, int, float, bool, list, tuple, type(None))) else repr(value)
 
 
-def sample(pipe, num: int, ar_steps: int, generation: dict, batch_size: int, progress=None) -> SampleSet:
-    """``num`` images in ``ar_steps`` AR steps for the classes ``0, 1, ..., K-1, 0, ...``;
-    batch ``b`` drawn with seed ``generation["seed"] + b``."""
+def sample(pipe, num: int, ar_steps: int, generation: dict, batch_size: int, progress=None,
+           prompts: list[str] | None = None, labels: torch.Tensor | None = None) -> SampleSet:
+    """``num`` images in ``ar_steps`` AR steps for the classes ``0, 1, ..., K-1, 0, ...`` or,
+    text-to-image, for ``prompts`` (with their images' ``labels``); batch ``b`` drawn with
+    seed ``generation["seed"] + b``."""
     if num < 2:
         raise MetricError(f"--num must be >= 2 (statistics of one image are undefined), got {num}")
     options = dict(generation)
     seed = options.pop("seed", 0)
-    labels = torch.arange(num) % pipe.model.config.num_classes
+    if prompts is None:
+        labels = torch.arange(num) % pipe.model.config.num_classes
     images = []
     for b, start in enumerate(range(0, num, batch_size)):
         chunk = labels[start:start + batch_size]
-        decoded = pipe.generate(chunk, ar_steps=ar_steps, seed=seed + b, **options)
+        if prompts is None:
+            decoded = pipe.generate(chunk, ar_steps=ar_steps, seed=seed + b, **options)
+        else:
+            decoded = pipe.text_to_image(prompts[start:start + batch_size], ar_steps=ar_steps,
+                                         seed=seed + b, **options)
         images.append(torch.from_numpy(to_uint8(decoded)).permute(0, 3, 1, 2))
         if progress is not None:
             progress(len(chunk))
     return SampleSet(torch.cat(images), labels, ar_steps)
+
+
+def caption_held_out(context, num: int, batch_size: int, seed: int = 0) -> tuple[dict, dict]:
+    """Greedy captions ``{i: caption}`` of the first ``num`` validation images and their
+    reference captions ``{i: [caption, ...]}``; batch ``b`` decoded with seed ``seed + b``."""
+    pipe = _pipeline(context.method)
+    images = context.dataset_images("val")[0][:num]
+    references, _ = context.held_out_captions(len(images))
+    bar = context.progress(len(images), "captioning")
+    predictions = []
+    for b, start in enumerate(range(0, len(images), batch_size)):
+        chunk = images[start:start + batch_size].float() / 127.5 - 1
+        predictions += pipe.caption(chunk.to(context.device), seed=seed + b)
+        bar(len(chunk))
+    return dict(enumerate(predictions)), dict(enumerate(references))
 
 
 def save_sample_set(path: Path, samples: SampleSet) -> None:
@@ -300,7 +346,8 @@ def summary(report: dict) -> str:
         network, reference = report["feature_network"], report["reference"]
         accuracy = network.get("held_out_accuracy")
         held_out = "" if accuracy is None else f", held-out accuracy {accuracy:.2%}"
-        lines += [f"{gen['num']} class-balanced samples per S_eval ({settings}).",
+        condition = gen.get("condition", "class-balanced")
+        lines += [f"{gen['num']} samples ({condition}) per S_eval ({settings}).",
                   f"Feature network {network['name']}{held_out}; reference: the {reference['split']} "
                   f"split ({reference['num']} images).", ""]
         per_s = [r for r in report["results"] if r["ar_steps"] is not None]

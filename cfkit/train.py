@@ -219,8 +219,19 @@ class Trainer:
             self.ema.load_state_dict(ema)
             self.optimizer.load_state_dict(optimizer_state(optimizer, state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_hyperparameters()
         self.step = state["step"]
         log.info("resumed from %s at step %d", last, self.step)
+
+    def _apply_hyperparameters(self) -> None:
+        """The config resumed with wins over the optimizer settings saved in the checkpoint,
+        so ``--resume --set train.lr=...`` changes the learning rate from the next step."""
+        factor = warmup_factor(self.cfg.warmup_steps)(self.scheduler.last_epoch)
+        self.scheduler.lr_lambdas = [warmup_factor(self.cfg.warmup_steps)] * len(self.scheduler.lr_lambdas)
+        self.scheduler.base_lrs = [self.cfg.learning_rate] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=self.cfg.learning_rate, lr=self.cfg.learning_rate * factor,
+                         betas=self.cfg.betas, eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
 
     @property
     def sharded(self) -> bool:
@@ -359,7 +370,7 @@ class Trainer:
             writer = csv.writer(handle)
             if new:
                 writer.writerow(METRICS)
-            writer.writerow([self.step, f"{loss:.6f}", f"{self.scheduler.get_last_lr()[0]:.3e}",
+            writer.writerow([self.step, f"{loss:.6f}", f"{self.optimizer.param_groups[0]['lr']:.3e}",
                              f"{grad_norm:.4f}", f"{rate:.2f}"])
         if self.cfg.tensorboard:
             self._tensorboard(loss, grad_norm, rate)

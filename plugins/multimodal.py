@@ -37,7 +37,7 @@ from cfkit.transformer import TransformerConfig, patchify
 MIX = {"t2i_probability": 0.9, "caption_weight": 0.01, "caption_dropout": 0.1}
 
 
-def training_mix(options: dict, defaults: dict = MIX) -> dict:
+def training_mix(options: dict, defaults: dict, num_timesteps: int) -> dict:
     """The ``[method]`` options over ``defaults``: probabilities, weights, a noise limit."""
     unknown = sorted(set(options) - set(defaults))
     if unknown:
@@ -49,8 +49,9 @@ def training_mix(options: dict, defaults: dict = MIX) -> dict:
     if mix["caption_weight"] < 0:
         raise ValueError(f"caption_weight must be >= 0, got {mix['caption_weight']}")
     limit = mix.get("caption_max_t")
-    if limit is not None and not (isinstance(limit, int) and limit >= 1):
-        raise ValueError(f"caption_max_t must be an int >= 1 (a diffusion timestep), got {limit!r}")
+    if limit is not None and not (isinstance(limit, int) and 1 <= limit <= num_timesteps):
+        raise ValueError(f"caption_max_t must be an int in 1..{num_timesteps} (diffusion "
+                         f"timesteps), got {limit!r}")
     return mix
 
 
@@ -70,7 +71,8 @@ class MultimodalCausalFusion(CausalFusion):
     options = MIX
 
     def __init__(self, experiment):
-        self.mix = training_mix(experiment.method.options, self.options)
+        self.mix = training_mix(experiment.method.options, self.options,
+                                experiment.diffusion.num_timesteps)
         self.text_tokenizer = text_tokenizer(experiment)
         self.max_text_len = split_model_options(experiment.model)[1]["max_text_len"]
         super().__init__(experiment)
@@ -83,7 +85,7 @@ class MultimodalCausalFusion(CausalFusion):
     def check(cls, experiment) -> None:
         text = split_model_options(experiment.model)[1]
         check_network(cls.network_config(experiment), **text)
-        training_mix(experiment.method.options, cls.options)
+        training_mix(experiment.method.options, cls.options, experiment.diffusion.num_timesteps)
         text_tokenizer(experiment)
 
     def network(self) -> MultimodalTransformer:
@@ -179,6 +181,24 @@ class TransfusionTransformer(MultimodalTransformer):
         return self.embed(tokens, positions) + self.timestep_embedder(t)
 
 
+class Transfusion(MultimodalCausalFusion):
+    """The Transfusion loss: ``MultimodalCausalFusion``'s on the Transfusion sequence, with an
+    optional noise limit ``caption_max_t`` for the images of captioning rows (default none:
+    the captions see the image at any noise level)."""
+
+    network_class = TransfusionTransformer
+    options = {**MIX, "caption_max_t": None}
+
+    def caption_noise(self, plan: Plan, text_first: torch.Tensor) -> Plan:
+        """With ``caption_max_t``, the image of an image-then-text row is noised at
+        ``t * caption_max_t // T`` for the drawn t (uniform below the limit)."""
+        limit = self.mix["caption_max_t"]
+        if limit is None:
+            return plan
+        limited = plan.t * limit // self.diffusion.num_timesteps
+        return Plan(plan.order, plan.step, torch.where(text_first.cpu()[:, None, None], plan.t, limited))
+
+
 def transfusion(experiment):
     """Transfusion: one AR step in raster order (the image noised at one t), no AR weighting,
     the Transfusion sequence."""
@@ -191,20 +211,6 @@ def transfusion(experiment):
         "copies": 1,
     })
     return Transfusion(experiment.model_copy(update={"factorisation": factorisation}))
-
-
-class Transfusion(MultimodalCausalFusion):
-    network_class = TransfusionTransformer
-    options = {**MIX, "caption_max_t": None}
-
-    def caption_noise(self, plan: Plan, text_first: torch.Tensor) -> Plan:
-        """Transfusion's noise limiting: with ``caption_max_t``, the image of an image-then-
-        text row is noised at ``t * caption_max_t // T`` (uniform below the limit)."""
-        limit = self.mix["caption_max_t"]
-        if limit is None:
-            return plan
-        limited = plan.t * limit // self.diffusion.num_timesteps
-        return Plan(plan.order, plan.step, torch.where(text_first.cpu()[:, None, None], plan.t, limited))
 
 
 transfusion.check = Transfusion.check

@@ -324,7 +324,7 @@ def test_a_batch_without_captions_says_the_method_needs_them():
     ({"method": {"name": "causalfusion-multimodal", "ratio": 1}},
      "unknown method option.*allowed: t2i_probability, caption_weight, caption_dropout"),
     ({"method": {"name": "causalfusion-multimodal", "caption_max_t": 500}}, "unknown method option"),
-    ({"method": {"name": "transfusion", "caption_max_t": 0}}, "caption_max_t must be an int >= 1"),
+    ({"method": {"name": "transfusion", "caption_max_t": 0}}, "caption_max_t must be an int in 1..1000"),
     ({"method": {"name": "transfusion", "t2i_probability": 1.5}}, "t2i_probability must be in"),
     ({"data": {"dataset": {"name": "shapes"}}}, "needs data.text_tokenizer"),
     ({"model": {**TINY, "max_text_len": 1}}, "max_text_len must be an int >= 2"),

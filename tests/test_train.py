@@ -129,6 +129,20 @@ def test_resumed_10_plus_10_steps_equal_20_steps_bitwise(capsys, tmp_path, shard
     assert_same_checkpoint(run, reference, 20)
 
 
+def test_resume_with_a_new_learning_rate_trains_at_that_rate(capsys, tmp_path, shards, reference):
+    run = tmp_path / "run"
+    rc, err = cli_train(capsys, str(CONFIG), "--out", str(run), *sets(shards, "train.max_steps=10"))
+    assert rc == 0, err
+    rc, err = cli_train(capsys, "--resume", str(run), "--set", "train.max_steps=12",
+                        "--set", "train.lr=1e-5")
+    assert rc == 0, err
+    rows = read_rows(run)
+    assert [float(r["lr"]) for r in rows[10:]] == [1e-5, 1e-5]
+    assert float(rows[9]["lr"]) == 2e-3
+    assert losses(run)[:11] == losses(reference)[:11]  # step 11 ran before the new rate acts
+    assert losses(run)[11] != losses(reference)[11]
+
+
 def test_resume_without_a_checkpoint_is_an_error(capsys, tmp_path, shards):
     run = tmp_path / "run"
     experiment = configs.load(CONFIG, overrides(shards))

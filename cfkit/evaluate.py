@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from cfkit.metrics import (
     read_caption_results,
     read_images,
 )
-from cfkit.tokenizers import to_uint8
+from cfkit.tokenizers import from_uint8, to_uint8
 
 FORMAT = "cfkit-eval/1"
 
@@ -266,12 +267,17 @@ def _pipeline(method):
 
 
 def _records(metric: str, values: dict[str, float], ar_steps: int | None) -> list[dict]:
-    return [{"metric": metric, "name": name, "value": float(value), "ar_steps": ar_steps}
+    return [{"metric": metric, "name": name, "value": _jsonable(float(value)), "ar_steps": ar_steps}
             for name, value in values.items()]
 
 
 def _jsonable(value):
-    return value if isinstance(value, (str, int, float, bool, list, tuple, type(None))) else repr(value)
+    """``value`` as strict JSON has it: non-finite floats as strings ("inf"), objects as repr."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
 def sample(pipe, num: int, ar_steps: int, generation: dict, batch_size: int, progress=None,
@@ -308,7 +314,7 @@ def caption_held_out(context, num: int, batch_size: int, seed: int = 0) -> tuple
     bar = context.progress(len(images), "captioning")
     predictions = []
     for b, start in enumerate(range(0, len(images), batch_size)):
-        chunk = images[start:start + batch_size].float() / 127.5 - 1
+        chunk = from_uint8(images[start:start + batch_size].permute(0, 2, 3, 1).numpy())
         predictions += pipe.caption(chunk.to(context.device), seed=seed + b)
         bar(len(chunk))
     return dict(enumerate(predictions)), dict(enumerate(references))
@@ -342,7 +348,7 @@ def summary(report: dict) -> str:
     if dataset is not None:
         lines.append(f"Method {report['method']} on {_component(dataset)}.")
     if gen is not None:
-        settings = ", ".join(f"{k} {v}" for k, v in gen.items() if k not in ("num", "ar_steps"))
+        settings = ", ".join(f"{k} {v}" for k, v in gen.items() if k not in ("num", "ar_steps", "condition"))
         network, reference = report["feature_network"], report["reference"]
         accuracy = network.get("held_out_accuracy")
         held_out = "" if accuracy is None else f", held-out accuracy {accuracy:.2%}"
@@ -373,7 +379,7 @@ def _component(spec: dict) -> str:
 
 
 def _number(value) -> str:
-    return "-" if value is None else f"{value:.4g}"
+    return "-" if value is None else value if isinstance(value, str) else f"{value:.4g}"
 
 
 # -- cfkit fid / cfkit cider -----------------------------------------------------------------

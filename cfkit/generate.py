@@ -159,6 +159,9 @@ def equal_split(total: int, parts: int) -> torch.Tensor:
 
 def check_labels(model: CausalTransformer, labels) -> torch.Tensor:
     """Class labels as a LongTensor ``(N,)``, each in ``0..num_classes-1``."""
+    if hasattr(model, "check_text"):
+        raise GenerationError(f"{type(model).__name__} generates from captions, not classes: "
+                              "use text_to_image (cfkit sample --prompt)")
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     classes = model.config.num_classes
     if labels.numel() == 0:
@@ -293,7 +296,7 @@ def text_to_image(model, diffusion, text, *, ar_steps: int | None = None, step_s
                   prediction: str = "eps", generator: torch.Generator | None = None,
                   progress: Progress | None = None) -> Generated:
     """Text-to-image generation with a ``cfkit.multimodal.MultimodalTransformer``: framed
-    caption ids ``text`` ``(N, max_text_len)`` (``model.frame``) go into the KV cache before
+    caption ids ``text`` ``(N, max_text_len)`` (e.g. ``method.frame(captions)``) go into the KV cache before
     the image, and CFG's unconditional branch is the null caption. Options as ``generate``'s."""
     if not hasattr(model, "check_text"):
         raise GenerationError(f"{type(model).__name__} is not text-conditioned: give class labels")

@@ -23,7 +23,7 @@ from torch import nn
 from cfkit.masks import Layout, multimodal_layout
 from cfkit.methods import Batch
 from cfkit.tokenizers import frame
-from cfkit.transformer import CausalTransformer, KVCache, TransformerConfig
+from cfkit.transformer import CausalTransformer, KVCache, TransformerConfig, patchify
 
 # [model] options of a multimodal network beyond TransformerConfig's, with their defaults.
 TEXT_OPTIONS = {"max_text_len": 35}
@@ -132,6 +132,18 @@ class MultimodalTransformer(CausalTransformer):
 
     def push_clean(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         self.run(self.image_context(tokens, positions), cache=cache, update_cache=True)
+
+    def hidden_states(self, latents: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+        """As ``CausalTransformer.hidden_states``, after the null caption (there are no
+        classes: ``labels`` must be None)."""
+        if labels is not None:
+            raise ValueError("a multimodal network has no classes: its features are unconditional")
+        tokens = patchify(latents, self.config.patch_size)
+        n, length, _ = tokens.shape
+        cache = self.new_cache()
+        self.push_condition(cache, torch.full((n, self.max_text_len), self.pad_id, device=tokens.device))
+        positions = torch.arange(length, device=tokens.device).expand(n, -1)
+        return self.step_hidden_states(cache, tokens, positions, t)
 
     def push_image(self, cache: KVCache, tokens: torch.Tensor) -> None:
         """Put the condition tokens and a whole image's tokens ``(N, L, d)`` (raster, one AR

@@ -66,12 +66,13 @@ def evaluated(checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     assert cli("eval", checkpoints["causalfusion"], "--metrics", ALL_METRICS, "--num", 20,
                "--ar-steps", 1, 4, "--steps", 3, "--out", out, "--save-samples", "--no-progress") == 0
-    return out, json.loads((out / "eval.json").read_text())
+    return out, json.loads((out / "eval.json").read_text(), parse_constant=pytest.fail)  # strict JSON
 
 
 def test_eval_reports_every_metric_for_every_s_eval_naming_the_feature_network(evaluated):
     _, report = evaluated
     assert report["generation"]["ar_steps"] == [1, 4] and report["generation"]["num"] == 20
+    assert report["generation"]["cfg_interval"] == [0.0, "inf"] and report["generation"]["steps"] == 3
     assert report["feature_network"]["name"] == "digits-cnn"
     assert report["feature_network"]["held_out_accuracy"] > 0.95
     assert report["reference"] == {"split": "train", "num": 1437}

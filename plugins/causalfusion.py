@@ -75,7 +75,7 @@ class CausalFusion:
         order; ``model`` the module to run (default ``self.model``)."""
         x_start, x_t, t, target = self.noised(latents, plan, noise)
         network_t = self.diffusion.timestep_map.to(t.device)[t]
-        out = (model or self.model)(x_start, x_t, network_t, labels, plan)
+        out = (self.model if model is None else model)(x_start, x_t, network_t, labels, plan)
         return self.weighted_loss(out, target, t, plan)
 
     def noised(self, latents, plan, noise):

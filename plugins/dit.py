@@ -259,7 +259,7 @@ class DiTMethod:
         t_device = t.to(device)
         x_t = self.diffusion.q_sample(x_start, t_device, noise)
         network_t = self.diffusion.timestep_map.to(device)[t_device]
-        out = (model or self.model)(x_t, network_t, labels)
+        out = (self.model if model is None else model)(x_t, network_t, labels)
         target = self.diffusion.target(self.prediction, x_start, t_device, noise)
         per_token = (target - out.float()).pow(2).mean(-1).unsqueeze(1)  # (N, 1, L)
         t_tokens = t[:, None, None]  # one t for every token of an image

@@ -127,7 +127,8 @@ class MultimodalCausalFusion(CausalFusion):
         so that averaging over processes gives the global mean."""
         x_start, x_t, t, target = self.noised(latents, plan, noise)
         network_t = self.diffusion.timestep_map.to(t.device)[t]
-        image, logits = (model or self.model)(x_start, x_t, network_t, text, plan, text_first)
+        network = self.model if model is None else model
+        image, logits = network(x_start, x_t, network_t, text, plan, text_first)
         out = self.weighted_loss(image, target, t, plan)
         captioned = ~text_first
         if rows_per_caption is None:

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,3 +83,21 @@ def cfkit_cli():
 def cfkit_cli_together():
     """``cfkit_cli_together({name: (args, options)})``: several CLI runs in parallel."""
     return run_cfkit_together
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run far faster on one intra-op thread on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A CFKIT_CACHE shared by the metric and eval tests: the classifiers train once a session."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.getbasetemp() / "metrics-cache"
+        patch.setenv("CFKIT_CACHE", str(folder))
+        yield folder

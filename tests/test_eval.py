@@ -20,22 +20,7 @@ TINY = {"input_size": 8, "latent_channels": 1, "hidden_size": 32, "depth": 2, "n
 ALL_METRICS = "fid,class-accuracy,is,precision-recall,probe,clip-score,cider"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one intra-op thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The CFKIT_CACHE of test_metrics too: digits-cnn trains once per session."""
-    with pytest.MonkeyPatch.context() as patch:
-        folder = tmp_path_factory.getbasetemp() / "metrics-cache"
-        patch.setenv("CFKIT_CACHE", str(folder))
-        yield folder
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

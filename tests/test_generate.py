@@ -14,13 +14,7 @@ from cfkit.transformer import CausalTransformer, TransformerConfig, patchify
 DIFFUSION = GaussianDiffusion.named("linear", 1000)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one intra-op thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, **options) -> CausalTransformer:

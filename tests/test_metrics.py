@@ -27,22 +27,7 @@ from cfkit.transformer import CausalTransformer, TransformerConfig, patchify
 JAVA = shutil.which("java") is not None
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small networks run far faster on one intra-op thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A CFKIT_CACHE shared by this session's metric tests (the classifiers train once)."""
-    with pytest.MonkeyPatch.context() as patch:
-        folder = tmp_path_factory.getbasetemp() / "metrics-cache"
-        patch.setenv("CFKIT_CACHE", str(folder))
-        yield folder
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

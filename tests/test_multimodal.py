@@ -37,13 +37,7 @@ METHODS = ["causalfusion-multimodal", "transfusion"]
 BYTES = {"dataset": {"name": "shapes"}, "text_tokenizer": {"name": "bytes"}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one intra-op thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the mask --------------------------------------------------------------------------------

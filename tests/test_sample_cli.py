@@ -20,13 +20,7 @@ OPTIONS = ["--ar-steps", "2", "--steps", "4", "--cfg", "2", "--seed", "3", "--no
 API_OPTIONS = dict(ar_steps=2, steps=4, cfg=2.0, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one intra-op thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -126,6 +126,29 @@ class RecomputedContext:
         return guide(*out.chunk(2), t, g.scale, g.interval) if g.active else out
 
 
+class WholeImageContext:
+    """No context at all, for a network that denoises every token at once (e.g. DiT's adaLN
+    conditioning, without a causal mask): one AR step, each prediction a forward of the
+    whole image in raster order."""
+
+    def __init__(self, model, labels: torch.Tensor, order: torch.Tensor, guidance: Guidance):
+        self.model, self.order, self.guidance = model, order, guidance
+        self.labels = guidance.labels(labels, model.null_label)
+
+    def predict(self, x_t: torch.Tensor, span: slice, t: torch.Tensor) -> torch.Tensor:
+        g = self.guidance
+        index = self.order[:, :, None].expand_as(x_t)
+        raster = torch.empty_like(x_t).scatter(1, index, x_t)
+        out = self.model(g.rows(raster), g.rows(t), self.labels)
+        out = guide(*out.chunk(2), t, g.scale, g.interval) if g.active else out
+        return torch.gather(out, 1, index)
+
+
+def denoises_whole_image(model) -> bool:
+    """Whether ``model`` has no KV cache (no causal mask) and so generates in one AR step."""
+    return not hasattr(model, "push_condition")
+
+
 def reverse_process(predict: Callable, diffusion, sampler, x: torch.Tensor, prediction: str,
                     generator: torch.Generator | None = None,
                     on_step: Callable[[], None] | None = None) -> torch.Tensor:
@@ -369,7 +392,14 @@ def _generate(model, diffusion, labels, order, given, sizes, guidance, steps, sp
     sampler = component("samplers", sampler)
     diffusions = step_diffusions(diffusion, steps, len(sizes), split_steps)
     num_given = given.shape[1]
-    if cached:
+    if denoises_whole_image(model):
+        if len(sizes) > 1 or num_given:
+            raise GenerationError(
+                f"{type(model).__name__} denoises every token at once (no causal mask): it "
+                f"generates in 1 AR step from nothing given, got {len(sizes)} AR steps and "
+                f"{num_given} given tokens (editing needs a causal model)")
+        context = WholeImageContext(model, labels, order, guidance)
+    elif cached:
         context = CachedContext(model, labels, order, guidance)
     else:
         all_sizes = torch.cat([torch.tensor([num_given]), sizes]) if num_given else sizes

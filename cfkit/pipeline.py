@@ -23,16 +23,15 @@ from cfkit.generate import edit as edit_tokens
 from cfkit.generate import generate as generate_tokens
 from cfkit.generate import text_to_image as text_to_image_tokens
 from cfkit.tokenizers import from_uint8, to_uint8
-from cfkit.transformer import CausalTransformer
 
 
 class Pipeline:
     """Generation with one checkpoint's method (see ``cfkit.generate`` for the options)."""
 
     def __init__(self, method):
-        if not isinstance(method.model, CausalTransformer):
-            raise GenerationError(f"method {type(method).__name__} cannot be sampled in AR steps: "
-                                  "generation needs a CausalTransformer network")
+        if not hasattr(method, "diffusion") or not hasattr(getattr(method.model, "config", None), "grid"):
+            raise GenerationError(f"method {type(method).__name__} cannot be sampled: generation "
+                                  "needs a diffusion network over a token grid")
         self.method = method
         self.model = method.model
         self.diffusion = method.diffusion

@@ -201,6 +201,12 @@ class DiT(nn.Module):
             return unpatchify(out, self.config.patch_size, self.config.latent_channels)
         return out
 
+    @property
+    def null_label(self) -> int | None:
+        """The null class of CFG's unconditional branch (None when trained without dropout)."""
+        embedder = self.label_embedder
+        return embedder.num_classes if embedder.table.num_embeddings > embedder.num_classes else None
+
     def condition(self, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The adaLN condition ``(N, D)`` of timesteps ``t`` ``(N,)`` and ``labels`` (None:
         the timestep only)."""

@@ -1,4 +1,4 @@
-"""The DiT baseline plugin: presets, adaLN-Zero initialisation, loss, config checks."""
+"""The DiT baseline plugin: presets, adaLN-Zero initialisation, loss, config checks, sampling."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import torch
 from cfkit_plugins.dit import DiT, LabelEmbedder, network_config
 
 from cfkit import config as configs
+from cfkit import plugins
 from cfkit.cli import main
+from cfkit.generate import GenerationError, reverse_process
 from cfkit.methods import Batch
-from cfkit.transformer import patchify
+from cfkit.pipeline import Pipeline
+from cfkit.samplers import noise_like, respaced
+from cfkit.transformer import guide, patchify, unpatchify
 
 TINY = {"preset": "DiT-tiny", "input_size": 8, "patch_size": 2, "num_classes": 10}
 
@@ -147,3 +151,31 @@ def test_cli_validates_a_dit_config(tmp_path, capsys):
     assert "valid" in capsys.readouterr().out
     assert main(["config", "validate", str(path), "--set", "model.depths=3"]) == 2
     assert "depths" in capsys.readouterr().err
+
+
+
+def test_generation_is_the_guided_reverse_process_of_the_whole_image():
+    method = experiment().build_method()
+    randomise(method.model)
+    pipe = Pipeline(method)
+    labels = torch.tensor([3, 7])
+    got = pipe.generate_latents(labels, order="raster", steps=4, cfg=3.0, seed=5).latents
+
+    generator = torch.Generator().manual_seed(5)
+    both = torch.cat([labels, torch.full_like(labels, method.model.null_label)])
+
+    def predict(x, t):  # CFG of the conditional and null-class forwards of the whole image
+        return guide(*method.model(x.repeat(2, 1, 1), t.repeat(2), both).chunk(2), t, 3.0, (0, 1000))
+
+    x = noise_like(torch.empty(2, 16, 16), generator)
+    want = reverse_process(predict, respaced(method.diffusion, 4), plugins.build("samplers", "ddpm"),
+                           x, "eps", generator)
+    torch.testing.assert_close(got, unpatchify(want, 2, 4), rtol=0, atol=1e-6)
+
+
+def test_generation_in_several_ar_steps_or_editing_is_refused():
+    pipe = Pipeline(experiment().build_method())
+    with pytest.raises(GenerationError, match="1 AR step from nothing given, got 2 AR steps"):
+        pipe.generate_latents([1], ar_steps=2, steps=4)
+    with pytest.raises(GenerationError, match="editing needs a causal model"):
+        pipe.edit_latents(torch.zeros(1, 4, 8, 8), "centre", 1, steps=4)

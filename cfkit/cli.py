@@ -454,6 +454,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=cmd_eval)
 
+    p = sub.add_parser("bench", help="train and evaluate a grid of runs; report.md, results.json, plots")
+    p.add_argument("config", nargs="?", help="a bench config, e.g. benchmarks/digits-mini.toml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an experiment override for every run, e.g. train.max_steps=100")
+    p.add_argument("--out", help="the bench folder (runs are cached there by config hash)")
+    p.add_argument("--perf", action="store_true",
+                   help="instead: run every benchmark in benchmarks/perf and write one table")
+    p.add_argument("--size", default="small", choices=["tiny", "small", "issue"],
+                   help="--perf model sizes (default small)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=cmd_bench)
+
     p = sub.add_parser("fid", help="FID between two folders of images or .npz files")
     p.add_argument("path_a", help="a folder of images, an .npz of arr_0 images or of mu/sigma")
     p.add_argument("path_b", help="the same; with --save-stats, the .npz to write")
@@ -477,6 +489,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_cider)
     return root
+
+
+def cmd_bench(args) -> int:
+    if args.perf:
+        import runpy
+
+        script = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "run_all.py"
+        if not script.exists():
+            raise FileNotFoundError(f"{script}: the perf report comes with a source checkout of cfkit")
+        perf = runpy.run_path(str(script))
+        return perf["main"](["--size", args.size] + (["--out", args.out] if args.out else []))
+    if not (args.config and args.out):
+        raise configs.ConfigError("cfkit bench needs CONFIG and --out DIR (or --perf)")
+    from cfkit import bench
+
+    report = bench.run_bench(args.config, args.out, args.set, progress=not args.no_progress)
+    print(bench.markdown_table(report["tables"][0]))
+    for trend in report["tables"][0].get("trends", []):
+        print(f"- {trend['line']}")
+    print(f"wrote {Path(args.out) / 'report.md'} and results.json ({report['seconds']:.0f} s)")
+    return 0
 
 
 def main(argv=None) -> int:

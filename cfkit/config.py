@@ -38,7 +38,8 @@ class Component(BaseModel):
 
 def _component(kind: str, axis: str | None = None, build: bool = True):
     """A before-validator checking a component's name (and its ``axis``) against the
-    registry of ``kind`` and its options by building it."""
+    registry of ``kind`` and its options by building it (by their names only for a factory
+    marked ``reads_files``, e.g. a VAE loading its weights)."""
 
     def check(value):
         if isinstance(value, str):
@@ -52,8 +53,12 @@ def _component(kind: str, axis: str | None = None, build: bool = True):
         if value.name not in known:
             what = f"{axis}-axis weighting" if axis else f"{kind} name"
             raise ValueError(f"{value.name!r} is not a known {what}; allowed: {', '.join(known)}")
+        factory = registry.component(kind, value.name).factory
         try:
-            if build:
+            if build and getattr(factory, "reads_files", False):
+                # weights need not exist where a config is written: only its options are checked
+                plugins.check_options(f"{kind} {value.name!r}", factory, value.options)
+            elif build:
                 value.build()
         except (TypeError, ValueError) as error:
             raise ValueError(f"{value.name!r} with options {value.options}: {error}") from None

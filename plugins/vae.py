@@ -353,6 +353,10 @@ def sd_vae(path: str, scale: float | None = None) -> ScaledVAE:
                      config.scaling_factor if scale is None else scale, config.shift_factor or 0.0)
 
 
+# A config naming weights is checked by its options only: the weights may live elsewhere.
+mar_vae.reads_files = sd_vae.reads_files = True
+
+
 @hookimpl
 def register_image_tokenizers(register):
     register("mar-vae", mar_vae)

@@ -174,9 +174,13 @@ def test_the_probe_works_for_every_image_method(checkpoints):
     assert all(0.3 < v <= 1 for v in values.values())  # 10 classes: chance is 0.1
 
 
-def test_sample_metrics_on_a_method_that_does_not_sample_are_an_error(checkpoints, capsys):
-    assert cli("eval", checkpoints["dit"], "--metrics", "fid", "--num", 4, "--no-progress") == 2
-    assert "cannot be sampled" in capsys.readouterr().err
+def test_dit_is_evaluated_in_one_ar_step_and_several_are_an_error(checkpoints, capsys, tmp_path):
+    assert cli("eval", checkpoints["dit"], "--metrics", "fid", "--num", 4, "--steps", 2,
+               "--out", tmp_path, "--no-progress") == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["results"][0]["ar_steps"] == 1
+    assert cli("eval", checkpoints["dit"], "--metrics", "fid", "--num", 4, "--ar-steps", 4,
+               "--no-progress") == 2
+    assert "generates in 1 AR step" in capsys.readouterr().err
 
 
 def test_eval_bad_options_exit_2_naming_what_is_allowed(checkpoints, capsys, monkeypatch):

@@ -1,0 +1,180 @@
+"""``cfkit bench``: grids of runs cached by config hash, the tables with 95% CIs and the paper's
+numbers and trends, the report; and every config in benchmarks/ validating."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from cfkit import bench, paper
+from cfkit import config as configs
+from cfkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "benchmarks" / "configs" / "digits-tiny.toml"
+
+
+def write_bench(folder: Path, body: str, head: str = "") -> Path:
+    path = folder / "bench.toml"
+    path.write_text(f'name = "test"\nbase = "{BASE}"\n{head}\n{body}')
+    return path
+
+
+ORDERINGS = """
+[[grids]]
+table = "3b"
+[grids.axes.ordering]
+random = []
+raster = ["factorisation.ordering.name=raster"]
+
+[[grids]]
+table = "3c"
+[grids.axes.w_max]
+"2" = []
+"1" = { set = ["factorisation.ar_weighting.w_max=1.0"] }
+"""
+
+
+def test_grids_share_the_run_of_their_common_setting_once(tmp_path):
+    _, runs = bench.load(write_bench(tmp_path, ORDERINGS, "seeds = [0, 1]"))
+    # random ordering == w_max 2 == the base config: 3 distinct settings x 2 seeds
+    assert len(runs) == 6
+    assert len({run.key for run in runs}) == 6
+    assert {run.seed for run in runs} == {0, 1}
+    labels = {run.label for run in runs}
+    assert labels == {"ordering=random", "ordering=raster", "w_max=1"}
+    shared = [run for run in runs if run.label == "ordering=random"]
+    assert all(run.rows == [(0, ("random",)), (1, ("2",))] for run in shared)
+
+
+def test_a_bad_variant_names_the_run_and_the_field(tmp_path):
+    body = '[[grids]]\n[grids.axes.ordering]\nsnail = ["factorisation.ordering.name=snail"]'
+    words = "run ordering=snail seed 0: .*ordering.*snail.*allowed: .*random"
+    with pytest.raises(configs.ConfigError, match=words):
+        bench.load(write_bench(tmp_path, body))
+
+
+@pytest.mark.parametrize("body, words", [
+    ('[[grids]]\ntable = "9z"\n[grids.axes.a]\nx = []', "'9z' is not a paper table; allowed: 2, 3a"),
+    ('[[grids]]\ntable = "3b"\n[grids.axes.a]\nx = []\n[grids.axes.b]\ny = []', "one axis, got axes a, b"),
+    ('[[grids]]\n[grids.axes.a]\nx = []\n[evaluation]\nnum = 1', "evaluation.num"),
+    ("", "grids"),
+])
+def test_bad_bench_configs_say_what_is_wrong(tmp_path, body, words):
+    with pytest.raises(configs.ConfigError, match=words):
+        bench.load(write_bench(tmp_path, body))
+
+
+def test_every_bench_and_experiment_config_in_benchmarks_validates():
+    benches = sorted((ROOT / "benchmarks").glob("*.toml"))
+    names = {p.name for p in benches}
+    assert names >= {"digits-mini.toml", "digits-ablations.toml", "shapes-multimodal.toml"}
+    for path in benches:
+        _, runs = bench.load(path)
+        assert runs, path
+    experiments = sorted((ROOT / "benchmarks").glob("*/*.toml"))
+    assert len([p for p in experiments if p.parent.name == "imagenet"]) >= 4
+    for path in experiments:
+        configs.load(path)  # weights and shards named there need not exist here
+
+
+def test_the_ablation_grid_covers_the_papers_ablation_tables():
+    loaded, _ = bench.load(ROOT / "benchmarks" / "digits-ablations.toml")
+    assert {g.table for g in loaded.grids} >= {"2", "3a", "3b", "3c", "7", "8", "6b"}
+    assert len(loaded.seeds) == 3
+
+
+@pytest.mark.parametrize("values", [[1.0, 2.0, 3.0], [0.5, 0.7], [4.0, 4.0, 4.0, 4.0]])
+def test_the_confidence_interval_is_students_t(values):
+    mean, half = bench.mean_ci(values)
+    spread = stats.sem(values)
+    low = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=spread)[0] if spread else mean
+    assert mean == pytest.approx(sum(values) / len(values))
+    assert half == pytest.approx(mean - low)
+    assert bench.mean_ci([2.5]) == (2.5, None)
+
+
+def _results(values: dict[str, float], metric: str = "fid") -> tuple[bench.Grid, list, list[dict]]:
+    grid = bench.Grid(table="3b", axes={"ordering": {name: bench.Variant() for name in values}})
+    runs, results = [], []
+    for i, (name, value) in enumerate(values.items()):
+        key = f"k{i}"
+        runs.append(bench.Run((("ordering", name),), 0, None, key, [(0, (name,))]))
+        results.append({"key": key, "records": [
+            {"metric": metric, "name": "FID-10 (x)", "value": value, "ar_steps": 1, "cfg": 1.0}]})
+    return grid, runs, results
+
+
+@pytest.mark.parametrize("ours, holds, agree", [
+    ({"random": 10.0, "raster": 12.0, "dilated": 15.0}, True, 3),
+    ({"random": 13.0, "raster": 12.0, "dilated": 15.0}, False, 2),
+])
+def test_the_trend_holds_when_the_papers_best_variant_is_best_here(ours, holds, agree):
+    grid, runs, results = _results(ours)
+    loaded = bench.Bench(name="t", base="x", grids=[grid])
+    entry = bench.table(0, loaded, runs, results)
+    trend, = entry["trends"]
+    assert (trend["holds"], trend["pairs_agreeing"], trend["pairs"]) == (holds, agree, 3)
+    assert trend["best_paper"] == "random"
+    assert entry["paper"]["rows"] == [[paper.TABLES["3b"].rows[k][0]] for k in ours]
+    text = bench.markdown_table(entry)
+    assert "| random | 1 | " in text and "12.89" in text
+
+
+def test_bench_trains_evaluates_reports_and_resumes(tmp_path, cache, one_thread, capsys):
+    """Two methods, two seeds: DiT cannot sample in 4 AR steps (n/a), a rerun trains nothing
+    and a run cut short resumes from its last checkpoint."""
+    body = """
+set = ["train.max_steps=4", "train.ckpt_every=2", "train.batch_size=8", "model.hidden_size=32",
+       "model.depth=2"]
+seeds = [0, 1]
+[evaluation]
+metrics = ["fid", "probe"]
+num = 6
+ar_steps = [1, 4]
+steps = 2
+batch_size = 6
+grid_images = 4
+figure4_steps = 4
+[[grids]]
+table = "6b"
+[grids.axes.method]
+causalfusion = []
+dit = ["method.name=dit", "model.preset=DiT-tiny"]
+"""
+    path, out = write_bench(tmp_path, body), tmp_path / "out"
+    assert main(["bench", str(path), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "| method | seeds |" in printed.out and "paper fid S=1" in printed.out
+    results = json.loads((out / "results.json").read_text())
+    table, = results["tables"]
+    rows = {row["variants"][0]: row for row in table["rows"]}
+    headers = [bench._header(c) for c in table["columns"]]
+    fid4 = headers.index("FID-6 (digits-cnn) S=4 cfg=1")
+    assert rows["dit"]["cells"][fid4]["mean"] is None and "1 AR step" in rows["dit"]["cells"][fid4]["skipped"]
+    for row in rows.values():
+        assert row["seeds"] == [0, 1]
+        fid1 = row["cells"][headers.index("FID-6 (digits-cnn) S=1 cfg=1")]
+        assert fid1["n"] == 2 and fid1["mean"] > 0 and fid1["ci95"] is not None
+    assert [t["column"] for t in table["trends"]] == ["fid S=1", "probe"]
+    cf = next(r for r in results["runs"] if r["label"] == "method=causalfusion")
+    assert len(cf["figure4"]["validation_loss"]) == 4 and sum(cf["figure4"]["step_sizes"]) % 64 == 0
+    assert next(r for r in results["runs"] if r["label"] == "method=dit")["figure4"] is None
+    report = (out / "report.md").read_text()
+    for name in ("loss_curves.png", "figure4.png", "fid_vs_s_eval-0.png", "samples-method_dit-S1.png",
+                 "samples-method_causalfusion-S4.png", "editing-method_causalfusion.png"):
+        assert (out / name).stat().st_size > 0 and f"]({name})" in report
+    assert "editing-method_dit.png" not in report
+
+    assert main(["bench", str(path), "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().err.count("trained already") == 4
+
+    run_dir = out / cf["folder"]
+    (run_dir / "checkpoints" / "step-0000004").rename(run_dir / "step-4-gone")
+    assert main(["bench", str(path), "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("trained already") == 3 and "training 4 steps from step-0000002" in err
+    assert (run_dir / "checkpoints" / "step-0000004").exists()

@@ -1,0 +1,78 @@
+"""Smoke tests of benchmarks/perf/run_all.py: the tiny report has every benchmark, and a failed
+sub-benchmark becomes a row with its stderr."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ALL = ROOT / "benchmarks" / "perf" / "run_all.py"
+KINDS = {"mask build", "train step", "K copies", "sampling", "loader", "matmul peak", "MFU"}
+TRAINED = {f"{method} {dtype}" for method in ("causalfusion", "incontext-dit", "dit")
+           for dtype in ("fp32", "bf16")}
+
+
+def load_run_all():
+    spec = importlib.util.spec_from_file_location("perf_run_all", RUN_ALL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def settings(rows: list[dict], benchmark: str) -> set[str]:
+    """The settings of one benchmark's rows, up to the first comma (``causalfusion fp32``)."""
+    return {r["setting"].split(",")[0] for r in rows if r["benchmark"] == benchmark}
+
+
+def test_tiny_report_has_a_positive_figure_for_every_benchmark_and_writes_both_files(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(RUN_ALL), "--size", "tiny", "--out", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    perf = json.loads(done.stdout)
+    assert json.loads((tmp_path / "perf.json").read_text()) == perf
+    rows = perf["rows"]
+    assert {r["benchmark"] for r in rows} == KINDS
+    for r in rows:
+        assert r["error"] is None, r
+        value = r["value"]
+        assert isinstance(value, int | float) and not isinstance(value, bool), r
+        assert math.isfinite(value) and value > 0, r
+        assert r["ratio"] is None or (math.isfinite(r["ratio"]) and r["ratio"] > 0), r
+    assert settings(rows, "train step") == TRAINED
+    assert settings(rows, "MFU") == TRAINED
+    assert settings(rows, "K copies") == {"causalfusion K=1 fp32", "causalfusion K=2 fp32"}
+    assert settings(rows, "sampling") == {"S=1 fp32", "S=4 fp32", "S=16 fp32"}
+    assert settings(rows, "matmul peak") == {"fp32 256^3", "bf16 256^3"}
+    # the ratios the sub-benchmarks report against their baselines reach the table
+    ratios = {(r["benchmark"], r["setting"].split(",")[0], r["figure"]): r["ratio"] for r in rows}
+    for dtype in ("fp32", "bf16"):
+        assert ratios["train step", f"causalfusion {dtype}", "step (fwd+bwd+AdamW), median"] > 0
+    for steps in (1, 4, 16):
+        assert ratios["sampling", f"S={steps} fp32", "diffusion step, KV-cached, median"] > 0
+    assert all(r["met"] is not None for r in rows if r["benchmark"] in {"mask build", "loader"})
+    assert all("--device" in job["argv"] for job in perf["jobs"]
+               if job["command"].split()[1].endswith(("train_step.py", "sample.py")))
+    assert perf["size"] == "tiny" and perf["machine"]["cpu_count"] >= 1
+    assert len(perf["load_average_start"]) == 3 and "torch" in perf["machine"]
+    table = (tmp_path / "perf.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1  # the header and one line per row
+    assert "bf16/fp32 matmul throughput ratio" in table
+    assert all(job["command"] in table for job in perf["jobs"])
+
+
+def test_a_failed_sub_benchmark_becomes_a_row_with_its_stderr():
+    run_all = load_run_all()  # importable by path: nothing runs until main()
+    job = run_all.Job("mask build", "dense mask", "masks.py", ("--tokens", "many"),
+                      (run_all.mask_rows,))
+    outcome = run_all.run_job(job, dict(os.environ), timeout_s=60)
+    [failed] = run_all.job_rows(job, outcome, {})
+    assert failed["benchmark"] == "mask build" and failed["value"] is None
+    assert "exit status 2" in failed["error"] and "invalid int value" in failed["error"]

@@ -265,7 +265,8 @@ def figure4_data(folder: Path, spec: Evaluation) -> dict | None:
     config, steps = method.config, spec.figure4_steps
     generator = torch.Generator().manual_seed(spec.seed)
     drawn = draw_steps(method.planner.schedule, config.num_tokens, 2000, generator, True)
-    sizes = torch.cat([torch.bincount(row) for row in drawn]).tolist()
+    sizes = torch.cat([torch.bincount(row) for row in drawn])  # |κ_s| of every drawn AR step
+    counts = torch.bincount(sizes, minlength=config.num_tokens + 1)
     context = evaluate.EvalContext(method, show_progress=False)
     images, labels = context.dataset_images("val")
     images, labels = images[:500], labels[:500]
@@ -281,7 +282,8 @@ def figure4_data(folder: Path, spec: Evaluation) -> dict | None:
     method.model.eval()
     per_token = method.plan_loss(latents, labels, plan, noise).per_token[:, 0]  # (N, L)
     per_step = [float(per_token[:, step[0] == s].mean()) for s in range(len(split))]
-    data = {"step_sizes": sizes, "ar_steps": steps, "validation_loss": per_step, "num_images": n}
+    data = {"step_size_counts": {str(k): int(c) for k, c in enumerate(counts.tolist()) if c},
+            "ar_steps": steps, "validation_loss": per_step, "num_images": n}
     _write_json(cache, data)
     return data
 
@@ -496,12 +498,12 @@ def plots(report: dict, out: Path) -> dict[str, list[str]]:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         for run in with_fig4:
             data = run["figure4"]
-            sizes = np.array(data["step_sizes"])
-            left.hist(sizes, bins=np.arange(1, sizes.max() + 2) - 0.5, histtype="step", density=True,
-                      label=run["label"])
+            sizes = [int(k) for k in data["step_size_counts"]]
+            counts = np.array(list(data["step_size_counts"].values()), dtype=float)
+            left.step(sizes, counts / counts.sum(), where="mid", label=run["label"])
             right.plot(range(1, data["ar_steps"] + 1), data["validation_loss"], marker="o",
                        label=f"{run['label']} s{run['seed']}")
-        left.set(xlabel="|κ_s| (tokens per AR step)", ylabel="frequency", xscale="log",
+        left.set(xlabel="|κ_s| (tokens per AR step)", ylabel="share of AR steps", xscale="log",
                  title="AR step sizes the training schedule draws")
         right.set(xlabel="AR step s", ylabel="validation ε-MSE",
                   title=f"validation loss per AR step (S={with_fig4[0]['figure4']['ar_steps']})")
@@ -543,22 +545,24 @@ def _slug(text: str) -> str:
 
 
 def _enlarged(images: np.ndarray, side: int = 64) -> np.ndarray:
+    """uint8 ``(N, H, W, C)`` scaled up (nearest) to about ``side`` pixels, with a grey frame
+    so that neighbours in a grid stay apart."""
     scale = max(1, side // images.shape[1])
-    return images.repeat(scale, axis=1).repeat(scale, axis=2)
+    big = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    return np.pad(big, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=96)
 
 
 def sample_grids(report: dict, out: Path) -> list[str]:
-    """A grid PNG per method (first seed) and S_eval at the first CFG scale, and the editing
-    examples of the causal ones."""
+    """A grid PNG per method (first seed), S_eval and CFG scale, and the editing examples of
+    the causal ones."""
     spec = report["bench"]["evaluation"]
     names = []
     for run in _first_seed_runs(report):
         folder = out / run["folder"]
-        found = sorted((folder / "bench-eval").glob(f"*/cfg{spec['cfg'][0]:g}/samples-S*.npz"))
-        for path in found:
+        for path in sorted((folder / "bench-eval").glob("*/cfg*/samples-S*.npz")):
             with np.load(path) as arrays:
                 images = arrays["arr_0"][: spec["grid_images"]]
-            name = f"samples-{_slug(run['label'])}-{path.stem.split('-')[-1]}.png"
+            name = f"samples-{_slug(run['label'])}-{path.stem.split('-')[-1]}-{path.parent.name}.png"
             save_png(out / name, image_grid(_enlarged(images)))
             names.append(name)
         name = f"editing-{_slug(run['label'])}.png"

@@ -161,11 +161,13 @@ dit = ["method.name=dit", "model.preset=DiT-tiny"]
         assert fid1["n"] == 2 and fid1["mean"] > 0 and fid1["ci95"] is not None
     assert [t["column"] for t in table["trends"]] == ["fid S=1", "probe"]
     cf = next(r for r in results["runs"] if r["label"] == "method=causalfusion")
-    assert len(cf["figure4"]["validation_loss"]) == 4 and sum(cf["figure4"]["step_sizes"]) % 64 == 0
+    sizes = cf["figure4"]["step_size_counts"]
+    assert len(cf["figure4"]["validation_loss"]) == 4
+    assert sum(int(k) * c for k, c in sizes.items()) == 2000 * 64  # every draw covers the 64 tokens
     assert next(r for r in results["runs"] if r["label"] == "method=dit")["figure4"] is None
     report = (out / "report.md").read_text()
-    for name in ("loss_curves.png", "figure4.png", "fid_vs_s_eval-0.png", "samples-method_dit-S1.png",
-                 "samples-method_causalfusion-S4.png", "editing-method_causalfusion.png"):
+    for name in ("loss_curves.png", "figure4.png", "fid_vs_s_eval-0.png", "samples-method_dit-S1-cfg1.png",
+                 "samples-method_causalfusion-S4-cfg1.png", "editing-method_causalfusion.png"):
         assert (out / name).stat().st_size > 0 and f"]({name})" in report
     assert "editing-method_dit.png" not in report
 

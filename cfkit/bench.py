@@ -9,6 +9,7 @@ so runs shared by several grids (the default setting of every ablation) train on
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import itertools
 import json
@@ -161,55 +162,76 @@ def run_bench(path, out, overrides: list[str] = (), progress: bool = True) -> di
     started = time.perf_counter()
     bench, runs = load(path, overrides)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Under torchrun every process trains each run (DDP or FSDP as configured); rank 0 alone
+    # evaluates and reports while the others wait, for as long as evaluation takes.
+    group = training.Distributed(timeout=datetime.timedelta(days=1))
+    main = group.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     spec = bench.evaluation.model_dump(mode="json")
     eval_key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     results = []
-    for index, run in enumerate(runs, 1):
-        say(f"[{index}/{len(runs)}] {run.label}, seed {run.seed} ({run.key})")
-        folder = run.folder(out)
-        seconds = train_run(run, folder, progress)
-        results.append({
-            "key": run.key, "label": run.label, "variants": dict(run.variants), "seed": run.seed,
-            "folder": str(folder.relative_to(out)), "train_seconds": seconds,
-            "records": evaluate_run(run, folder, bench.evaluation, eval_key, progress),
-            "figure4": figure4_data(folder, bench.evaluation),
-        })
-    report = {"format": FORMAT, "bench": bench.model_dump(mode="json"), "config": str(path),
-              "runs": results, "tables": [table(i, bench, runs, results) for i in range(len(bench.grids))]}
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    write_report(report, out)
-    return report
+    try:
+        for index, run in enumerate(runs, 1):
+            if main:
+                say(f"[{index}/{len(runs)}] {run.label}, seed {run.seed} ({run.key})")
+            folder = run.folder(out)
+            seconds = train_run(run, folder, progress and main, main)
+            if main:
+                results.append({
+                    "key": run.key, "label": run.label, "variants": dict(run.variants), "seed": run.seed,
+                    "folder": str(folder.relative_to(out)), "train_seconds": seconds,
+                    "records": evaluate_run(run, folder, bench.evaluation, eval_key, progress,
+                                            str(group.device)),
+                    "figure4": figure4_data(folder, bench.evaluation),
+                })
+            training.barrier()
+        if not main:
+            return {}
+        report = {"format": FORMAT, "bench": bench.model_dump(mode="json"), "config": str(path),
+                  "runs": results, "processes": group.world_size,
+                  "tables": [table(i, bench, runs, results) for i in range(len(bench.grids))]}
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        write_report(report, out)
+        return report
+    finally:
+        group.close()
 
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def train_run(run: Run, folder: Path, progress: bool) -> float | None:
+def train_run(run: Run, folder: Path, progress: bool, main: bool = True) -> float | None:
     """Train ``run`` into ``folder`` unless done; resume it when a checkpoint exists. Returns
-    the training seconds (of this call or, when already done, as recorded)."""
+    the training seconds (of this call or, when already done, as recorded). Every process
+    of a torchrun calls it; ``main`` (rank 0) alone changes files outside the trainer."""
     record = folder / "bench-run.json"
     target = run.experiment.train.max_steps
     done = training.checkpoints(folder)
     if done and int(done[-1].name.split("-")[-1]) >= target and record.exists():
-        say("  trained already")
+        if main:
+            say("  trained already")
         return json.loads(record.read_text()).get("train_seconds")
-    if not done and folder.exists():
-        shutil.rmtree(folder)  # an attempt that never reached a checkpoint holds nothing to keep
-    shutil.rmtree(folder / "bench-eval", ignore_errors=True)  # of weights about to change
-    (folder / "bench-figure4.json").unlink(missing_ok=True)
-    say(f"  training {target} steps" + (f" from {done[-1].name}" if done else ""))
+    if main:
+        if not done and folder.exists():
+            shutil.rmtree(folder)  # an attempt that never reached a checkpoint holds nothing to keep
+        shutil.rmtree(folder / "bench-eval", ignore_errors=True)  # of weights about to change
+        (folder / "bench-figure4.json").unlink(missing_ok=True)
+        say(f"  training {target} steps" + (f" from {done[-1].name}" if done else ""))
+    training.barrier()
     tick = time.perf_counter()
     training.train(run.experiment, folder, resume=bool(done), progress=progress)
     seconds = round(time.perf_counter() - tick, 1)
-    if done and record.exists():
-        seconds += json.loads(record.read_text()).get("train_seconds") or 0.0
-    _write_json(record, {"key": run.key, "label": run.label, "seed": run.seed, "train_seconds": seconds})
+    if main:
+        if done and record.exists():
+            seconds += json.loads(record.read_text()).get("train_seconds") or 0.0
+        _write_json(record, {"key": run.key, "label": run.label, "seed": run.seed, "train_seconds": seconds})
     return seconds
 
 
-def evaluate_run(run: Run, folder: Path, spec: Evaluation, eval_key: str, progress: bool) -> list[dict]:
+def evaluate_run(run: Run, folder: Path, spec: Evaluation, eval_key: str, progress: bool,
+                 device: str = "cpu") -> list[dict]:
     """Records ``{metric, name, value, ar_steps, cfg}`` of ``run``; cached under the hash of the
     evaluation spec. A setting the method cannot sample (DiT in several AR steps) gets a
     record with value None and the reason."""
@@ -221,7 +243,8 @@ def evaluate_run(run: Run, folder: Path, spec: Evaluation, eval_key: str, progre
     on_samples = [name for name, metric in built.items() if metric.needs == "samples"]
     others = [name for name in built if name not in on_samples]
     records: list[dict] = []
-    common = dict(num=spec.num, features=spec.features, batch_size=spec.batch_size, progress=progress)
+    common = dict(num=spec.num, features=spec.features, batch_size=spec.batch_size, progress=progress,
+                  device=device)
     for cfg, s in itertools.product(spec.cfg, spec.ar_steps):
         if not on_samples:
             break

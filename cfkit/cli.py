@@ -505,6 +505,8 @@ def cmd_bench(args) -> int:
     from cfkit import bench
 
     report = bench.run_bench(args.config, args.out, args.set, progress=not args.no_progress)
+    if not report:  # a torchrun process other than rank 0: it trained, rank 0 reports
+        return 0
     print(bench.markdown_table(report["tables"][0]))
     for trend in report["tables"][0].get("trends", []):
         print(f"- {trend['line']}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import datetime
 import hashlib
 import json
 import logging
@@ -72,11 +73,11 @@ def dataset_shards(experiment: configs.Experiment, split: str = "train", is_main
             tmp.rename(folder)
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    barrier()
     return str(folder)
 
 
-def _barrier():
+def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -84,16 +85,18 @@ def _barrier():
 class Distributed:
     """The process group from torchrun's environment (or a single process)."""
 
-    def __init__(self):
+    def __init__(self, timeout: datetime.timedelta | None = None):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         cuda = torch.cuda.is_available()
         self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
-        if self.world_size > 1 and not dist.is_initialized():
+        # a group made by a caller (cfkit bench around its runs) outlives this object
+        self.owned = self.world_size > 1 and not dist.is_initialized()
+        if self.owned:
             if cuda:
                 torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if cuda else "gloo")
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
 
     @property
     def is_main(self) -> bool:
@@ -107,7 +110,7 @@ class Distributed:
         return tensor.item() / self.world_size
 
     def close(self):
-        if self.world_size > 1 and dist.is_initialized():
+        if self.owned and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -389,7 +392,7 @@ class Trainer:
         but the last ``keep_last``."""
         full_state = self._gather_state()
         if not self.dist.is_main:
-            _barrier()
+            barrier()
             return None
         final = self.run_dir / "checkpoints" / _name(self.step)
         tmp = final.with_name(f".{final.name}.tmp")
@@ -406,7 +409,7 @@ class Trainer:
         tmp.rename(final)
         for old in checkpoints(self.run_dir)[: -self.cfg.keep_last]:
             shutil.rmtree(old)
-        _barrier()
+        barrier()
         return final
 
     def _gather_state(self):

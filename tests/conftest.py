@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cfkit"))
 @pytest.fixture(scope="session")
 def demo_config() -> Path:
     return DEMO_CONFIG
+
+
+def free_port() -> int:
+    """A TCP port free now on this machine (for torchrun's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_cfkit(*args: str, pythonpath: str | None = None, check_rc: int | None = None,

@@ -4,9 +4,13 @@ numbers and trends, the report; and every config in benchmarks/ validating."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from scipy import stats
 
 from cfkit import bench, paper
@@ -180,3 +184,30 @@ dit = ["method.name=dit", "model.preset=DiT-tiny"]
     err = capsys.readouterr().err
     assert err.count("trained already") == 3 and "training 4 steps from step-0000002" in err
     assert (run_dir / "checkpoints" / "step-0000004").exists()
+
+
+def test_under_torchrun_every_process_trains_and_rank_0_alone_reports(tmp_path):
+    body = """
+set = ["train.max_steps=4", "train.ckpt_every=2", "train.batch_size=8", "model.hidden_size=32",
+       "model.depth=2"]
+[evaluation]
+metrics = ["probe"]
+[[grids]]
+[grids.axes.method]
+causalfusion = []
+"""
+    path, out = write_bench(tmp_path, body), tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["CFKIT_CACHE"] = str(tmp_path / "cache")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "-m", "cfkit", "bench", str(path), "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("[1/1] method=causalfusion") == 1 and done.stdout.count("| method |") == 1
+    results = json.loads((out / "results.json").read_text())
+    assert results["processes"] == 2
+    folder = out / results["runs"][0]["folder"]
+    state = json.loads((folder / "checkpoints" / "step-0000004" / "state.json").read_text())
+    assert state["world_size"] == 2
+    assert results["tables"][0]["rows"][0]["cells"][0]["mean"] > 0.1  # the probe's top-1

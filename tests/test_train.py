@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 from cfkit import checkpoint, plugins, train
@@ -176,12 +176,6 @@ def test_non_finite_step_stops_naming_it_and_keeps_the_last_good_checkpoint(
 
 
 # -- signals ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start(run: Path, shards: str, *extra: str, processes: int = 1) -> subprocess.Popen:
     """A new tiny run into ``run`` with ``extra`` overrides; see ``launch``."""
     return launch(run, [str(CONFIG), "--out", str(run), *sets(shards, *extra)], processes)

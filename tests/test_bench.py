@@ -211,3 +211,23 @@ causalfusion = []
     state = json.loads((folder / "checkpoints" / "step-0000004" / "state.json").read_text())
     assert state["world_size"] == 2
     assert results["tables"][0]["rows"][0]["cells"][0]["mean"] > 0.1  # the probe's top-1
+
+
+def test_cfkit_bench_needs_a_config_and_out_or_perf(capsys):
+    assert main(["bench", str(ROOT / "benchmarks" / "digits-mini.toml")]) == 2
+    assert "needs CONFIG and --out DIR (or --perf)" in capsys.readouterr().err
+
+
+def test_cfkit_bench_perf_runs_the_perf_report_with_its_size_and_folder(monkeypatch, tmp_path):
+    import runpy
+
+    called = {}
+
+    def run_path(path):
+        called["path"] = path
+        return {"main": lambda argv: called.setdefault("argv", argv) and 0}
+
+    monkeypatch.setattr(runpy, "run_path", run_path)
+    assert main(["bench", "--perf", "--size", "tiny", "--out", str(tmp_path)]) == 0
+    assert called == {"path": str(ROOT / "benchmarks" / "perf" / "run_all.py"),
+                      "argv": ["--size", "tiny", "--out", str(tmp_path)]}

@@ -399,15 +399,18 @@ def _paper_comparison(grid: Grid, rows: list[dict], columns: list[tuple], cfg: f
             continue
         sign = 1 if metric in paper.LOWER_IS_BETTER else -1
         best_paper = min(pairs, key=lambda p: sign * p[1])[0]
-        best_here = min(pairs, key=lambda p: sign * p[2])[0]
+        top = min(sign * p[2] for p in pairs)
+        best = [p[0] for p in pairs if sign * p[2] == top]
+        best_here = " = ".join(best)
         both = list(itertools.combinations(pairs, 2))
         agree = sum((a[1] - b[1]) * (a[2] - b[2]) > 0 for a, b in both)
-        holds = best_paper == best_here
+        holds = None if len(best) > 1 else best_paper == best_here  # a tie decides nothing
+        verdict = {None: "is undecided (a tie)", True: "holds", False: "does not hold"}[holds]
         trends.append({"column": label, "holds": holds, "best_paper": best_paper, "best_here": best_here,
                        "pairs_agreeing": agree, "pairs": len(both),
                        "line": f"{label}: best in the paper {best_paper}, here {best_here}; "
                                f"{agree}/{len(both)} pairs ordered as in the paper: the trend "
-                               f"{'holds' if holds else 'does not hold'} here"})
+                               f"{verdict} here"})
     return {"paper": {"columns": [f"{m}" + (f" S={s}" if s else "") for m, s in reference.columns],
                       "rows": paper_rows, "note": reference.note}, "trends": trends}
 

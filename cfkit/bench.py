@@ -156,9 +156,12 @@ def grid_runs(index: int, grid: Grid, runs: list[Run]) -> list[tuple[tuple[str, 
 
 
 # -- running ----------------------------------------------------------------------------------
-def run_bench(path, out, overrides: list[str] = (), progress: bool = True) -> dict:
+def run_bench(path, out, overrides: list[str] = (), progress: bool = True,
+              report_only: bool = False) -> dict:
     """Train and evaluate every run of the bench at ``path`` into ``out`` (skipping what is
-    done), then write the report; returns ``results.json``'s content."""
+    done), then write the report; returns ``results.json``'s content. ``report_only``
+    trains and evaluates nothing: the report of the runs finished so far (a long grid's
+    progress)."""
     started = time.perf_counter()
     bench, runs = load(path, overrides)
     out = Path(out)
@@ -173,9 +176,12 @@ def run_bench(path, out, overrides: list[str] = (), progress: bool = True) -> di
     results = []
     try:
         for index, run in enumerate(runs, 1):
+            folder = run.folder(out)
+            if report_only:
+                results += [] if (found := finished(run, folder, out, eval_key)) is None else [found]
+                continue
             if main:
                 say(f"[{index}/{len(runs)}] {run.label}, seed {run.seed} ({run.key})")
-            folder = run.folder(out)
             seconds = train_run(run, folder, progress and main, main)
             if main:
                 results.append({
@@ -188,14 +194,29 @@ def run_bench(path, out, overrides: list[str] = (), progress: bool = True) -> di
             training.barrier()
         if not main:
             return {}
+        if report_only:
+            say(f"{len(results)} of {len(runs)} runs trained and evaluated")
         report = {"format": FORMAT, "bench": bench.model_dump(mode="json"), "config": str(path),
-                  "runs": results, "processes": group.world_size,
+                  "runs": results, "processes": group.world_size, "runs_planned": len(runs),
                   "tables": [table(i, bench, runs, results) for i in range(len(bench.grids))]}
         report["seconds"] = round(time.perf_counter() - started, 1)
         write_report(report, out)
         return report
     finally:
         group.close()
+
+
+def finished(run: Run, folder: Path, out: Path, eval_key: str) -> dict | None:
+    """The results of ``run`` when it is trained and evaluated, else None."""
+    record, evaluated = folder / "bench-run.json", folder / "bench-eval" / eval_key / "records.json"
+    if not (record.exists() and evaluated.exists()):
+        return None
+    figure4 = folder / "bench-figure4.json"
+    return {"key": run.key, "label": run.label, "variants": dict(run.variants), "seed": run.seed,
+            "folder": str(folder.relative_to(out)),
+            "train_seconds": json.loads(record.read_text()).get("train_seconds"),
+            "records": json.loads(evaluated.read_text()),
+            "figure4": json.loads(figure4.read_text()) if figure4.exists() else None}
 
 
 def say(text: str) -> None:
@@ -345,6 +366,7 @@ def table(index: int, bench: Bench, runs: list[Run], results: list[dict]) -> dic
     grid, by_key = bench.grids[index], {r["key"]: r for r in results}
     rows = []
     for names, members in grid_runs(index, grid, runs):
+        members = [m for m in members if m.key in by_key]  # a partial report lacks some
         records = [by_key[m.key]["records"] for m in members]
         rows.append({"variants": list(names), "seeds": [m.seed for m in members], "records": records})
     columns = column_keys([rec for row in rows for rec in row["records"]])
@@ -459,8 +481,10 @@ def markdown_table(entry: dict) -> str:
 
 def markdown(report: dict, figures: dict[str, list[str]]) -> str:
     bench, spec = report["bench"], report["bench"]["evaluation"]
+    count, planned = len(report["runs"]), report.get("runs_planned", len(report["runs"]))
+    done = f"{count} runs" + (f" of {planned} (a partial report)" if planned > count else "")
     lines = [f"# cfkit bench: {bench['name']}", "",
-             f"`cfkit bench {report['config']}`: {len(report['runs'])} runs, "
+             f"`cfkit bench {report['config']}`: {done}, "
              f"{len(bench['seeds'])} seed(s), {report['seconds']:.0f} s in all on this call "
              f"({_machine()}). Cells are mean ± 95% CI over seeds (a single seed: its value); "
              f"n/a: the method cannot sample that setting. Evaluation: {spec['num']} samples per "

@@ -459,6 +459,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an experiment override for every run, e.g. train.max_steps=100")
     p.add_argument("--out", help="the bench folder (runs are cached there by config hash)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: report the runs finished so far")
     p.add_argument("--perf", action="store_true",
                    help="instead: run every benchmark in benchmarks/perf and write one table")
     p.add_argument("--size", default="small", choices=["tiny", "small", "issue"],
@@ -504,7 +506,8 @@ def cmd_bench(args) -> int:
         raise configs.ConfigError("cfkit bench needs CONFIG and --out DIR (or --perf)")
     from cfkit import bench
 
-    report = bench.run_bench(args.config, args.out, args.set, progress=not args.no_progress)
+    report = bench.run_bench(args.config, args.out, args.set, progress=not args.no_progress,
+                             report_only=args.report_only)
     if not report:  # a torchrun process other than rank 0: it trained, rank 0 reports
         return 0
     print(bench.markdown_table(report["tables"][0]))

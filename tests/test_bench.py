@@ -186,6 +186,15 @@ dit = ["method.name=dit", "model.preset=DiT-tiny"]
     assert err.count("trained already") == 3 and "training 4 steps from step-0000002" in err
     assert (run_dir / "checkpoints" / "step-0000004").exists()
 
+    path.write_text(path.read_text() + 'incontext-dit = ["method.name=incontext-dit"]\n')
+    folders = sorted((out / "runs").iterdir())
+    assert main(["bench", str(path), "--out", str(out), "--report-only", "--no-progress"]) == 0
+    assert "4 of 6 runs trained and evaluated" in capsys.readouterr().err
+    assert sorted((out / "runs").iterdir()) == folders  # nothing trained
+    assert "4 runs of 6 (a partial report)" in (out / "report.md").read_text()
+    rows = {r["variants"][0]: r for r in json.loads((out / "results.json").read_text())["tables"][0]["rows"]}
+    assert rows["incontext-dit"]["seeds"] == [] and rows["causalfusion"]["seeds"] == [0, 1]
+
 
 def test_under_torchrun_every_process_trains_and_rank_0_alone_reports(tmp_path):
     body = """

@@ -293,6 +293,28 @@ class ErrorCount:
         log.warning(message)
 
 
+class LoaderErrors:
+    """The skip counts of a stream whose DataLoader workers each keep their own ``ErrorCount``:
+    every batch carries its worker's counts. Every worker reads every shard, so a corrupt
+    shard counts once (the largest count of a worker); a sample is decoded by one worker
+    only, so corrupt samples add up."""
+
+    def __init__(self):
+        self.latest: dict[int, tuple[int, int]] = {}
+
+    def update(self, item: dict) -> None:
+        worker, shards, samples = item["errors"]
+        self.latest[worker] = (shards, samples)
+
+    @property
+    def shards(self) -> int:
+        return max((s for s, _ in self.latest.values()), default=0)
+
+    @property
+    def samples(self) -> int:
+        return sum(n for _, n in self.latest.values())
+
+
 def _shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
     """Buffer shuffle: fill ``buffer`` items, then emit a random one per new item."""
     pool = []
@@ -321,7 +343,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     ``skip_batches`` resumes mid-stream without decoding the skipped samples. A corrupt shard
     or sample is skipped and counted in ``errors`` (a batch is then short of that sample).
     Items are dicts: ``images`` or ``latents`` ``(B, C, H, W)`` float, ``labels`` ``(B,)`` (-1
-    when absent), ``captions`` (list of lists), ``keys``, ``index`` (global batch number).
+    when absent), ``captions`` (list of lists), ``keys``, ``index`` (global batch number),
+    ``errors`` (worker id, corrupt shards and samples that worker skipped so far).
     """
 
     def __init__(self, shards, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
@@ -373,7 +396,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             if index < self.skip_batches or (index - self.skip_batches) % workers != worker_id:
                 continue
             decoded = [self.decode(epoch, raw) for epoch, raw in batch[rows]]
-            yield self.collate(index, [d for d in decoded if d is not None])
+            item = self.collate(index, [d for d in decoded if d is not None])
+            item["errors"] = (worker_id, self.errors.shards, self.errors.samples)  # see LoaderErrors
+            yield item
 
     def decode(self, epoch: int, raw: dict) -> dict | None:
         """One raw sample -> ``images`` uint8 ``(H, W, C)`` or ``latents`` ``(C, H, W)``

@@ -317,12 +317,14 @@ class Trainer:
         tokenizer = self.experiment.data.tokenizer.build()
         stream = self.stream()
         batches = iter(data.loader(stream, self.experiment.data.num_workers))
+        errors = data.LoaderErrors()
         previous = signal.signal(signal.SIGTERM, self._request_stop)
         bar = self._progress_bar()
         try:
             last_time, images = time.perf_counter(), 0
             while self.step < self.cfg.max_steps:
                 item = next(batches)
+                errors.update(item)
                 loss, grad_norm = self.train_step(self.batch(item, tokenizer))
                 images += self.cfg.batch_size
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
@@ -343,9 +345,9 @@ class Trainer:
                     break
             if not checkpoints(self.run_dir) or checkpoints(self.run_dir)[-1].name != _name(self.step):
                 self.save()
-            if stream.errors.shards or stream.errors.samples:
+            if errors.shards or errors.samples:
                 log.warning("skipped %d corrupt shard(s) and %d corrupt sample(s)",
-                            stream.errors.shards, stream.errors.samples)
+                            errors.shards, errors.samples)
         finally:
             signal.signal(signal.SIGTERM, previous)
             if bar is not None:

@@ -314,6 +314,20 @@ def test_corrupt_shards_and_samples_are_skipped_and_counted(tmp_path, caplog):
     assert "skipped corrupt sample broken" in caplog.text and "garbage.tar" in caplog.text
 
 
+def test_corrupt_samples_add_up_across_loader_workers(tmp_path):
+    shapes = dataset("shapes", size=12, image_size=8)
+    with wds.TarWriter(str(tmp_path / "png.tar")) as sink:
+        for i, sample in enumerate(shapes.samples("train")):
+            png = b"\x89PNG not really" if i in (2, 9) else data.png_bytes(sample.image)
+            sink.write({"__key__": f"k{i}", "png": png, "cls": b"1"})
+    errors, keys = data.LoaderErrors(), []
+    for item in data.loader(data.ShardStream(tmp_path, 2, shuffle_buffer=1, flip=False, epochs=1), 2):
+        errors.update(item)
+        keys += item["keys"]
+    assert {worker for worker in errors.latest} == {0, 1}
+    assert (errors.shards, errors.samples) == (0, 2) and len(keys) == 10
+
+
 def _until_error(samples):
     try:
         yield from samples

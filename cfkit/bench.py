@@ -177,21 +177,16 @@ def run_bench(path, out, overrides: list[str] = (), progress: bool = True,
     try:
         for index, run in enumerate(runs, 1):
             folder = run.folder(out)
-            if report_only:
-                results += [] if (found := finished(run, folder, out, eval_key)) is None else [found]
-                continue
-            if main:
-                say(f"[{index}/{len(runs)}] {run.label}, seed {run.seed} ({run.key})")
-            seconds = train_run(run, folder, progress and main, main)
-            if main:
-                results.append({
-                    "key": run.key, "label": run.label, "variants": dict(run.variants), "seed": run.seed,
-                    "folder": str(folder.relative_to(out)), "train_seconds": seconds,
-                    "records": evaluate_run(run, folder, bench.evaluation, eval_key, progress,
-                                            str(group.device)),
-                    "figure4": figure4_data(folder, bench.evaluation),
-                })
-            training.barrier()
+            if not report_only:
+                if main:
+                    say(f"[{index}/{len(runs)}] {run.label}, seed {run.seed} ({run.key})")
+                train_run(run, folder, progress and main, main)
+                if main:
+                    evaluate_run(run, folder, bench.evaluation, eval_key, progress, str(group.device))
+                    figure4_data(folder, bench.evaluation)
+                training.barrier()
+            if main and (found := finished(run, folder, out, eval_key)) is not None:
+                results.append(found)
         if not main:
             return {}
         if report_only:
@@ -207,7 +202,8 @@ def run_bench(path, out, overrides: list[str] = (), progress: bool = True,
 
 
 def finished(run: Run, folder: Path, out: Path, eval_key: str) -> dict | None:
-    """The results of ``run`` when it is trained and evaluated, else None."""
+    """The results of ``run`` (from the files training and evaluation leave in ``folder``)
+    when it is trained and evaluated, else None."""
     record, evaluated = folder / "bench-run.json", folder / "bench-eval" / eval_key / "records.json"
     if not (record.exists() and evaluated.exists()):
         return None

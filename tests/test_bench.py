@@ -241,3 +241,33 @@ def test_cfkit_bench_perf_runs_the_perf_report_with_its_size_and_folder(monkeypa
     assert main(["bench", "--perf", "--size", "tiny", "--out", str(tmp_path)]) == 0
     assert called == {"path": str(ROOT / "benchmarks" / "perf" / "run_all.py"),
                       "argv": ["--size", "tiny", "--out", str(tmp_path)]}
+
+
+def test_the_multimodal_table_scores_text_to_image_fid_and_captions(tmp_path, cache, one_thread):
+    path = tmp_path / "bench.toml"
+    path.write_text(f"""name = "mm"
+base = "{ROOT / 'benchmarks' / 'configs' / 'shapes-multimodal.toml'}"
+set = ["train.max_steps=2", "train.ckpt_every=2", "train.batch_size=8", "model.hidden_size=32",
+       "data.dataset.size=200"]
+[evaluation]
+metrics = ["fid", "cider"]
+num = 6
+cfg = [3.0]
+steps = 2
+batch_size = 6
+[[grids]]
+table = "6a"
+[grids.axes.method]
+causalfusion-multimodal = []
+transfusion = ["method.name=transfusion"]
+""")
+    out = tmp_path / "out"
+    assert main(["bench", str(path), "--out", str(out), "--no-progress"]) == 0
+    table, = json.loads((out / "results.json").read_text())["tables"]
+    assert [c["metric"] for c in table["columns"]] == ["fid", "cider"]
+    for row in table["rows"]:
+        assert all(cell["mean"] is not None for cell in row["cells"])
+    assert table["paper"]["rows"] == [[7.1, 47.9], [8.1, 34.5]]
+    assert [t["column"] for t in table["trends"]] == ["fid S=1", "cider"]
+    report = (out / "report.md").read_text()
+    assert "samples-method_transfusion-S1-cfg3.png" in report and "editing-" not in report

@@ -157,11 +157,15 @@ def grid_runs(index: int, grid: Grid, runs: list[Run]) -> list[tuple[tuple[str, 
 
 # -- running ----------------------------------------------------------------------------------
 def run_bench(path, out, overrides: list[str] = (), progress: bool = True,
-              report_only: bool = False) -> dict:
+              report_only: bool = False, shard: tuple[int, int] = (0, 1)) -> dict:
     """Train and evaluate every run of the bench at ``path`` into ``out`` (skipping what is
     done), then write the report; returns ``results.json``'s content. ``report_only``
     trains and evaluates nothing: the report of the runs finished so far (a long grid's
-    progress)."""
+    progress). ``shard`` ``(i, n)`` trains and evaluates only runs ``i, i + n, ...`` (n
+    independent processes or machines share a grid; the report has every finished run)."""
+    part, parts = shard
+    if not 0 <= part < parts:
+        raise ValueError(f"shard {part}/{parts}: give I/N with 0 <= I < N, e.g. 0/2")
     started = time.perf_counter()
     bench, runs = load(path, overrides)
     out = Path(out)
@@ -177,7 +181,7 @@ def run_bench(path, out, overrides: list[str] = (), progress: bool = True,
     try:
         for index, run in enumerate(runs, 1):
             folder = run.folder(out)
-            if not report_only:
+            if not report_only and (index - 1) % parts == part:
                 if main:
                     say(f"[{index}/{len(runs)}] {run.label}, seed {run.seed} ({run.key})")
                 train_run(run, folder, progress and main, main)

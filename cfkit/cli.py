@@ -459,6 +459,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an experiment override for every run, e.g. train.max_steps=100")
     p.add_argument("--out", help="the bench folder (runs are cached there by config hash)")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="train and evaluate only runs I, I+N, ... (N processes share a grid)")
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: report the runs finished so far")
     p.add_argument("--perf", action="store_true",
@@ -506,8 +508,11 @@ def cmd_bench(args) -> int:
         raise configs.ConfigError("cfkit bench needs CONFIG and --out DIR (or --perf)")
     from cfkit import bench
 
+    part, slash, parts = args.shard.partition("/")
+    if not (slash and part.isdigit() and parts.isdigit()):
+        raise ValueError(f"--shard {args.shard!r}: give I/N, e.g. 0/2")
     report = bench.run_bench(args.config, args.out, args.set, progress=not args.no_progress,
-                             report_only=args.report_only)
+                             report_only=args.report_only, shard=(int(part), int(parts)))
     if not report:  # a torchrun process other than rank 0: it trained, rank 0 reports
         return 0
     print(bench.markdown_table(report["tables"][0]))

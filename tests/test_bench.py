@@ -187,6 +187,9 @@ dit = ["method.name=dit", "model.preset=DiT-tiny"]
     assert (run_dir / "checkpoints" / "step-0000004").exists()
 
     path.write_text(path.read_text() + 'incontext-dit = ["method.name=incontext-dit"]\n')
+    for bad in ("2/2", "1", "a/b"):
+        assert main(["bench", str(path), "--out", str(out), "--shard", bad]) == 2
+    assert "give I/N" in capsys.readouterr().err
     folders = sorted((out / "runs").iterdir())
     assert main(["bench", str(path), "--out", str(out), "--report-only", "--no-progress"]) == 0
     assert "4 of 6 runs trained and evaluated" in capsys.readouterr().err
@@ -194,6 +197,13 @@ dit = ["method.name=dit", "model.preset=DiT-tiny"]
     assert "4 runs of 6 (a partial report)" in (out / "report.md").read_text()
     rows = {r["variants"][0]: r for r in json.loads((out / "results.json").read_text())["tables"][0]["rows"]}
     assert rows["incontext-dit"]["seeds"] == [] and rows["causalfusion"]["seeds"] == [0, 1]
+
+    # shard 1/2 takes runs 2, 4, 6 (1-based): only in-context DiT's seed 1 (run 6) is new
+    assert main(["bench", str(path), "--out", str(out), "--shard", "1/2", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "[6/6] method=incontext-dit, seed 1" in err and "[5/6]" not in err
+    rows = {r["variants"][0]: r for r in json.loads((out / "results.json").read_text())["tables"][0]["rows"]}
+    assert rows["incontext-dit"]["seeds"] == [1]
 
 
 def test_under_torchrun_every_process_trains_and_rank_0_alone_reports(tmp_path):

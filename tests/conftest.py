@@ -31,6 +31,19 @@ def demo_config() -> Path:
     return DEMO_CONFIG
 
 
+def perturbed_checkpoint(experiment, folder: Path) -> Path:
+    """A checkpoint of ``experiment``'s untrained model with every parameter moved by
+    N(0, 0.05) noise (seed 0), so zero-initialised layers no longer hide the computation."""
+    from cfkit import checkpoint
+
+    method = experiment.build_method()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in method.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return checkpoint.save(folder, experiment, method.model)
+
+
 def free_port() -> int:
     """A TCP port free now on this machine (for torchrun's rendezvous)."""
     with socket.socket() as sock:

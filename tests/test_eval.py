@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import perturbed_checkpoint
 
 from cfkit import checkpoint, evaluate, metrics, plugins
 from cfkit import config as configs
@@ -32,12 +33,7 @@ def checkpoints(tmp_path_factory, cache):
             "name": f"tiny-{method}", "method": {"name": method}, "model": TINY,
             "data": {"dataset": {"name": "digits"}, "tokenizer": {"name": "pixels", "channels": 1}},
         })
-        built = experiment.build_method()
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for p in built.model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        found[method] = checkpoint.save(tmp_path_factory.mktemp(method) / "ckpt", experiment, built.model)
+        found[method] = perturbed_checkpoint(experiment, tmp_path_factory.mktemp(method) / "ckpt")
     return found
 
 

@@ -5,12 +5,12 @@ official checkpoint (latents only)."""
 import numpy as np
 import pytest
 import torch
+from conftest import perturbed_checkpoint
 from generation_plugins import install_third_party
 from PIL import Image
 from refdata import reference_files
 
 import cfkit
-from cfkit import checkpoint
 from cfkit import config as configs
 from cfkit.cli import main
 from cfkit.convert import convert_official
@@ -32,12 +32,7 @@ def pixels_checkpoint(tmp_path_factory):
                   "num_heads": 2, "num_classes": 5},
         "data": {"dataset": {"name": "digits"}, "tokenizer": {"name": "pixels", "channels": 3}},
     })
-    method = experiment.build_method()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in method.model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return checkpoint.save(tmp_path_factory.mktemp("rgb") / "ckpt", experiment, method.model)
+    return perturbed_checkpoint(experiment, tmp_path_factory.mktemp("rgb") / "ckpt")
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import machine  # benchmarks/perf/machine.py, beside this script
 
 from cfkit import config as configs
 from cfkit import data
@@ -115,10 +116,7 @@ def run(args) -> dict:
         "what": "shard loader samples/s (pixels and cached latents) against the training step's "
                 "samples/s, both measured in this run",
         "config": Path(args.config).name,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_start": os.getloadavg(),  # other work on the machine skews timings
+        **machine(),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "target_ratio": TARGET_RATIO,
     }

@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+from machine import machine  # benchmarks/perf/machine.py, beside this script
 
 from cfkit import config as configs
 from cfkit.methods import Batch
@@ -217,10 +218,7 @@ def run(args) -> dict:
     device = torch.device(args.device)
     report = {
         "device": device.type if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_start": os.getloadavg(),  # other work on the machine skews timings
+        **machine(),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "flops_counted": FLOPS_COUNTED,
     }

@@ -197,6 +197,7 @@ def run_bench(path, out, overrides: list[str] = (), progress: bool = True,
             say(f"{len(results)} of {len(runs)} runs trained and evaluated")
         report = {"format": FORMAT, "bench": bench.model_dump(mode="json"), "config": str(path),
                   "runs": results, "processes": group.world_size, "runs_planned": len(runs),
+                  "eval_key": eval_key,
                   "tables": [table(i, bench, runs, results) for i in range(len(bench.grids))]}
         report["seconds"] = round(time.perf_counter() - started, 1)
         write_report(report, out)
@@ -604,19 +605,25 @@ def _enlarged(images: np.ndarray, side: int = 64) -> np.ndarray:
 
 def sample_grids(report: dict, out: Path) -> list[str]:
     """A grid PNG per method (first seed), S_eval and CFG scale, and the editing examples of
-    the causal ones."""
+    the causal ones. Both come from the run's evaluation folder of the report's evaluation
+    spec: the editing example is made once per trained run and copied after."""
     spec = report["bench"]["evaluation"]
     names = []
     for run in _first_seed_runs(report):
         folder = out / run["folder"]
-        for path in sorted((folder / "bench-eval").glob("*/cfg*/samples-S*.npz")):
+        evaluated = folder / "bench-eval" / report["eval_key"]
+        for path in sorted(evaluated.glob("cfg*/samples-S*.npz")):
             with np.load(path) as arrays:
                 images = arrays["arr_0"][: spec["grid_images"]]
             name = f"samples-{_slug(run['label'])}-{path.stem.split('-')[-1]}-{path.parent.name}.png"
             save_png(out / name, image_grid(_enlarged(images)))
             names.append(name)
-        name = f"editing-{_slug(run['label'])}.png"
-        if editing_example(folder, out / name, spec):
+        made, cannot = evaluated / "editing.png", evaluated / "editing-none.txt"
+        if not (made.exists() or cannot.exists()) and not editing_example(folder, made, spec):
+            checkpoint.atomic_write(cannot, lambda tmp: Path(tmp).write_text("this model cannot edit\n"))
+        if made.exists():
+            name = f"editing-{_slug(run['label'])}.png"
+            checkpoint.atomic_write(out / name, lambda tmp, made=made: shutil.copyfile(made, tmp))
             names.append(name)
     return names
 

@@ -129,9 +129,9 @@ def test_the_trend_holds_when_the_papers_best_variant_is_best_here(ours, holds, 
     assert "| random | 1 | " in text and "12.89" in text
 
 
-def test_bench_trains_evaluates_reports_and_resumes(tmp_path, cache, one_thread, capsys):
+def test_bench_trains_evaluates_reports_and_resumes(tmp_path, cache, one_thread, capsys, monkeypatch):
     """Two methods, two seeds: DiT cannot sample in 4 AR steps (n/a), a rerun trains nothing
-    and a run cut short resumes from its last checkpoint."""
+    (nor makes the editing example again) and a run cut short resumes from its last checkpoint."""
     body = """
 set = ["train.max_steps=4", "train.ckpt_every=2", "train.batch_size=8", "model.hidden_size=32",
        "model.depth=2"]
@@ -176,8 +176,17 @@ dit = ["method.name=dit", "model.preset=DiT-tiny"]
         assert (out / name).stat().st_size > 0 and f"]({name})" in report
     assert "editing-method_dit.png" not in report
 
-    assert main(["bench", str(path), "--out", str(out), "--no-progress"]) == 0
+    def edit_again(*args):
+        raise AssertionError("the editing example of a finished run is made again")
+
+    cached = out / cf["folder"] / "bench-eval" / results["eval_key"] / "editing.png"
+    assert cached.read_bytes() == (out / "editing-method_causalfusion.png").read_bytes()
+    (out / "editing-method_causalfusion.png").unlink()
+    with monkeypatch.context() as patch:
+        patch.setattr(bench, "editing_example", edit_again)
+        assert main(["bench", str(path), "--out", str(out), "--no-progress"]) == 0
     assert capsys.readouterr().err.count("trained already") == 4
+    assert (out / "editing-method_causalfusion.png").read_bytes() == cached.read_bytes()
 
     run_dir = out / cf["folder"]
     (run_dir / "checkpoints" / "step-0000004").rename(run_dir / "step-4-gone")

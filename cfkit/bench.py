@@ -397,13 +397,29 @@ def _cell(records_of_runs: list[list[dict]], column: tuple) -> dict:
     if not values:
         return {"mean": None, "ci95": None, "n": 0, "skipped": skipped}
     mean, ci = mean_ci(values)
-    return {"mean": mean, "ci95": ci, "n": len(values)}
+    return {"mean": mean, "ci95": ci, "n": len(values), "values": values}
+
+
+def welch_p(first: list[float], second: list[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test that two sets of seeds share a mean; None with fewer
+    than two values on a side or no spread at all."""
+    if len(first) < 2 or len(second) < 2:
+        return None
+    from scipy import stats
+
+    spread = [float(np.var(v, ddof=1)) / len(v) for v in (first, second)]
+    if sum(spread) == 0:
+        return None
+    t = (float(np.mean(first)) - float(np.mean(second))) / math.sqrt(sum(spread))
+    dof = sum(spread) ** 2 / sum(s**2 / (len(v) - 1) for s, v in zip(spread, (first, second), strict=True))
+    return float(2 * stats.t.sf(abs(t), dof))
 
 
 def _paper_comparison(grid: Grid, rows: list[dict], columns: list[tuple], cfg: float) -> dict:
     """The paper's value of each row and column, and a trend line per paper column: whether
-    the variant best in the paper is best here (at the first CFG scale) and how many pairs of
-    variants are ordered as in the paper."""
+    the variant best in the paper is best here (at the first CFG scale), how many pairs of
+    variants are ordered as in the paper, and whether the best here leads the runner-up by
+    more than seed noise (Welch's t-test over the seeds)."""
     reference = paper.TABLES[grid.table]
     (axis, variants), = grid.axes.items()
     keys = [variants[row["variants"][0]].paper or row["variants"][0] for row in rows]
@@ -412,7 +428,8 @@ def _paper_comparison(grid: Grid, rows: list[dict], columns: list[tuple], cfg: f
     for j, (metric, s) in enumerate(reference.columns):
         index = next((i for i, c in enumerate(columns) if c[0] == metric and c[1] is not None
                       and c[2] == s and c[3] in (cfg, None)), None)
-        pairs = [(keys[i], paper_rows[i][j], rows[i]["cells"][index]["mean"])
+        pairs = [(keys[i], paper_rows[i][j], rows[i]["cells"][index]["mean"],
+                  rows[i]["cells"][index].get("values", []))
                  for i in range(len(rows)) if index is not None and paper_rows[i][j] is not None
                  and rows[i]["cells"][index]["mean"] is not None]
         label = f"{metric}" + (f" S={s}" if s is not None else "")
@@ -429,11 +446,16 @@ def _paper_comparison(grid: Grid, rows: list[dict], columns: list[tuple], cfg: f
         agree = sum((a[1] - b[1]) * (a[2] - b[2]) > 0 for a, b in both)
         holds = None if len(best) > 1 else best_paper == best_here  # a tie decides nothing
         verdict = {None: "is undecided (a tie)", True: "holds", False: "does not hold"}[holds]
+        first, second = sorted(pairs, key=lambda p: sign * p[2])[:2]
+        p_value = None if holds is None else welch_p(first[3], second[3])
+        lead = ("" if p_value is None else f" ({first[0]} ahead of {second[0]}: p = {p_value:.2g}, "
+                f"Welch t over seeds, {'' if p_value < 0.05 else 'not '}significant at 5%)")
         trends.append({"column": label, "holds": holds, "best_paper": best_paper, "best_here": best_here,
-                       "pairs_agreeing": agree, "pairs": len(both),
+                       "pairs_agreeing": agree, "pairs": len(both), "runner_up": second[0],
+                       "p_best_vs_runner_up": p_value,
                        "line": f"{label}: best in the paper {best_paper}, here {best_here}; "
                                f"{agree}/{len(both)} pairs ordered as in the paper: the trend "
-                               f"{verdict} here"})
+                               f"{verdict} here{lead}"})
     return {"paper": {"columns": [f"{m}" + (f" S={s}" if s else "") for m, s in reference.columns],
                       "rows": paper_rows, "note": reference.note}, "trends": trends}
 

@@ -101,14 +101,16 @@ def test_the_confidence_interval_is_students_t(values):
     assert bench.mean_ci([2.5]) == (2.5, None)
 
 
-def _results(values: dict[str, float], metric: str = "fid") -> tuple[bench.Grid, list, list[dict]]:
+def _results(values: dict[str, float | list[float]], metric: str = "fid") -> tuple[bench.Grid, list, list]:
+    """A Table 3b grid whose variants measured ``values`` (a list: one value per seed)."""
     grid = bench.Grid(table="3b", axes={"ordering": {name: bench.Variant() for name in values}})
     runs, results = [], []
-    for i, (name, value) in enumerate(values.items()):
-        key = f"k{i}"
-        runs.append(bench.Run((("ordering", name),), 0, None, key, [(0, (name,))]))
-        results.append({"key": key, "records": [
-            {"metric": metric, "name": "FID-10 (x)", "value": value, "ar_steps": 1, "cfg": 1.0}]})
+    for name, measured in values.items():
+        for seed, value in enumerate(measured if isinstance(measured, list) else [measured]):
+            key = f"{name}-{seed}"
+            runs.append(bench.Run((("ordering", name),), seed, None, key, [(0, (name,))]))
+            results.append({"key": key, "records": [
+                {"metric": metric, "name": "FID-10 (x)", "value": value, "ar_steps": 1, "cfg": 1.0}]})
     return grid, runs, results
 
 
@@ -127,6 +129,20 @@ def test_the_trend_holds_when_the_papers_best_variant_is_best_here(ours, holds, 
     assert entry["paper"]["rows"] == [[paper.TABLES["3b"].rows[k][0]] for k in ours]
     text = bench.markdown_table(entry)
     assert "| random | 1 | " in text and "12.89" in text
+    assert trend["p_best_vs_runner_up"] is None and "Welch" not in trend["line"]  # one seed: no test
+
+
+@pytest.mark.parametrize("raster, significant", [([12.0, 12.5, 11.8], True), ([10.5, 14.0, 11.0], False)])
+def test_the_trend_line_tests_the_best_against_the_runner_up_over_seeds(raster, significant):
+    random = [10.0, 10.4, 9.9]
+    grid, runs, results = _results({"random": random, "raster": raster, "dilated": [15.0, 16.0, 15.5]})
+    trend, = bench.table(0, bench.Bench(name="t", base="x", grids=[grid]), runs, results)["trends"]
+    p = stats.ttest_ind(random, raster, equal_var=False).pvalue
+    assert (trend["holds"], trend["runner_up"]) == (True, "raster")
+    assert trend["p_best_vs_runner_up"] == pytest.approx(p) and (p < 0.05) == significant
+    assert trend["line"].endswith(f"(random ahead of raster: p = {p:.2g}, Welch t over seeds, "
+                                  f"{'' if significant else 'not '}significant at 5%)")
+    assert bench.welch_p([1.0, 1.0], [2.0, 2.0]) is None and bench.welch_p([1.0], [2.0, 3.0]) is None
 
 
 def test_bench_trains_evaluates_reports_and_resumes(tmp_path, cache, one_thread, capsys, monkeypatch):

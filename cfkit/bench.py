@@ -177,7 +177,6 @@ def run_bench(path, out, overrides: list[str] = (), progress: bool = True,
         out.mkdir(parents=True, exist_ok=True)
     spec = bench.evaluation.model_dump(mode="json")
     eval_key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    results = []
     try:
         for index, run in enumerate(runs, 1):
             folder = run.folder(out)
@@ -189,10 +188,10 @@ def run_bench(path, out, overrides: list[str] = (), progress: bool = True,
                     evaluate_run(run, folder, bench.evaluation, eval_key, progress, str(group.device))
                     figure4_data(folder, bench.evaluation)
                 training.barrier()
-            if main and (found := finished(run, folder, out, eval_key)) is not None:
-                results.append(found)
         if not main:
             return {}
+        # Gathered after the loop: other shards finish runs while this one trains its own.
+        results = [found for run in runs if (found := finished(run, run.folder(out), out, eval_key))]
         if report_only:
             say(f"{len(results)} of {len(runs)} runs trained and evaluated")
         report = {"format": FORMAT, "bench": bench.model_dump(mode="json"), "config": str(path),

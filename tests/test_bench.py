@@ -147,7 +147,8 @@ def test_the_trend_line_tests_the_best_against_the_runner_up_over_seeds(raster, 
 
 def test_bench_trains_evaluates_reports_and_resumes(tmp_path, cache, one_thread, capsys, monkeypatch):
     """Two methods, two seeds: DiT cannot sample in 4 AR steps (n/a), a rerun trains nothing
-    (nor makes the editing example again) and a run cut short resumes from its last checkpoint."""
+    (nor makes the editing example again), a run cut short resumes from its last checkpoint and
+    shards sharing a grid report every run any of them finished."""
     body = """
 set = ["train.max_steps=4", "train.ckpt_every=2", "train.batch_size=8", "model.hidden_size=32",
        "model.depth=2"]
@@ -223,12 +224,21 @@ dit = ["method.name=dit", "model.preset=DiT-tiny"]
     rows = {r["variants"][0]: r for r in json.loads((out / "results.json").read_text())["tables"][0]["rows"]}
     assert rows["incontext-dit"]["seeds"] == [] and rows["causalfusion"]["seeds"] == [0, 1]
 
-    # shard 1/2 takes runs 2, 4, 6 (1-based): only in-context DiT's seed 1 (run 6) is new
+    # Shard 1/2 takes runs 2, 4, 6 (1-based): only in-context DiT's seed 1 (run 6) is new. While
+    # it trains run 6, shard 0/2 finishes run 5, and the report of the last one has both.
+    train_run = bench.train_run
+
+    def other_shard_meanwhile(run, *args, **kwargs):
+        if run.seed == 1 and "incontext" in run.label:
+            assert main(["bench", str(path), "--out", str(out), "--shard", "0/2", "--no-progress"]) == 0
+        return train_run(run, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "train_run", other_shard_meanwhile)
     assert main(["bench", str(path), "--out", str(out), "--shard", "1/2", "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert "[6/6] method=incontext-dit, seed 1" in err and "[5/6]" not in err
+    assert err.count("[6/6] method=incontext-dit, seed 1") == 1 and err.count("[5/6]") == 1
     rows = {r["variants"][0]: r for r in json.loads((out / "results.json").read_text())["tables"][0]["rows"]}
-    assert rows["incontext-dit"]["seeds"] == [1]
+    assert rows["incontext-dit"]["seeds"] == [0, 1]
 
 
 def test_under_torchrun_every_process_trains_and_rank_0_alone_reports(tmp_path):

@@ -211,7 +211,7 @@ def finished(run: Run, folder: Path, out: Path, eval_key: str) -> dict | None:
     record, evaluated = folder / "bench-run.json", folder / "bench-eval" / eval_key / "records.json"
     if not (record.exists() and evaluated.exists()):
         return None
-    figure4 = folder / "bench-figure4.json"
+    figure4 = folder / "bench-figure4.json"  # null for a method without AR steps
     return {"key": run.key, "label": run.label, "variants": dict(run.variants), "seed": run.seed,
             "folder": str(folder.relative_to(out)),
             "train_seconds": json.loads(record.read_text()).get("train_seconds"),
@@ -223,17 +223,17 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def train_run(run: Run, folder: Path, progress: bool, main: bool = True) -> float | None:
-    """Train ``run`` into ``folder`` unless done; resume it when a checkpoint exists. Returns
-    the training seconds (of this call or, when already done, as recorded). Every process
-    of a torchrun calls it; ``main`` (rank 0) alone changes files outside the trainer."""
+def train_run(run: Run, folder: Path, progress: bool, main: bool = True) -> None:
+    """Train ``run`` into ``folder`` unless done; resume it when a checkpoint exists; record
+    the training seconds (all attempts) in ``bench-run.json``. Every process of a torchrun
+    calls it; ``main`` (rank 0) alone changes files outside the trainer."""
     record = folder / "bench-run.json"
     target = run.experiment.train.max_steps
     done = training.checkpoints(folder)
     if done and int(done[-1].name.split("-")[-1]) >= target and record.exists():
         if main:
             say("  trained already")
-        return json.loads(record.read_text()).get("train_seconds")
+        return
     if main:
         if not done and folder.exists():
             shutil.rmtree(folder)  # an attempt that never reached a checkpoint holds nothing to keep
@@ -248,18 +248,18 @@ def train_run(run: Run, folder: Path, progress: bool, main: bool = True) -> floa
         if done and record.exists():
             seconds += json.loads(record.read_text()).get("train_seconds") or 0.0
         _write_json(record, {"key": run.key, "label": run.label, "seed": run.seed, "train_seconds": seconds})
-    return seconds
 
 
 def evaluate_run(run: Run, folder: Path, spec: Evaluation, eval_key: str, progress: bool,
-                 device: str = "cpu") -> list[dict]:
-    """Records ``{metric, name, value, ar_steps, cfg}`` of ``run``; cached under the hash of the
-    evaluation spec. A setting the method cannot sample (DiT in several AR steps) gets a
-    record with value None and the reason."""
+                 device: str = "cpu") -> None:
+    """Write the records ``{metric, name, value, ar_steps, cfg}`` of ``run`` to
+    ``bench-eval/<hash of the evaluation spec>/records.json`` unless there. A setting the
+    method cannot sample (DiT in several AR steps) gets a record with value None and the
+    reason."""
     cache = folder / "bench-eval" / eval_key / "records.json"
     if cache.exists():
         say("  evaluated already")
-        return json.loads(cache.read_text())
+        return
     built = evaluate.build_metrics(spec.metrics)
     on_samples = [name for name, metric in built.items() if metric.needs == "samples"]
     others = [name for name in built if name not in on_samples]
@@ -287,22 +287,22 @@ def evaluate_run(run: Run, folder: Path, spec: Evaluation, eval_key: str, progre
         records += [{"metric": m, "name": None, "value": None, "ar_steps": None, "cfg": None,
                      "skipped": why} for m, why in found["skipped"].items()]
     _write_json(cache, records)
-    return records
 
 
 @torch.no_grad()
-def figure4_data(folder: Path, spec: Evaluation) -> dict | None:
-    """The paper's figure 4 for one run: the distribution of AR step sizes |κ_s| its schedule
-    draws, and its validation loss (unweighted ε-MSE, t uniform) per AR step when the held-out
-    images are split into ``spec.figure4_steps`` equal steps in random order. None for a
-    method without AR steps."""
+def figure4_data(folder: Path, spec: Evaluation) -> None:
+    """Write the paper's figure 4 for one run to ``bench-figure4.json`` unless there: the
+    distribution of AR step sizes |κ_s| its schedule draws, and its validation loss
+    (unweighted ε-MSE, t uniform) per AR step when the held-out images are split into
+    ``spec.figure4_steps`` equal steps in random order; null for a method without AR steps."""
     cache = folder / "bench-figure4.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        return
     method = checkpoint.load(checkpoint.resolve(folder))
     model = method.model
     if not hasattr(method, "planner") or denoises_whole_image(model) or hasattr(model, "check_text"):
-        return None
+        _write_json(cache, None)
+        return
     from cfkit.plan import Plan
     from cfkit.schedules import draw_steps, step_index
 
@@ -326,10 +326,8 @@ def figure4_data(folder: Path, spec: Evaluation) -> dict | None:
     method.model.eval()
     per_token = method.plan_loss(latents, labels, plan, noise).per_token[:, 0]  # (N, L)
     per_step = [float(per_token[:, step[0] == s].mean()) for s in range(len(split))]
-    data = {"step_size_counts": {str(k): int(c) for k, c in enumerate(counts.tolist()) if c},
-            "ar_steps": steps, "validation_loss": per_step, "num_images": n}
-    _write_json(cache, data)
-    return data
+    _write_json(cache, {"step_size_counts": {str(k): int(c) for k, c in enumerate(counts.tolist()) if c},
+                        "ar_steps": steps, "validation_loss": per_step, "num_images": n})
 
 
 def _write_json(path: Path, value) -> None:
@@ -406,12 +404,12 @@ def welch_p(first: list[float], second: list[float]) -> float | None:
         return None
     from scipy import stats
 
-    spread = [float(np.var(v, ddof=1)) / len(v) for v in (first, second)]
-    if sum(spread) == 0:
+    # From the summary statistics: ttest_ind on the raw values warns of precision loss when
+    # seeds agree to many digits, as a probe's accuracies often do.
+    (m1, s1), (m2, s2) = ((float(np.mean(v)), float(np.std(v, ddof=1))) for v in (first, second))
+    if s1 == s2 == 0:
         return None
-    t = (float(np.mean(first)) - float(np.mean(second))) / math.sqrt(sum(spread))
-    dof = sum(spread) ** 2 / sum(s**2 / (len(v) - 1) for s, v in zip(spread, (first, second), strict=True))
-    return float(2 * stats.t.sf(abs(t), dof))
+    return float(stats.ttest_ind_from_stats(m1, s1, len(first), m2, s2, len(second), equal_var=False).pvalue)
 
 
 def _paper_comparison(grid: Grid, rows: list[dict], columns: list[tuple], cfg: float) -> dict:
@@ -428,7 +426,7 @@ def _paper_comparison(grid: Grid, rows: list[dict], columns: list[tuple], cfg: f
         index = next((i for i, c in enumerate(columns) if c[0] == metric and c[1] is not None
                       and c[2] == s and c[3] in (cfg, None)), None)
         pairs = [(keys[i], paper_rows[i][j], rows[i]["cells"][index]["mean"],
-                  rows[i]["cells"][index].get("values", []))
+                  rows[i]["cells"][index]["values"])
                  for i in range(len(rows)) if index is not None and paper_rows[i][j] is not None
                  and rows[i]["cells"][index]["mean"] is not None]
         label = f"{metric}" + (f" S={s}" if s is not None else "")
@@ -438,14 +436,14 @@ def _paper_comparison(grid: Grid, rows: list[dict], columns: list[tuple], cfg: f
             continue
         sign = 1 if metric in paper.LOWER_IS_BETTER else -1
         best_paper = min(pairs, key=lambda p: sign * p[1])[0]
-        top = min(sign * p[2] for p in pairs)
-        best = [p[0] for p in pairs if sign * p[2] == top]
+        ranked = sorted(pairs, key=lambda p: sign * p[2])  # best here first
+        best = [p[0] for p in ranked if p[2] == ranked[0][2]]
         best_here = " = ".join(best)
         both = list(itertools.combinations(pairs, 2))
         agree = sum((a[1] - b[1]) * (a[2] - b[2]) > 0 for a, b in both)
         holds = None if len(best) > 1 else best_paper == best_here  # a tie decides nothing
         verdict = {None: "is undecided (a tie)", True: "holds", False: "does not hold"}[holds]
-        first, second = sorted(pairs, key=lambda p: sign * p[2])[:2]
+        first, second = ranked[:2]
         p_value = None if holds is None else welch_p(first[3], second[3])
         lead = ("" if p_value is None else f" ({first[0]} ahead of {second[0]}: p = {p_value:.2g}, "
                 f"Welch t over seeds, {'' if p_value < 0.05 else 'not '}significant at 5%)")

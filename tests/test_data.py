@@ -1,4 +1,4 @@
-"""Data: datasets (digits, shapes, imagefolder), ``cfkit shards`` (pixels and pre-encoded
+"""Data: datasets (mnist, digits, shapes, imagefolder), ``cfkit shards`` (pixels and pre-encoded
 latents) read back with plain webdataset, the shard loader (ranks, workers, epochs, corrupt
 data) and ``cfkit tokenizer train`` on a dataset's captions."""
 
@@ -66,6 +66,28 @@ def test_digits_split_is_fixed_disjoint_and_covers_every_image():
     assert val[0].image.shape == (8, 8, 1) and val[0].image.dtype == np.uint8
     with pytest.raises(ValueError, match="unknown split 'test'; allowed: train, val"):
         next(digits.samples("test"))
+
+
+def test_mnist_split_is_450_train_and_50_val_per_class_disjoint_and_fixed():
+    mnist = dataset("mnist")
+    train, val = list(mnist.samples("train")), list(mnist.samples("val"))
+    assert np.bincount([s.label for s in train]).tolist() == [450] * 10
+    assert np.bincount([s.label for s in val]).tolist() == [50] * 10
+    assert not {s.key for s in train} & {s.key for s in val}
+    assert [s.key for s in dataset("mnist").samples("val")] == [s.key for s in val]
+    assert val[0].image.shape == (28, 28, 1) and val[0].image.dtype == np.uint8
+    assert max(int(s.image.max()) for s in val[:20]) == 255  # real 0..255 strokes, not 0..16
+
+
+def test_mnist_resizes_by_area_and_rejects_sizes_it_cannot_make():
+    native = next(dataset("mnist").samples("val")).image[..., 0].astype(float)
+    small = next(dataset("mnist", image_size=14).samples("val")).image[..., 0].astype(float)
+    assert small.shape == (14, 14)
+    pooled = native.reshape(14, 2, 14, 2).mean(axis=(1, 3))  # an exact 2x area average
+    assert np.abs(small - pooled).max() <= 1
+    for bad in (2, 29):
+        with pytest.raises(ValueError, match="image_size must be in 4..28"):
+            dataset("mnist", image_size=bad)
 
 
 def test_shapes_is_deterministic_from_its_seed_at_any_size_with_paraphrased_captions():

@@ -3,9 +3,11 @@
 ``evaluate`` loads a run or checkpoint, samples ``num`` class-balanced images (a text-to-image
 checkpoint: one image per held-out caption, the first caption of each validation image) for
 each number of AR steps in ``ar_steps`` (the generation options of ``cfkit sample``), runs the
-requested metric plugins on them (metrics on the model, e.g. the linear probe, run once;
-caption metrics, e.g. CIDEr, on greedy captions of ``num`` validation images) and returns a
-report, which ``write_report`` saves as ``eval.json`` and ``eval.md``. Sample
+requested metric plugins on them (metrics on the model, e.g. the linear probe, run once, or
+once per S_eval when they declare ``per_ar_steps``, e.g. the held-out loss; caption metrics,
+e.g. CIDEr, on greedy captions of ``num`` validation images) and returns a report, which
+``write_report`` saves as ``eval.json`` and ``eval.md``. ``score_samples`` scores images from
+elsewhere (``cfkit.baselines``) the same way, with a context that has no model. Sample
 and reference features are extracted once and shared by the metrics; reference features are
 cached per dataset, split and feature network. The feature network defaults to the
 classifier ``<dataset>-cnn`` when one is registered for the run's dataset (built with the
@@ -26,6 +28,7 @@ import torch
 
 from cfkit import checkpoint, plugins
 from cfkit.metrics import (
+    BETTER,
     NEEDS,
     Extracted,
     MetricError,
@@ -48,11 +51,12 @@ FORMAT = "cfkit-eval/1"
 
 @dataclass(eq=False)
 class SampleSet:
-    """uint8 ``images`` ``(N, C, H, W)`` generated for ``labels`` ``(N,)`` in ``ar_steps``."""
+    """uint8 ``images`` ``(N, C, H, W)`` generated for ``labels`` ``(N,)`` in ``ar_steps``
+    (None: not generated in AR steps, e.g. real images)."""
 
     images: torch.Tensor
     labels: torch.Tensor
-    ar_steps: int
+    ar_steps: int | None
     extracted: Extracted | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -61,17 +65,32 @@ class SampleSet:
 
 class EvalContext:
     """What metrics read: the method, its dataset and the feature network, and the reference
-    and sample features (each extracted once)."""
+    and sample features (each extracted once). ``for_experiment`` builds one without a method."""
 
     def __init__(self, method, features: str | None = None, feature_options: dict | None = None,
                  reference_split: str = "train", batch_size: int = 250, device: str = "cpu",
-                 show_progress: bool = True):
-        self.method, self.experiment = method, method.experiment
+                 show_progress: bool = True, *, experiment=None):
+        self._method = method
+        self.experiment = method.experiment if method is not None else experiment
         self.feature_name, self.feature_options = features, dict(feature_options or {})
         self.reference_split, self.batch_size, self.device = reference_split, batch_size, device
         self.show_progress = show_progress
         self._images: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._reference: Extracted | None = None
+
+    @classmethod
+    def for_experiment(cls, experiment, **options) -> EvalContext:
+        """A context with no model, for sample metrics on images from elsewhere (e.g.
+        ``cfkit.baselines``) against the reference of ``experiment``'s dataset; ``options``
+        as the constructor's. Metrics that need the model raise ``MetricError`` on it."""
+        return cls(None, experiment=experiment, **options)
+
+    @property
+    def method(self):
+        if self._method is None:
+            raise MetricError("this evaluation has no model (EvalContext.for_experiment): only "
+                              "metrics on samples apply")
+        return self._method
 
     @functools.cached_property
     def dataset_spec(self):
@@ -171,6 +190,9 @@ def build_metrics(names, options: dict[str, dict] | None = None) -> dict:
         if getattr(metric, "needs", None) not in NEEDS:
             raise MetricError(f"metric {name!r} needs {getattr(metric, 'needs', None)!r}; "
                               f"allowed: {', '.join(NEEDS)}")
+        if getattr(metric, "better", None) not in BETTER:
+            raise MetricError(f"metric {name!r} declares better={getattr(metric, 'better', None)!r}; "
+                              f"allowed: {', '.join(BETTER)}")
         metrics[name] = metric
     return metrics
 
@@ -199,13 +221,13 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,), generat
         print(f"skipped {name}: {reason}", file=sys.stderr)
 
     generation = dict(generation or {})
+    ar_steps = sorted(set(int(s) for s in ar_steps))
     report = {"format": FORMAT, "checkpoint": str(directory), "method": method.experiment.method.name,
               "dataset": None, "feature_network": None, "reference": None,
               "generation": None, "results": [], "skipped": skipped, "seconds": {}}
     if on_samples or on_model or on_captions:
         report["dataset"] = context.dataset_spec.model_dump()
     if on_samples:
-        ar_steps = sorted(set(int(s) for s in ar_steps))
         pipe = _pipeline(method)
         reference = context.reference()  # fails early when the network does not take the dataset
         report["feature_network"] = context.network.identity()
@@ -225,12 +247,15 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,), generat
             if samples_out is not None:
                 save_sample_set(Path(samples_out) / f"samples-S{s}.npz", samples)
             tick = time.perf_counter()
-            for name, metric in on_samples.items():
-                report["results"] += _records(name, metric(context, samples), ar_steps=s)
+            report["results"] += score_samples(context, on_samples, samples)
             report["seconds"][f"metrics S={s}"] = round(time.perf_counter() - tick, 2)
     for name, metric in on_model.items():
         tick = time.perf_counter()
-        report["results"] += _records(name, metric(context), ar_steps=None)
+        if getattr(metric, "per_ar_steps", False):
+            for s in ar_steps:
+                report["results"] += _per_ar_steps_records(name, metric, context, s)
+        else:
+            report["results"] += _records(name, metric(context), ar_steps=None)
         report["seconds"][name] = round(time.perf_counter() - tick, 2)
     if on_captions:
         tick = time.perf_counter()
@@ -241,6 +266,39 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,), generat
         report["seconds"]["captioning"] = round(time.perf_counter() - tick, 2)
     report["seconds"]["total"] = round(time.perf_counter() - started, 2)
     return report
+
+
+def score_samples(context: EvalContext, metrics, samples: SampleSet) -> list[dict]:
+    """The records ``{metric, name, value, ar_steps}`` (``ar_steps`` = ``samples.ar_steps``) of
+    sample metrics on ``samples``; ``metrics`` are names or ``{name: metric}`` as
+    ``build_metrics`` gives. A metric that does not apply gives one record with value None and
+    the reason under ``skipped``."""
+    built = metrics if isinstance(metrics, dict) else build_metrics(list(metrics))
+    others = [name for name, metric in built.items() if metric.needs != "samples"]
+    if others:
+        raise MetricError(f"metric(s) {', '.join(others)} do not score samples; score_samples takes "
+                          "metrics whose needs is 'samples'")
+    records = []
+    for name, metric in built.items():
+        reason = _skip_reason(metric, context)
+        if reason is None:
+            records += _records(name, metric(context, samples), ar_steps=samples.ar_steps)
+        else:
+            records.append(_skipped(name, samples.ar_steps, reason))
+    return records
+
+
+def _per_ar_steps_records(name: str, metric, context, ar_steps: int) -> list[dict]:
+    """Records of a model metric at one S_eval; a MetricSkipped there is a skipped record."""
+    try:
+        return _records(name, metric(context, ar_steps=ar_steps), ar_steps=ar_steps)
+    except MetricSkipped as reason:
+        print(f"skipped {name} at S_eval={ar_steps}: {reason}", file=sys.stderr)
+        return [_skipped(name, ar_steps, str(reason))]
+
+
+def _skipped(metric: str, ar_steps: int | None, reason: str) -> dict:
+    return {"metric": metric, "name": None, "value": None, "ar_steps": ar_steps, "skipped": reason}
 
 
 def _skip_reason(metric, context) -> str | None:
@@ -356,21 +414,35 @@ def summary(report: dict) -> str:
         lines += [f"{gen['num']} samples ({condition}) per S_eval ({settings}).",
                   f"Feature network {network['name']}{held_out}; reference: the {reference['split']} "
                   f"split ({reference['num']} images).", ""]
-        per_s = [r for r in report["results"] if r["ar_steps"] is not None]
-        columns = list(dict.fromkeys(r["name"] for r in per_s))
-        if columns:
-            lines += ["| S_eval | " + " | ".join(columns) + " |",
-                      "|---" * (len(columns) + 1) + "|"]
-            for s in gen["ar_steps"]:
-                values = {r["name"]: r["value"] for r in per_s if r["ar_steps"] == s}
-                lines.append(f"| {s} | " + " | ".join(_number(values.get(c)) for c in columns) + " |")
-            lines.append("")
-    for record in (r for r in report["results"] if r["ar_steps"] is None):
+    results = report["results"]
+    measured = [r for r in results if r["name"] is not None]
+    lines += _per_s_table([r for r in measured if r["ar_steps"] is not None])
+    for record in (r for r in measured if r["ar_steps"] is None):
         lines.append(f"- {record['name']}: {_number(record['value'])}")
+    for record in (r for r in results if r["name"] is None):
+        lines.append(f"- {record['metric']} at S_eval {record['ar_steps']}: skipped ({record['skipped']})")
     for name, reason in report["skipped"].items():
         lines.append(f"- {name}: skipped ({reason})")
     lines += ["", f"Took {report['seconds'].get('total', 0):.0f} s."]
     return "\n".join(lines) + "\n"
+
+
+def _per_s_table(records: list[dict]) -> list[str]:
+    """A row per S_eval, a column per value measured at every S_eval; the other values (e.g.
+    per AR step) as a list below."""
+    s_values = sorted({r["ar_steps"] for r in records})
+    names = list(dict.fromkeys(r["name"] for r in records))
+    columns = [n for n in names if {r["ar_steps"] for r in records if r["name"] == n} == set(s_values)]
+    lines = []
+    if columns:
+        lines += ["| S_eval | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for s in s_values:
+            values = {r["name"]: r["value"] for r in records if r["ar_steps"] == s}
+            lines.append(f"| {s} | " + " | ".join(_number(values.get(c)) for c in columns) + " |")
+        lines.append("")
+    lines += [f"- {r['name']} (S_eval {r['ar_steps']}): {_number(r['value'])}"
+              for r in records if r["name"] not in columns]
+    return lines
 
 
 def _component(spec: dict) -> str:

@@ -8,6 +8,10 @@ is the validated ``cfkit.config.Experiment``. The factory may also offer
 DDP/FSDP/compiled wrapper of ``method.model``). Randomness is drawn for the global batch
 (``batch.global_size`` rows) and the batch's rows (from ``batch.offset``) are used, so that
 any number of processes computes the same loss as one.
+
+A method that declares ``predicts_noise = True`` offers ``predict_noise(latents, labels,
+plan, noise)`` (``NoisePredictor``): its noise prediction for given tokens, timesteps and
+noise, which the held-out loss (metric ``heldout-loss``) reads.
 """
 
 from __future__ import annotations
@@ -60,6 +64,18 @@ class Method(Protocol):
 
     def state(self) -> dict:
         """What a checkpoint needs to rebuild the method (JSON-serialisable)."""
+        ...
+
+
+class NoisePredictor(Protocol):
+    predicts_noise: bool  # True: the method offers predict_noise
+
+    def predict_noise(self, latents: torch.Tensor, labels: torch.Tensor, plan,
+                      noise: torch.Tensor) -> torch.Tensor:
+        """ε̂ ``(N, K, L, d)`` in generation order (``plan.order``) for latents ``(N, C, H, W)``,
+        final ``labels`` ``(N,)`` (no CFG dropout) and ``noise`` ``(N, K, L, d)`` in generation
+        order: each AR step's tokens noised at its ``plan.t``, seeing the clean tokens of
+        earlier steps. A method that denoises the whole image at once takes one AR step."""
         ...
 
 

@@ -10,18 +10,26 @@ they are computed once per sample set and cached once per dataset:
   accumulates (count, sum, sum of outer products) of the two feature sets;
 - Inception Score through torchmetrics' ``InceptionScore`` on the logits;
 - precision and recall of the k-NN manifolds (Kynkäänniemi et al., 2019);
+- KID through torchmetrics' ``KernelInceptionDistance`` on the same features;
 - class accuracy: how often the classifier agrees with the requested class.
 
+On the model, the held-out loss: the ε-MSE of validation images split into S equal AR steps,
+with inputs (orders, timesteps, noise) that do not depend on the model, so that every method
+sees the same ones (common random numbers).
+
 A metric plugin (``register_metrics``) has ``needs`` (``"samples"``: called once per sample
-set; ``"model"``: once per evaluation; ``"captions"``: scores captions with ``score``) and
-``__call__(context, samples=None) -> {label: value}`` (see ``cfkit.evaluate``). A metric
-that does not apply raises ``MetricSkipped`` with the reason, which reports record.
+set; ``"model"``: once per evaluation, or once per S_eval as ``metric(context, ar_steps=S)``
+when it declares ``per_ar_steps = True``; ``"captions"``: scores captions with ``score``),
+``better`` (``"lower"`` or ``"higher"``: which values are better) and ``__call__(context,
+samples=None) -> {label: value}`` (see ``cfkit.evaluate``). A metric that does not apply
+raises ``MetricSkipped`` with the reason, which reports record.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,6 +44,7 @@ from cfkit import checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 NEEDS = ("samples", "model", "captions")
+BETTER = ("lower", "higher")
 
 
 class MetricError(ValueError):
@@ -78,6 +87,7 @@ class FeatureNetwork(Protocol):
 
 class Metric(Protocol):
     needs: str  # one of NEEDS
+    better: str  # one of BETTER
 
     def __call__(self, context, samples=None) -> dict[str, float]: ...
 
@@ -276,6 +286,32 @@ def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tu
     return float(mean), float(std)
 
 
+def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 50,
+                              subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """KID (Bińkowski et al., 2018) of features ``(N, F)`` by torchmetrics'
+    KernelInceptionDistance: the unbiased MMD² under the kernel ``(x·y / F + 1)³`` of random
+    subsets of ``subset_size`` of each set; mean and standard deviation over ``subsets``
+    subsets (drawn from ``seed``)."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if not 2 <= subset_size <= min(len(real), len(fake)) or subsets < 1:
+        raise MetricError(f"KID: subset_size must be in 2..{min(len(real), len(fake))} (the smaller "
+                          f"set's size) and subsets >= 1, got subset_size {subset_size}, subsets {subsets}")
+    if real.shape[1] != fake.shape[1]:
+        raise MetricError(f"the feature sets have {real.shape[1]} and {fake.shape[1]} features: "
+                          "features of different feature networks cannot be compared")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = KernelInceptionDistance(feature=_Given(real.shape[1]), subsets=subsets,
+                                         subset_size=subset_size)
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al., 2019) of features ``(N, F)``: the
     share of fake samples inside the real manifold (the union of balls around each real
@@ -303,6 +339,65 @@ def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def count_label(num: int) -> str:
     """1000 -> "1k", 50000 -> "50k", 1500 -> "1500" (as in "FID-50k")."""
     return f"{num // 1000}k" if num >= 1000 and num % 1000 == 0 else str(num)
+
+
+# -- the held-out loss ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeldOutInputs:
+    """The held-out loss's random inputs for ``N`` images and ``D`` draws each: the generation
+    ``order`` ``(N, D, L)``, one diffusion timestep ``t`` ``(N, D)`` for every AR step, and
+    ``noise`` ``(N, D, L, d)`` per raster token."""
+
+    order: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+
+
+def heldout_inputs(num: int, draws: int, grid: tuple[int, int], token_dim: int, num_timesteps: int,
+                   ordering, seed: int = 0) -> HeldOutInputs:
+    """Inputs drawn in a fixed sequence from ``seed`` alone, so every method on the same token
+    grid sees the same ones: ``ordering(num * draws, grid, generator)``, then t stratified
+    over ``[0, num_timesteps)`` (draw d of an image at quantile ``(d + u) / draws``, u
+    uniform), then the noise."""
+    generator = torch.Generator().manual_seed(seed)
+    length = grid[0] * grid[1]
+    order = ordering(num * draws, grid, generator).view(num, draws, length)
+    quantile = (torch.arange(draws) + torch.rand(num, draws, generator=generator)) / draws
+    t = (quantile * num_timesteps).long().clamp(max=num_timesteps - 1)
+    noise = torch.randn(num, draws, length, token_dim, generator=generator)
+    return HeldOutInputs(order, t, noise)
+
+
+def heldout_errors(method, latents: torch.Tensor, labels: torch.Tensor, inputs: HeldOutInputs,
+                   step: torch.Tensor) -> torch.Tensor:
+    """Squared error of ``method``'s noise prediction (``predict_noise``), mean over token
+    values, ``(N, D, L)`` in generation order: latents ``(N, C, H, W)``, labels ``(N,)``,
+    the inputs of those N images, ``step`` ``(L,)`` the AR step of each generation position."""
+    from cfkit.plan import Plan
+
+    n, draws, length = inputs.order.shape
+    rows, device = n * draws, latents.device
+    order = inputs.order.reshape(rows, length)
+    t = inputs.t.reshape(rows, 1, 1).expand(-1, -1, int(step[-1]) + 1)
+    plan = Plan(order, step.expand(rows, -1), t)
+    noise = inputs.noise.reshape(rows, length, -1)
+    noise = torch.gather(noise, 1, order[..., None].expand_as(noise))[:, None].to(device)
+    labels = labels.repeat_interleave(draws).to(device)
+    eps = method.predict_noise(latents.repeat_interleave(draws, 0), labels, plan, noise)
+    return (eps.float() - noise).pow(2).mean(-1).view(n, draws, length).cpu()
+
+
+def heldout_summary(errors: torch.Tensor, step: torch.Tensor) -> dict[str, float]:
+    """The held-out loss of errors ``(N, D, L)`` (generation order; ``step`` ``(L,)``): the
+    mean, the half-width of its 95% confidence interval over images (normal, from the
+    per-image means) and the mean of each AR step's tokens."""
+    per_image = errors.double().mean(dim=(1, 2))
+    steps = int(step[-1]) + 1
+    values = {"held-out ε-MSE": float(per_image.mean()),
+              "held-out ε-MSE ±95%": 1.96 * float(per_image.std()) / math.sqrt(len(per_image))}
+    for k in range(steps):
+        values[f"held-out ε-MSE, AR step {k + 1}/{steps}"] = float(errors[..., step == k].double().mean())
+    return values
 
 
 # -- caches ---------------------------------------------------------------------------------

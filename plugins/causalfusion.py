@@ -32,6 +32,8 @@ class CausalFusion:
     weight the squared error by the AR-axis and diffusion-axis weights.
     """
 
+    predicts_noise = True  # cfkit.methods.NoisePredictor
+
     def __init__(self, experiment):
         self.experiment = experiment
         self.config = self.network_config(experiment)
@@ -74,9 +76,21 @@ class CausalFusion:
         """The loss of one plan given final labels: ``noise`` ``(N, K, L, d)`` in generation
         order; ``model`` the module to run (default ``self.model``)."""
         x_start, x_t, t, target = self.noised(latents, plan, noise)
-        network_t = self.diffusion.timestep_map.to(t.device)[t]
-        out = (self.model if model is None else model)(x_start, x_t, network_t, labels, plan)
+        out = self.predict(x_start, x_t, t, labels, plan, model)
         return self.weighted_loss(out, target, t, plan)
+
+    def predict(self, x_start, x_t, t, labels, plan, model=None) -> torch.Tensor:
+        """The network output ``(N, K, L, d)`` for the inputs ``noised`` gives, at diffusion
+        timesteps ``t`` ``(N, K, L)``."""
+        network_t = self.diffusion.timestep_map.to(t.device)[t]
+        return (self.model if model is None else model)(x_start, x_t, network_t, labels, plan)
+
+    @torch.no_grad()
+    def predict_noise(self, latents, labels, plan, noise) -> torch.Tensor:
+        """ε̂ ``(N, K, L, d)`` in generation order (see ``cfkit.methods.NoisePredictor``)."""
+        x_start, x_t, t, _ = self.noised(latents, plan, noise)
+        out = self.predict(x_start, x_t, t, labels, plan).float()
+        return self.diffusion.xstart_and_eps(self.prediction, x_t, t, out)[1]
 
     def noised(self, latents, plan, noise):
         """The diffusion inputs of a plan: clean tokens ``(N, L, d)`` in raster order, noisy

@@ -237,6 +237,8 @@ class DiTMethod:
     """The DiT loss: one uniform t per image, all tokens noised, MSE to the diffusion target,
     weighted along the diffusion axis only."""
 
+    predicts_noise = True  # cfkit.methods.NoisePredictor (one AR step)
+
     def __init__(self, experiment):
         self.experiment = experiment
         self.config = network_config(experiment.model)
@@ -274,6 +276,25 @@ class DiTMethod:
             None, self.diffusion_weighting,
         ).to(device, per_token.dtype)
         return LossOutput((per_token * weights).mean(), per_token.detach())
+
+    @torch.no_grad()
+    def predict_noise(self, latents, labels, plan, noise) -> torch.Tensor:
+        """ε̂ ``(N, K, L, d)`` in generation order (see ``cfkit.methods.NoisePredictor``) for a
+        plan of one AR step: every token at its copy's one t, the noise put back in raster
+        order, so a raster token gets the same x_t as in any other method."""
+        if int(plan.num_steps.max()) != 1:
+            raise ValueError("DiT denoises the whole image at once: a plan of one AR step only")
+        n, copies, length, dim = noise.shape
+        device = latents.device
+        order = plan.order.to(device)[:, None, :, None].expand(n, copies, length, dim)
+        raster_noise = torch.empty_like(noise).scatter_(2, order, noise)
+        x_start = patchify(latents, self.config.patch_size)[:, None].expand(n, copies, length, dim)
+        t = plan.t[:, :, 0].to(device)  # (N, K)
+        x_t = self.diffusion.q_sample(x_start, t, raster_noise)
+        network_t = self.diffusion.timestep_map.to(device)[t]
+        out = self.model(x_t.flatten(0, 1), network_t.flatten(), labels.repeat_interleave(copies))
+        _, eps = self.diffusion.xstart_and_eps(self.prediction, x_t, t, out.float().view_as(x_t))
+        return torch.gather(eps, 2, order)
 
     def state(self) -> dict:
         return {"method": "dit", "experiment": self.experiment.model_dump(mode="json")}

@@ -1,4 +1,5 @@
-"""Built-in metrics (fid, is, precision-recall, class-accuracy, probe, clip-score, cider) and
+"""Built-in metrics (fid, kid, is, precision-recall, class-accuracy, probe, heldout-loss,
+clip-score, cider) and
 feature networks (mnist-cnn, digits-cnn, shapes-cnn: classifiers cfkit trains on its embedded datasets
 and caches, so that FID works offline; inception: the FID Inception from a local file)."""
 
@@ -20,6 +21,7 @@ from torch import nn
 from cfkit import hookimpl, plugins
 from cfkit.metrics import (
     Extracted,
+    HeldOutInputs,
     MetricError,
     MetricSkipped,
     Statistics,
@@ -31,7 +33,11 @@ from cfkit.metrics import (
     digest,
     file_digest,
     frechet_distance,
+    heldout_errors,
+    heldout_inputs,
+    heldout_summary,
     inception_score,
+    kernel_inception_distance,
     precision_recall,
     to_signed,
 )
@@ -258,7 +264,7 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], who: str) -> N
 class Fid:
     """FID of the samples against the dataset's reference features (see cfkit.metrics)."""
 
-    needs = "samples"
+    needs, better = "samples", "lower"
 
     def __call__(self, context, samples=None) -> dict[str, float]:
         real = Statistics.of(context.reference().features)
@@ -267,10 +273,28 @@ class Fid:
         return {label: frechet_distance(real, fake)}
 
 
+class Kid:
+    """KID of the samples against the dataset's reference, on FID's features (see
+    ``cfkit.metrics.kernel_inception_distance``): mean and std over ``subsets`` random
+    subsets of ``subset_size`` (default: 1000, or the smaller set's size)."""
+
+    needs, better = "samples", "lower"
+
+    def __init__(self, subsets: int = 50, subset_size: int | None = None, seed: int = 0):
+        self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
+
+    def __call__(self, context, samples=None) -> dict[str, float]:
+        real, fake = context.reference().features, context.features(samples).features
+        size = self.subset_size or min(1000, len(fake), len(real))
+        mean, std = kernel_inception_distance(real, fake, self.subsets, size, self.seed)
+        count, name = count_label(len(samples)), context.network.name
+        return {f"KID-{count} ({name})": mean, f"KID-{count} std ({name})": std}
+
+
 class InceptionScore:
     """Inception Score on the feature network's logits (mean and std over ``splits``)."""
 
-    needs = "samples"
+    needs, better = "samples", "higher"
 
     def __init__(self, splits: int = 10):
         self.splits = splits
@@ -288,7 +312,7 @@ class InceptionScore:
 class PrecisionRecall:
     """k-NN manifold precision and recall of samples against the reference features."""
 
-    needs = "samples"
+    needs, better = "samples", "higher"
 
     def __init__(self, k: int = 3):
         self.k = k
@@ -303,7 +327,7 @@ class PrecisionRecall:
 class ClassAccuracy:
     """Share of samples that the dataset's classifier puts in the class they were sampled for."""
 
-    needs = "samples"
+    needs, better = "samples", "higher"
 
     def check(self, context) -> None:
         network = context.network
@@ -324,7 +348,7 @@ class ClipScore:
     weights from a local file (``weights`` or ``$CFKIT_CLIP_WEIGHTS``). Needs the ``clip``
     extra; skipped, with the reason, where open_clip does not import."""
 
-    needs = "samples"
+    needs, better = "samples", "higher"
 
     def __init__(self, model: str = "ViT-B-32", weights: str | None = None,
                  template: str = "a photo of a {name}", batch_size: int = 64):
@@ -391,7 +415,7 @@ class LinearProbe:
     split. Any method whose network has ``hidden_states(latents, t, labels=None)`` works
     (CausalFusion, In-context DiT, DiT)."""
 
-    needs = "model"
+    needs, better = "model", "higher"
 
     def __init__(self, t: int = 0, C: float = 1.0, max_iter: int = 1000, batch_size: int = 256):
         self.t, self.C, self.max_iter, self.batch_size = int(t), float(C), int(max_iter), batch_size
@@ -433,6 +457,76 @@ class LinearProbe:
         return torch.cat(pooled)
 
 
+class HeldOutLoss:
+    """The held-out loss: unweighted ε-MSE (mean over token values; lower is better) of the
+    first ``num`` validation images, class-conditional with their labels, the model in eval
+    mode. Each image's tokens are split into S_eval equal AR steps (the ``fixed`` schedule) in
+    the evaluation ``order``, and the model predicts each step's noise from the clean tokens
+    of earlier steps, ``draws`` times per image at one stratified t shared by its steps. At
+    S_eval > 1 it measures how well a model predicts tokens given earlier AR steps (what the
+    paper's Table 2 is about); at S_eval = 1 it is the plain denoising loss. Orders, t and
+    noise come from ``seed`` alone (``cfkit.metrics.heldout_inputs``), so every method and
+    training seed on one token grid sees the same ones. Values: the mean, its 95% confidence
+    half-width over images, and the mean of each AR step's tokens. A method that denoises the
+    whole image at once (DiT) is skipped at S_eval > 1; text-conditioned methods are skipped."""
+
+    needs, better, per_ar_steps = "model", "lower", True
+
+    def __init__(self, num: int = 500, draws: int = 4, seed: int = 0, order: str = "random",
+                 batch_size: int = 64):
+        if num < 2 or draws < 1 or batch_size < 1:
+            raise MetricError(f"heldout-loss: need num >= 2, draws >= 1 and batch_size >= 1, got "
+                              f"num {num}, draws {draws}, batch_size {batch_size}")
+        self.num, self.draws, self.seed, self.batch_size = num, draws, seed, batch_size
+        self.order = order
+        self.ordering = plugins.build("orderings", order)
+
+    def check(self, context) -> None:
+        from cfkit.pipeline import Pipeline
+
+        method = context.method
+        if Pipeline(method).text_conditioned:
+            raise MetricSkipped(f"method {context.experiment.method.name} conditions on captions; the "
+                                "held-out loss conditions on class labels")
+        if not getattr(method, "predicts_noise", False):
+            raise MetricSkipped(f"method {context.experiment.method.name} does not declare "
+                                "predict_noise (cfkit.methods.NoisePredictor)")
+        context.dataset  # noqa: B018 (the loss needs the run's validation split)
+
+    def inputs(self, context) -> tuple[torch.Tensor, torch.Tensor, HeldOutInputs]:
+        """uint8 images ``(N, C, H, W)``, labels ``(N,)`` and the random inputs for them."""
+        images, labels = (x[:self.num] for x in context.dataset_images("val"))
+        method = context.method
+        config = method.config
+        drawn = heldout_inputs(len(images), self.draws, config.grid, config.token_dim,
+                               method.diffusion.num_timesteps, self.ordering, self.seed)
+        return images, labels, drawn
+
+    def __call__(self, context, samples=None, *, ar_steps: int = 1) -> dict[str, float]:
+        from cfkit.generate import denoises_whole_image
+        from cfkit.schedules import step_index
+
+        method = context.method
+        if ar_steps > 1 and denoises_whole_image(method.model):
+            raise MetricSkipped(f"method {context.experiment.method.name} denoises the whole image at "
+                                "once: it has no AR steps to condition on")
+        images, labels, drawn = self.inputs(context)
+        step = step_index(plugins.build("schedules", "fixed", steps=ar_steps)(method.config.num_tokens))
+        tokenizer = context.experiment.data.tokenizer.build()
+        weight = next(method.model.parameters())
+        method.model.eval()
+        bar = context.progress(len(images), f"held-out loss S={ar_steps}")
+        errors = []
+        with torch.no_grad():
+            for start in range(0, len(images), self.batch_size):
+                rows = slice(start, start + self.batch_size)
+                latents = tokenizer.encode(to_signed(images[rows]).to(weight.device)).to(weight)
+                chunk = HeldOutInputs(drawn.order[rows], drawn.t[rows], drawn.noise[rows])
+                errors.append(heldout_errors(method, latents, labels[rows], chunk, step))
+                bar(len(latents))
+        return heldout_summary(torch.cat(errors), step)
+
+
 def linear_probe(train_x, train_y, val_x, val_y, C: float = 1.0, max_iter: int = 1000) -> float:
     """Val top-1 of standardisation + multinomial logistic regression fitted on train."""
     from sklearn.linear_model import LogisticRegression
@@ -457,7 +551,7 @@ class CiderD:
     CoreNLP 3.4.1, run with java) when ``tokenizer`` is ``ptb``, or ``auto`` and java is on
     PATH; otherwise by ``simple_tokenize``, a pure-Python approximation of it."""
 
-    needs = "captions"
+    needs, better = "captions", "higher"
     TOKENIZERS = ("auto", "ptb", "simple")
 
     def __init__(self, tokenizer: str = "auto"):
@@ -515,9 +609,11 @@ def register_feature_networks(register):
 @hookimpl
 def register_metrics(register):
     register("fid", Fid)
+    register("kid", Kid)
     register("is", InceptionScore)
     register("precision-recall", PrecisionRecall)
     register("class-accuracy", ClassAccuracy)
     register("probe", LinearProbe)
+    register("heldout-loss", HeldOutLoss)
     register("clip-score", ClipScore)
     register("cider", CiderD)

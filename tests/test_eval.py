@@ -1,6 +1,7 @@
 """The evaluation harness and its commands: ``cfkit eval`` (several S_eval in one call,
 eval.json and eval.md, skips with reasons), ``cfkit fid`` (the pytorch-fid workflow, agreeing
-with the harness) and ``cfkit cider`` (agreeing with pycocoevalcap)."""
+with the harness), ``cfkit cider`` (agreeing with pycocoevalcap) and the held-out loss per
+S_eval (against the loss written out; the same inputs for every method)."""
 
 import json
 import shutil
@@ -123,7 +124,7 @@ def test_cfkit_fid_bad_inputs_exit_2_saying_what_is_wrong(evaluated, capsys, tmp
         (("fid", out / "samples-S1.npz", tmp_path / "rgb.npz", "--features", "digits-cnn"),
          "takes images (N, 1, 8, 8), got (N, 3, 16, 16)"),
         (("fid", out / "samples-S1.npz", out / "samples-S4.npz", "--features", "vgg"),
-         "known: digits-cnn, inception, shapes-cnn"),
+         "known: digits-cnn, inception, mnist-cnn, shapes-cnn"),
         (("fid", out / "samples-S1.npz", out / "samples-S4.npz"), "CFKIT_INCEPTION_WEIGHTS"),
         (("fid", out / "samples-S1.npz", tmp_path / "absent", "--features", "digits-cnn"),
          "no such file or folder"),
@@ -240,3 +241,129 @@ def test_cfkit_cider_rejects_predictions_without_references(tmp_path, capsys):
     write_coco(tmp_path, {1: "a red circle", 7: "a cat"})
     assert cli("cider", tmp_path / "res.json", tmp_path / "ann.json") == 2
     assert "image_id 7" in capsys.readouterr().err
+
+
+# -- the held-out loss ----------------------------------------------------------------------
+HELDOUT = {"num": 6, "draws": 2, "seed": 3}
+
+
+def heldout(path, **options):
+    """A model context of checkpoint ``path`` and the heldout-loss metric built with ``options``."""
+    context = EvalContext(checkpoint.load(path), show_progress=False)
+    return context, plugins.build("metrics", "heldout-loss", **{**HELDOUT, **options})
+
+
+def test_heldout_loss_is_the_eps_mse_of_each_ar_step_given_the_clean_earlier_ones(checkpoints):
+    """The metric against the loss written out: q_sample of the raster tokens at the draw's t,
+    the network given them in generation order, squared error to the noise."""
+    from cfkit.plan import Plan
+    from cfkit.schedules import step_index
+    from cfkit.transformer import patchify
+
+    context, metric = heldout(checkpoints["causalfusion"])
+    values = metric(context, ar_steps=4)
+    method = context.method
+    images, labels, drawn = metric.inputs(context)
+    tokens = patchify(images.float() / 127.5 - 1, 1)  # pixels tokenizer, patch 1: (N, 64, 1)
+    step = step_index(torch.tensor([16, 16, 16, 16]))
+    errors = torch.empty(6, 2, 64)
+    with torch.no_grad():
+        for i, d in np.ndindex(6, 2):
+            order, t, noise = drawn.order[i, d], drawn.t[i, d], drawn.noise[i, d]
+            x_t = method.diffusion.q_sample(tokens[i], t, noise)  # raster
+            plan = Plan(order[None], step[None], t.view(1, 1, 1).expand(1, 1, 4))
+            network_t = method.diffusion.timestep_map[t].expand(1, 1, 64)
+            out = method.model(tokens[i:i + 1], x_t[order][None, None], network_t, labels[i:i + 1], plan)
+            errors[i, d] = (out[0, 0] - noise[order]).pow(2).mean(-1)
+    assert values["held-out ε-MSE"] == pytest.approx(float(errors.mean()), rel=1e-5)
+    for k in range(4):
+        expected = float(errors[..., 16 * k:16 * (k + 1)].mean())
+        assert values[f"held-out ε-MSE, AR step {k + 1}/4"] == pytest.approx(expected, rel=1e-5)
+    per_image = errors.double().mean(dim=(1, 2))
+    assert values["held-out ε-MSE ±95%"] == pytest.approx(1.96 * float(per_image.std()) / 6 ** 0.5, rel=1e-5)
+    assert len(values) == 2 + 4
+
+
+def test_dits_heldout_loss_at_one_ar_step_is_its_denoising_loss_on_the_raster_tokens(checkpoints):
+    from cfkit.transformer import patchify
+
+    context, metric = heldout(checkpoints["dit"])
+    values = metric(context, ar_steps=1)
+    method = context.method
+    images, labels, drawn = metric.inputs(context)
+    tokens = patchify(images.float() / 127.5 - 1, 1)[:, None].expand(-1, 2, -1, -1)  # (N, D, L, 1)
+    x_t = method.diffusion.q_sample(tokens, drawn.t, drawn.noise)
+    with torch.no_grad():
+        out = method.model(x_t.flatten(0, 1), drawn.t.flatten(), labels.repeat_interleave(2))
+    per_image = (out.view_as(x_t) - drawn.noise).pow(2).mean(dim=(1, 2, 3)).double()
+    assert values["held-out ε-MSE"] == pytest.approx(float(per_image.mean()), rel=1e-5)
+    assert values["held-out ε-MSE ±95%"] == pytest.approx(1.96 * float(per_image.std()) / 6 ** 0.5, rel=1e-5)
+
+
+def test_heldout_inputs_are_common_random_numbers_and_dit_sees_the_x_t_of_incontext_dit(checkpoints):
+    """Every method sees the same images, orders, t and raster noise; at S = 1 DiT's network
+    gets exactly In-context DiT's noisy tokens (put back in raster order) and timesteps."""
+    found, seen = {}, {}
+    for name in ("causalfusion", "incontext-dit", "dit"):
+        context, metric = heldout(checkpoints[name])
+        found[name] = metric.inputs(context)
+        model = context.method.model
+        seen[name] = []
+        model.register_forward_pre_hook(lambda _, args, name=name: seen[name].append(args))
+        metric(context, ar_steps=1)
+    images, labels, drawn = found["causalfusion"]
+    assert drawn.order.shape == (6, 2, 64) and drawn.t.shape == (6, 2) and drawn.noise.shape == (6, 2, 64, 1)
+    assert ((drawn.t >= 0) & (drawn.t < 1000)).all()
+    assert (drawn.t[:, 0] < 500).all() and (drawn.t[:, 1] >= 500).all()  # stratified
+    for other in ("incontext-dit", "dit"):
+        o_images, o_labels, o_drawn = found[other]
+        assert torch.equal(o_images, images) and torch.equal(o_labels, labels)
+        for field in ("order", "t", "noise"):
+            assert torch.equal(getattr(o_drawn, field), getattr(drawn, field)), (other, field)
+    (x_start, x_t, network_t, _, plan), = seen["incontext-dit"]
+    raster = torch.empty_like(x_t[:, 0]).scatter_(1, plan.order[..., None].expand(-1, -1, 1), x_t[:, 0])
+    (dit_x_t, dit_t, _), = seen["dit"]
+    assert torch.equal(dit_x_t, raster)
+    assert torch.equal(dit_t, network_t[:, 0, 0]) and (network_t == network_t[..., :1]).all()
+
+
+def test_dit_has_no_heldout_loss_at_several_ar_steps_a_skipped_record_says_why(checkpoints, capsys):
+    report = evaluate.evaluate(checkpoints["dit"], ["heldout-loss"], ar_steps=[2, 1],
+                               metric_options={"heldout-loss": HELDOUT}, progress=False)
+    by_s = {s: [r for r in report["results"] if r["ar_steps"] == s] for s in (1, 2)}
+    assert [r["name"] for r in by_s[1]] == ["held-out ε-MSE", "held-out ε-MSE ±95%",
+                                            "held-out ε-MSE, AR step 1/1"]
+    (skipped,) = by_s[2]
+    assert skipped == {"metric": "heldout-loss", "name": None, "value": None, "ar_steps": 2,
+                       "skipped": "method dit denoises the whole image at once: it has no AR steps "
+                                  "to condition on"}
+    json.dumps(report, allow_nan=False)
+    assert "heldout-loss at S_eval 2: skipped (method dit denoises" in evaluate.summary(report)
+
+
+def test_heldout_loss_per_step_values_average_token_weighted_to_the_mean(checkpoints):
+    context, metric = heldout(checkpoints["causalfusion"], order="raster")
+    values = metric(context, ar_steps=3)  # 64 tokens: steps of 22, 21, 21
+    per_step = [values[f"held-out ε-MSE, AR step {k}/3"] for k in (1, 2, 3)]
+    assert np.dot(per_step, [22, 21, 21]) / 64 == pytest.approx(values["held-out ε-MSE"], rel=1e-6)
+
+
+def test_heldout_loss_is_evaluated_per_s_eval_and_other_model_metrics_once(checkpoints):
+    report = evaluate.evaluate(checkpoints["incontext-dit"], ["heldout-loss", "probe"], ar_steps=[1, 2],
+                               metric_options={"heldout-loss": HELDOUT}, progress=False)
+    assert {(r["metric"], r["ar_steps"]) for r in report["results"]} == {
+        ("heldout-loss", 1), ("heldout-loss", 2), ("probe", None)}
+    assert "| 1 | " in evaluate.summary(report) and "AR step 2/2 (S_eval 2)" in evaluate.summary(report)
+
+
+def test_text_conditioned_methods_have_no_heldout_loss():
+    experiment = configs.validate({
+        "method": {"name": "causalfusion-multimodal"},
+        "model": {"input_size": 4, "latent_channels": 1, "hidden_size": 32, "depth": 1, "num_heads": 2,
+                  "max_text_len": 8},
+        "data": {"dataset": {"name": "shapes"}, "text_tokenizer": {"name": "bytes"},
+                 "tokenizer": {"name": "pixels", "channels": 1}},
+    })
+    context = EvalContext(experiment.build_method(), show_progress=False)
+    with pytest.raises(metrics.MetricSkipped, match="conditions on captions"):
+        plugins.build("metrics", "heldout-loss").check(context)

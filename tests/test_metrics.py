@@ -1,4 +1,5 @@
-"""Metrics: the Fréchet distance against an independent SciPy one, IS, precision/recall,
+"""Metrics: the Fréchet distance against an independent SciPy one, KID against an independent
+NumPy MMD, IS, precision/recall,
 image reading, the feature networks (dataset classifiers, the FID Inception), the linear
 probe and the networks' feature entry points, CIDEr-D against pycocoevalcap."""
 
@@ -101,6 +102,55 @@ def test_fid_of_different_feature_sizes_or_one_sample_is_an_error():
         fid(np.zeros((5, 3)), np.zeros((5, 4)))
     with pytest.raises(MetricError, match="N >= 2"):
         Statistics.of(np.zeros((1, 3)))
+
+
+# -- KID --------------------------------------------------------------------------------------
+def numpy_kid(a: np.ndarray, b: np.ndarray) -> float:
+    """The unbiased MMD² under the kernel (x·y / F + 1)³, written independently."""
+    m, dim = len(a), a.shape[1]
+    k_aa, k_bb, k_ab = ((x @ y.T / dim + 1) ** 3 for x, y in ((a, a), (b, b), (a, b)))
+    off = (k_aa.sum() - np.trace(k_aa) + k_bb.sum() - np.trace(k_bb)) / (m * (m - 1))
+    return float(off - 2 * k_ab.mean())
+
+
+def test_kid_of_whole_sets_equals_an_independent_numpy_mmd():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 6)), rng.normal(0.5, 1.2, size=(40, 6))
+    mean, std = metrics.kernel_inception_distance(torch.from_numpy(a), torch.from_numpy(b), subsets=3,
+                                                  subset_size=40)
+    assert mean == pytest.approx(numpy_kid(a, b), rel=1e-9) and std == pytest.approx(0, abs=1e-9)
+
+
+def test_kid_of_a_set_against_itself_is_about_zero_and_of_different_sets_positive():
+    rng = np.random.default_rng(1)
+    a = torch.from_numpy(rng.normal(size=(400, 16)))
+    b = torch.from_numpy(rng.normal(0.5, 1.0, size=(400, 16)))
+    same, _ = metrics.kernel_inception_distance(a, a, subsets=20, subset_size=100)
+    different, std = metrics.kernel_inception_distance(a, b, subsets=20, subset_size=100)
+    assert abs(same) < different / 20 and different > 5 * std > 0
+    with pytest.raises(MetricError, match="subset_size must be in 2..400"):
+        metrics.kernel_inception_distance(a, b, subset_size=401)
+
+
+def test_the_kid_metric_reads_fids_features_and_names_the_count_and_network():
+    rng = np.random.default_rng(2)
+    real = Extracted(torch.from_numpy(rng.normal(size=(300, 8))).float())
+    fake = Extracted(torch.from_numpy(rng.normal(1, 1, size=(50, 8))).float())
+    context = types.SimpleNamespace(reference=lambda: real, features=lambda samples: fake,
+                                    network=types.SimpleNamespace(name="net"))
+    values = plugins.build("metrics", "kid", subsets=5)(context, samples=range(50))
+    assert list(values) == ["KID-50 (net)", "KID-50 std (net)"]
+    expected = metrics.kernel_inception_distance(real.features, fake.features, 5, 50)
+    assert tuple(values.values()) == pytest.approx(expected) and values["KID-50 (net)"] > 0
+
+
+def test_every_metric_declares_whether_lower_or_higher_is_better():
+    registry = plugins.registry()
+    better = {name: registry.component("metrics", name).factory.better for name in registry.names("metrics")}
+    assert set(better.values()) <= set(metrics.BETTER)
+    assert {n for n, b in better.items() if b == "lower"} >= {"fid", "kid", "heldout-loss"}
+    assert {n for n, b in better.items() if b == "higher"} >= {
+        "is", "precision-recall", "class-accuracy", "probe", "clip-score", "cider"}
 
 
 # -- IS, precision/recall, class accuracy ---------------------------------------------------
@@ -213,7 +263,8 @@ def test_shapes_cnn_takes_the_image_size_of_its_dataset_options(cache, monkeypat
 
 
 def test_unknown_feature_network_lists_the_known_ones():
-    with pytest.raises(plugins.UnknownComponentError, match="known: digits-cnn, inception, shapes-cnn"):
+    known = "known: digits-cnn, inception, mnist-cnn, shapes-cnn"
+    with pytest.raises(plugins.UnknownComponentError, match=known):
         plugins.build("feature_networks", "vgg")
 
 
@@ -441,5 +492,5 @@ def test_extract_batches_and_reports_progress(digits_cnn):
 
 
 def test_cfkit_exposes_the_metric_kinds():
-    assert {"fid", "is", "precision-recall", "class-accuracy", "probe", "clip-score", "cider"} <= set(
-        plugins.registry().names("metrics"))
+    assert {"fid", "kid", "is", "precision-recall", "class-accuracy", "probe", "heldout-loss",
+            "clip-score", "cider"} <= set(plugins.registry().names("metrics"))

@@ -454,21 +454,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=cmd_eval)
 
-    p = sub.add_parser("bench", help="train and evaluate a grid of runs; report.md, results.json, plots")
-    p.add_argument("config", nargs="?", help="a bench config, e.g. benchmarks/digits-mini.toml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="an experiment override for every run, e.g. train.max_steps=100")
-    p.add_argument("--out", help="the bench folder (runs are cached there by config hash)")
-    p.add_argument("--shard", default="0/1", metavar="I/N",
-                   help="train and evaluate only runs I, I+N, ... (N processes share a grid)")
-    p.add_argument("--report-only", action="store_true",
-                   help="train and evaluate nothing: report the runs finished so far")
-    p.add_argument("--perf", action="store_true",
-                   help="instead: run every benchmark in benchmarks/perf and write one table")
-    p.add_argument("--size", default="small", choices=["tiny", "small", "issue"],
-                   help="--perf model sizes (default small)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(run=cmd_bench)
+    add_bench_command(sub)
 
     p = sub.add_parser("fid", help="FID between two folders of images or .npz files")
     p.add_argument("path_a", help="a folder of images, an .npz of arr_0 images or of mu/sigma")
@@ -495,6 +481,26 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def add_bench_command(sub) -> None:
+    """``cfkit bench``: its arguments, beside its function."""
+    p = sub.add_parser("bench", help="train and evaluate a grid of runs; report.md, results.json, plots")
+    p.add_argument("config", nargs="?", help="a bench config, e.g. benchmarks/digits-mini.toml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an experiment override for every run, e.g. train.max_steps=100, or, as "
+                   "evaluation.KEY=VALUE, of the bench's [evaluation], e.g. evaluation.num=100")
+    p.add_argument("--out", help="the bench folder (runs are cached there by config hash)")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="train and evaluate only runs I, I+N, ... (N processes share a grid)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: report the runs finished so far")
+    p.add_argument("--perf", action="store_true",
+                   help="instead: run every benchmark in benchmarks/perf and write one table")
+    p.add_argument("--size", default="small", choices=["tiny", "small", "issue"],
+                   help="--perf model sizes (default small)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=cmd_bench)
+
+
 def cmd_bench(args) -> int:
     if args.perf:
         import runpy
@@ -515,9 +521,10 @@ def cmd_bench(args) -> int:
                              report_only=args.report_only, shard=(int(part), int(parts)))
     if not report:  # a torchrun process other than rank 0: it trained, rank 0 reports
         return 0
-    print(bench.markdown_table(report["tables"][0]))
-    for trend in report["tables"][0].get("trends", []):
-        print(f"- {trend['line']}")
+    main_table = report["tables"][0]
+    print(main_table["markdown"])
+    for line in [t["line"] for t in main_table["trends"]] + [f"⚠ {w}" for w in main_table["warnings"]]:
+        print(f"- {line}")
     print(f"wrote {Path(args.out) / 'report.md'} and results.json ({report['seconds']:.0f} s)")
     return 0
 

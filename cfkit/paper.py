@@ -54,5 +54,6 @@ TABLES: dict[str, PaperTable] = {
         "the paper's ImageNet top-1 (83.5%, 84.2%) is of the fine-tuned network; cfkit's probe is linear"),
 }
 
-# Metrics whose smaller values are better; every other metric is better larger.
-LOWER_IS_BETTER = frozenset({"fid"})
+# Metrics whose smaller values are better; every other metric is better larger. Only for
+# metric plugins that do not declare it: a plugin's ``better`` ("lower" | "higher") decides.
+LOWER_IS_BETTER = frozenset({"fid", "kid", "heldout-loss"})

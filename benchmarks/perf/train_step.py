@@ -9,7 +9,8 @@ reference-style baseline (eager attention, fp32) measured in the same run:
 ``--copies K`` noises K copies per sample and, with ``--compare-incontext`` or whenever K > 1,
 also times In-context DiT to give the cost per noised token relative to it. ``--peak``
 times a large square matmul to give this machine's peak and the model FLOP utilisation.
-One JSON object goes to stdout with ``--json``; progress goes to stderr.
+One JSON object goes to stdout with ``--json``; progress goes to stderr. FLOPs are counted by
+``cfkit.flops.step_flops``, the count ``cfkit bench`` records for each training run.
 """
 
 from __future__ import annotations
@@ -25,20 +26,10 @@ import torch
 from machine import machine  # benchmarks/perf/machine.py, beside this script
 
 from cfkit import config as configs
+from cfkit.flops import FLOPS_COUNTED, executed_pairs, step_flops
 from cfkit.methods import Batch
-from cfkit.transformer import SplitMask
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-FLOPS_COUNTED = (
-    "matmul FLOPs of the transformer blocks only, per step: per layer "
-    "2*B*T*(4 + 2*mlp_ratio)*D^2 (qkv, output projection, MLP; 24*B*T*D^2 at mlp_ratio 4) "
-    "plus 4*B*T^2*D (QK^T and AV, dense even where the mask hides keys), times 3 for "
-    "forward + backward; T is the sequence length the blocks actually ran (condition, clean "
-    "and noisy tokens). Embeddings, adaLN, final layer, norms, softmax, loss and optimizer "
-    "are not counted. tflops/mfu use this dense count; tflops_executed/mfu_executed count "
-    "only the attention blocks the kernels compute (the sdpa SplitMask skips context->noisy "
-    "and copy->other-copy blocks)."
-)
 
 
 def log(message: str) -> None:
@@ -64,25 +55,6 @@ def experiment(args, method: str, copies: int, attention: str | None):
             "copies": copies,
         },
     })
-
-
-def step_flops(batch: int, seq_len: int, dim: int, depth: int, mlp_ratio: float,
-               attention_pairs: float | None = None) -> float:
-    """Counted matmul FLOPs of one training step (see FLOPS_COUNTED). ``attention_pairs`` is
-    the number of (query, key) pairs attention computes per sequence; dense ``T^2`` if None."""
-    pairs = seq_len**2 if attention_pairs is None else attention_pairs
-    per_layer = 2 * batch * seq_len * (4 + 2 * mlp_ratio) * dim**2 + 4 * batch * pairs * dim
-    return 3.0 * depth * per_layer
-
-
-def executed_pairs(seq_len: int, mask) -> int:
-    """(query, key) pairs the attention kernels really compute per sequence: a SplitMask
-    skips the blocks its rule forbids (context -> noisy, copy -> other copy)."""
-    if not isinstance(mask, SplitMask):
-        return seq_len**2
-    context = mask.context.shape[-1]
-    length = (seq_len - context) // mask.copies
-    return context**2 + mask.copies * length * (context + length)
 
 
 class SequenceProbe:

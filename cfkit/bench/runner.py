@@ -1,0 +1,278 @@
+"""Running a bench: train every run, evaluate it, score the baselines. Everything here writes
+files only (the report, ``cfkit.bench.report``, reads them):
+
+    runs/<experiment key>/                      the run folder (cfkit train's)
+        bench-run.json                          training seconds, counted FLOPs, machine
+        bench-eval/<evaluation key>/
+            records.json                        metric records (written last: marks it done)
+            feature-network.json                the feature network's identity
+            figure4.json                        AR step sizes the training schedule draws
+            editing.npz | editing-none.txt      the editing example, or why there is none
+            cfg<scale>/samples-S<S>.npz         the evaluated samples
+    baselines/<name>-<key>/records.json         a baseline's records, per dataset
+
+Under torchrun every process trains each run; rank 0 alone evaluates and reports.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cfkit import checkpoint, evaluate
+from cfkit import train as training
+from cfkit.bench import report as reporting
+from cfkit.bench.schema import (
+    EDIT_ROWS,
+    Evaluation,
+    Overrides,
+    Run,
+    baseline_folder,
+    baseline_key,
+    eval_folder,
+    load,
+)
+from cfkit.flops import FLOPS_COUNTED, training_flops
+from cfkit.generate import GenerationError, denoises_whole_image
+from cfkit.pipeline import Pipeline
+
+
+def run_bench(path, out, overrides=(), progress: bool = True, report_only: bool = False,
+              shard: tuple[int, int] = (0, 1)) -> dict:
+    """Train and evaluate every run of the bench at ``path`` into ``out`` (skipping what is
+    done), score its baselines, then write the report; returns ``results.json``'s content.
+    ``overrides``: ``--set`` texts (``evaluation.KEY=VALUE`` ones change the evaluation).
+    ``report_only`` trains and evaluates nothing: the report of the runs finished so far (a
+    long grid's progress). ``shard`` ``(i, n)`` trains and evaluates only runs ``i, i + n,
+    ...`` (n independent processes or machines share a grid; the report has every finished
+    run; shard 0 scores the baselines)."""
+    part, parts = shard
+    if not 0 <= part < parts:
+        raise ValueError(f"shard {part}/{parts}: give I/N with 0 <= I < N, e.g. 0/2")
+    started = time.perf_counter()
+    overrides = overrides if isinstance(overrides, Overrides) else Overrides.split(overrides)
+    bench, runs = load(path, overrides)
+    out = Path(out)
+    # Under torchrun every process trains each run (DDP or FSDP as configured); rank 0 alone
+    # evaluates and reports while the others wait, for as long as evaluation takes.
+    group = training.Distributed(timeout=datetime.timedelta(days=1))
+    main = group.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        reporting.recover(out)
+    try:
+        for index, run in enumerate(runs, 1):
+            if report_only or (index - 1) % parts != part:
+                continue
+            if main:
+                say(f"[{index}/{len(runs)}] {run.label}, seed {run.seed} ({run.key})")
+            train_run(run, run.folder(out), progress and main, main, str(group.device))
+            if main:
+                evaluate_run(run, run.folder(out), bench.evaluation, progress, str(group.device))
+            training.barrier()
+        if not main:
+            return {}
+        if not report_only and part == 0:
+            score_baselines(bench.evaluation, runs, out, progress, str(group.device))
+        # Gathered after the loop: other shards finish runs while this one trains its own.
+        results = reporting.write_report(path, bench, runs, out, overrides, processes=group.world_size,
+                                         started=started)
+        if report_only:
+            say(f"{len(results['runs'])} of {len(runs)} runs trained and evaluated")
+        return results
+    finally:
+        group.close()
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def machine(device: str = "cpu") -> dict:
+    """What trained: the device (GPU name, or the CPU's vector capability) and torch threads."""
+    if torch.device(device).type == "cuda":
+        return {"device": torch.cuda.get_device_name(torch.device(device)),
+                "threads": torch.get_num_threads()}
+    return {"device": "cpu", "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
+
+
+def train_run(run: Run, folder: Path, progress: bool, main: bool = True, device: str = "cpu") -> None:
+    """Train ``run`` into ``folder`` unless done; resume it when a checkpoint exists; record
+    in ``bench-run.json`` the training seconds (all attempts), the counted training FLOPs
+    (``cfkit.flops``) and the machine. Every process of a torchrun calls it; ``main`` (rank
+    0) alone changes files outside the trainer."""
+    record = folder / "bench-run.json"
+    target = run.experiment.train.max_steps
+    done = training.checkpoints(folder)
+    if done and int(done[-1].name.split("-")[-1]) >= target and record.exists():
+        if main:
+            say("  trained already")
+            recorded = json.loads(record.read_text())
+            if "train_flops" not in recorded:  # a run recorded before FLOPs were counted
+                write_json(record, {**recorded, **training_flops(run.experiment).record(),
+                                    "flops_counted": FLOPS_COUNTED})
+        return
+    if main:
+        if not done and folder.exists():
+            shutil.rmtree(folder)  # an attempt that never reached a checkpoint holds nothing to keep
+        shutil.rmtree(folder / "bench-eval", ignore_errors=True)  # of weights about to change
+        say(f"  training {target} steps" + (f" from {done[-1].name}" if done else ""))
+    training.barrier()
+    tick = time.perf_counter()
+    training.train(run.experiment, folder, resume=bool(done), progress=progress)
+    seconds = round(time.perf_counter() - tick, 1)
+    if main:
+        if done and record.exists():
+            seconds += json.loads(record.read_text()).get("train_seconds") or 0.0
+        write_json(record, {"key": run.key, "label": run.label, "seed": run.seed, "max_steps": target,
+                            "train_seconds": seconds, **training_flops(run.experiment).record(),
+                            "flops_counted": FLOPS_COUNTED, "machine": machine(device)})
+
+
+def evaluate_run(run: Run, folder: Path, spec: Evaluation, progress: bool, device: str = "cpu") -> None:
+    """Evaluate ``run`` into ``bench-eval/<evaluation key>/`` unless done: the records ``{metric,
+    name, value, ar_steps, cfg}`` (sample metrics at every S_eval and CFG scale with the
+    evaluation's seed, the same for every run; model metrics once, with the S_eval values for
+    those that take one), the feature network's identity, figure 4's AR step sizes and the
+    editing example. A setting the method cannot sample (DiT in several AR steps) gets a
+    record with value None and the reason. ``records.json`` is written last."""
+    folder_out = eval_folder(folder, spec)
+    records_path = folder_out / "records.json"
+    if records_path.exists():
+        say("  evaluated already")
+        return
+    built = evaluate.build_metrics(spec.metrics)
+    on_samples = [name for name, metric in built.items() if metric.needs == "samples"]
+    others = [name for name in built if name not in on_samples]
+    common = dict(num=spec.num, features=spec.features, batch_size=spec.batch_size, progress=progress,
+                  device=device, reference_split=spec.reference_split)
+    records: list[dict] = []
+    for cfg, s in itertools.product(spec.cfg, spec.ar_steps):
+        if not on_samples:
+            break
+        say(f"  evaluating S_eval={s}, cfg={cfg}")
+        generation = dict(order=spec.order, steps=spec.steps, split_steps=spec.split_steps, cfg=cfg,
+                          seed=spec.seed)
+        try:
+            found = evaluate.evaluate(folder, on_samples, ar_steps=[s], generation=generation,
+                                      samples_out=folder_out / f"cfg{cfg:g}", **common)
+        except GenerationError as error:
+            records += [{"metric": m, "name": None, "value": None, "ar_steps": s, "cfg": cfg,
+                         "skipped": str(error)} for m in on_samples]
+            continue
+        if found.get("feature_network"):
+            write_json(folder_out / "feature-network.json", found["feature_network"])
+        records += [{**r, "cfg": cfg} for r in found["results"]]
+    if others:
+        say(f"  evaluating {', '.join(others)}")
+        generation = dict(order=spec.order, steps=spec.steps, split_steps=spec.split_steps, seed=spec.seed)
+        found = evaluate.evaluate(folder, others, ar_steps=spec.ar_steps, generation=generation, **common)
+        records += [{**r, "cfg": None} for r in found["results"]]
+        records += [{"metric": m, "name": None, "value": None, "ar_steps": None, "cfg": None,
+                     "skipped": why} for m, why in found["skipped"].items()]
+    method = checkpoint.load(checkpoint.resolve(folder))
+    write_json(folder_out / "figure4.json", step_size_counts(method, spec.seed))
+    editing_example(method, folder_out, spec)
+    write_json(records_path, records)
+
+
+def step_size_counts(method, seed: int, draws: int = 2000) -> dict | None:
+    """Figure 4's left panel for one run: how many of the AR steps that its training schedule
+    draws (``draws`` images) hold each number of tokens |κ_s|; None for a method without AR
+    steps. (Its right panel, the held-out loss per AR step, is the heldout-loss records.)"""
+    if (not hasattr(method, "planner") or denoises_whole_image(method.model)
+            or hasattr(method.model, "check_text")):
+        return None
+    from cfkit.schedules import draw_steps
+
+    length = method.config.num_tokens
+    generator = torch.Generator().manual_seed(seed)
+    drawn = draw_steps(method.planner.schedule, length, draws, generator, True)
+    sizes = torch.cat([torch.bincount(row) for row in drawn])  # |κ_s| of every drawn AR step
+    counts = torch.bincount(sizes, minlength=length + 1)
+    return {"step_size_counts": {str(k): int(c) for k, c in enumerate(counts.tolist()) if c},
+            "draws": draws, "num_tokens": length}
+
+
+def editing_example(method, folder: Path, spec: Evaluation, num: int = 8) -> None:
+    """``editing.npz``: ``num`` held-out images (``source``), each with its top half and its
+    centre kept and the rest regenerated for the next class (``kept top``, ``kept centre``),
+    and a fresh sample of that class (``regenerated``), uint8 ``(N, H, W, C)`` each, with the
+    ``labels`` and the ``new_labels``; or ``editing-none.txt`` saying why the model cannot edit."""
+    try:
+        pipe = Pipeline(method)
+        if pipe.tokenizer is None or pipe.text_conditioned or denoises_whole_image(pipe.model):
+            raise GenerationError("this model cannot edit: it needs a class-conditional causal "
+                                  "model whose tokenizer decodes")
+    except GenerationError as error:
+        text = f"{error}\n"
+        checkpoint.atomic_write(folder / "editing-none.txt", lambda tmp: Path(tmp).write_text(text))
+        return
+    images, labels = evaluate.EvalContext(method, show_progress=False).dataset_images("val")
+    images, labels = images[:num].float() / 127.5 - 1, labels[:num]
+    new = (labels + 1) % pipe.model.config.num_classes
+    options = dict(steps=spec.steps, order=spec.order, cfg=max(spec.cfg), seed=spec.seed)
+    rows = [images] + [pipe.edit(images, keep, new, **options) for keep in ("top", "centre")]
+    rows.append(pipe.generate(new, **options))
+    arrays = {name: ((r.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+              for name, r in zip(EDIT_ROWS, rows, strict=True)}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, labels=labels.numpy(), new_labels=new.numpy(), **arrays)
+
+    checkpoint.atomic_write(folder / "editing.npz", write)
+
+
+def score_baselines(spec: Evaluation, runs: list[Run], out: Path, progress: bool,
+                    device: str = "cpu") -> None:
+    """Score each of ``spec.baselines`` once per dataset of the runs and per S_eval with the
+    evaluation's sample metrics and seed, into ``baselines/<name>-<key>/records.json``
+    unless there (a baseline that is no AR sampler once, its records repeated at every
+    S_eval). Its token size is the patch size of the first run on that dataset."""
+    if not spec.baselines:
+        return
+    from cfkit.baselines import baseline_samples
+
+    built = evaluate.build_metrics(spec.metrics)
+    on_samples = {name: metric for name, metric in built.items() if metric.needs == "samples"}
+    experiments = {}
+    for run in runs:
+        experiments.setdefault(baseline_key(run.experiment, spec), run.experiment)
+    for experiment, name in itertools.product(experiments.values(), spec.baselines):
+        path = baseline_folder(out, name, experiment, spec) / "records.json"
+        if path.exists() or not on_samples:
+            continue
+        say(f"baseline {name}: scoring S_eval {', '.join(map(str, spec.ar_steps))}")
+        context = evaluate.EvalContext.for_experiment(
+            experiment, features=spec.features, reference_split=spec.reference_split,
+            batch_size=spec.batch_size, device=device, show_progress=progress)
+        records, scored = [], None
+        for s in spec.ar_steps:
+            if scored is None or scored[0] is not None:  # a baseline that is no AR sampler: once
+                samples = baseline_samples(name, context.dataset, spec.num, ar_steps=s,
+                                           patch_size=patch_size(experiment), seed=spec.seed)
+                scored = (samples.ar_steps, evaluate.score_samples(context, on_samples, samples))
+            records += [{**r, "ar_steps": s, "cfg": None, "baseline": name} for r in scored[1]]
+        write_json(path, records)
+
+
+def patch_size(experiment) -> int:
+    """The patch size of the experiment's network: pixels per token side."""
+    with torch.device("meta"):  # the config without allocating the weights
+        return experiment.build_method().model.config.patch_size
+
+
+def write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(value, indent=1) + "\n"
+    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -67,6 +67,16 @@ def test_a_large_spread_against_a_small_paper_effect_is_not_resolvable():
     assert "more seeds needed" in trend.line
 
 
+def test_no_significant_difference_where_the_run_could_see_the_papers_effect_fails():
+    # the paper: raster 12% worse than random; here seeds agree to 0.1%, no difference shows
+    trend, = table(row("random", [10.0, 10.01, 9.99], 12.89),
+                   row("raster", [10.01, 9.99, 10.0], 14.46)).trends
+    pair, = trend.pairs
+    assert pair.p > 0.05 and pair.mde < pair.paper_effect
+    assert pair.verdict == "fails" and trend.verdict == "fails"
+    assert "which would likely have shown" in trend.line
+
+
 def test_one_seed_gives_no_test_and_resolves_nothing():
     trend, = table(row("random", 10.0, 12.89), row("raster", 12.0, 14.46)).trends
     pair, = trend.pairs
@@ -77,12 +87,13 @@ def test_one_seed_gives_no_test_and_resolves_nothing():
     assert trend.line.startswith("fid ↓ S=1: not resolvable with 1 seed.")
 
 
-def test_ties_name_every_best_row_and_equal_seeds_resolve_nothing():
+def test_ties_name_every_best_row_and_equal_seeds_show_no_effect():
     trend, = table(row("random", [10.0, 11.0], 12.89), row("raster", [10.0, 11.0], 14.46),
                    row("dilated", [12.0, 13.0], 15.54)).trends
     assert trend.best_here == ("random", "raster")
     pairs = {pair.other: pair for pair in trend.pairs}
-    assert pairs["raster"].p == 1.0 and pairs["raster"].verdict == "not resolvable"
+    # identical at every seed: no spread, so an effect of the paper's 12% would have shown
+    assert pairs["raster"].p == 1.0 and pairs["raster"].mde == 0 and pairs["raster"].verdict == "fails"
     # the same difference at every seed: certain, though the t statistic is undefined
     assert pairs["dilated"].p == 0.0 and pairs["dilated"].verdict == "holds"
     assert "best here random = raster" in trend.line

@@ -15,10 +15,11 @@ relative to the best row's mean here, beside the paper's relative difference. Ve
 - a pair *holds* when the difference is significant (p < 0.05) in the paper's direction (the
   paper's best is better here too);
 - a pair *fails* when it is significant in the opposite direction (the paper's best is
-  significantly beaten);
-- otherwise it is *not resolvable with N seeds*: one seed (no test) or p >= 0.05; the MDE
-  against the paper's effect says whether more seeds would be needed to see an effect of
-  the paper's size (MDE above it) or whether such an effect would likely have been seen.
+  significantly beaten), or when it is not significant although the run had the power to
+  see an effect of the paper's size in the paper's direction (MDE <= the paper's effect):
+  an effect that large would likely have shown;
+- otherwise it is *not resolvable with N seeds*: one seed (no test), or p >= 0.05 with an
+  MDE above the paper's effect (or no paper effect to compare with): more seeds needed.
 
 A column *fails* when any pair fails, *holds* when every pair holds, and is otherwise not
 resolvable with N seeds (N: the fewest paired seeds of a pair). Its line also names the best
@@ -158,9 +159,9 @@ class Pair:
         power = ""
         if self.mde is not None:
             power = f", MDE {self.mde:.1%}"
-            if self.verdict == UNRESOLVED and self.paper_effect is not None:
+            if self.p is not None and self.p >= ALPHA and self.paper_effect is not None:
                 power += (" > the paper's effect: more seeds needed" if self.mde > self.paper_effect
-                          else " <= the paper's effect: an effect its size would likely show")
+                          else " <= the paper's effect, which would likely have shown")
         return f"vs {self.other}: {self.verdict_text} ({lead}, {test}{power}{paper})"
 
 
@@ -267,8 +268,14 @@ def compare(best: Cell, other: Cell, better: Better, other_label: str,
     sd = _sd(advantages) / scale
     half = mean_ci(advantages)[1] / scale
     p = paired_p([theirs[s] for s in seeds], [mine[s] for s in seeds])
-    verdict = UNRESOLVED if p >= ALPHA or mean == 0 else (HOLDS if mean > 0 else FAILS)
-    return Pair(other_label, seeds, mean, half, p, mde(sd, len(seeds)), paper_effect, verdict)
+    detectable = mde(sd, len(seeds))
+    if p < ALPHA and mean != 0:
+        verdict = HOLDS if mean > 0 else FAILS
+    elif paper_effect is not None and 0 < paper_effect and detectable <= paper_effect:
+        verdict = FAILS  # powered to see the paper's effect, and it did not show
+    else:
+        verdict = UNRESOLVED
+    return Pair(other_label, seeds, mean, half, p, detectable, paper_effect, verdict)
 
 
 def best_rows(rows: Sequence[Row], column: int, better: Better) -> tuple[str, ...]:

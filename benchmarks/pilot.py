@@ -41,7 +41,7 @@ def run_setting(name: str, overrides: list[str], args: dict) -> dict:
 
     torch.set_num_threads(1)
     from cfkit import config as configs
-    from cfkit import evaluate
+    from cfkit import evaluate, plugins
     from cfkit import train as training
 
     folder = Path(args["out"]) / name
@@ -58,7 +58,8 @@ def run_setting(name: str, overrides: list[str], args: dict) -> dict:
             for cfg in args["cfg"]:
                 found = evaluate.evaluate(
                     ckpt, ["fid", "kid", "class-accuracy"], num=args["num"], ar_steps=args["ar_steps"],
-                    generation={"steps": args["sampling_steps"], "cfg": cfg, "order": "random", "seed": 0},
+                    generation={"steps": args["sampling_steps"], "cfg": cfg, "order": "random", "seed": 0,
+                                "sampler": plugins.build("samplers", "ddpm", variance=args["variance"])},
                     reference_split="val", progress=False)
                 records += [{**r, "cfg": cfg} for r in found["results"]]
             found = evaluate.evaluate(ckpt, ["heldout-loss"], ar_steps=args["ar_steps"], progress=False)
@@ -89,7 +90,8 @@ def markdown(results: list[dict], args: dict) -> str:
              f"`benchmarks/configs/mnist-tiny.toml` with {args['set'] or 'no'} overrides, "
              f"checkpoints every {args['every']} steps to "
              f"{args['steps']}. Each checkpoint: {args['num']} class-balanced samples per S_eval and CFG "
-             f"scale ({args['sampling_steps']} DDPM steps per AR step, random order), FID and KID "
+             f"scale ({args['sampling_steps']} DDPM steps per AR step, {args['variance']} variance, "
+             "random order), FID and KID "
              "(mnist-cnn features) against the 500 val images, class accuracy by mnist-cnn; held-out "
              "ε-MSE of the 500 val images (4 draws of t and noise each, the same for every run). "
              "↓ lower is better, ↑ higher is better.", ""]
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ar-steps", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--sampling-steps", type=int, default=50)
+    parser.add_argument("--variance", default="fixed-small", choices=["fixed-small", "fixed-large"],
+                        help="the DDPM sampler's variance")
     parser.add_argument("--jobs", type=int, default=1)
     args = parser.parse_args(argv)
     options = {**vars(args), "argv": sys.argv[1:] if argv is None else argv}

@@ -491,6 +491,9 @@ def add_bench_command(sub) -> None:
     p.add_argument("--out", help="the bench folder (runs are cached there by config hash)")
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="train and evaluate only runs I, I+N, ... (N processes share a grid)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train and evaluate N runs at a time in worker processes, each on its "
+                   "share of the CPU threads (default 1)")
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: report the runs finished so far")
     p.add_argument("--perf", action="store_true",
@@ -518,7 +521,8 @@ def cmd_bench(args) -> int:
     if not (slash and part.isdigit() and parts.isdigit()):
         raise ValueError(f"--shard {args.shard!r}: give I/N, e.g. 0/2")
     report = bench.run_bench(args.config, args.out, args.set, progress=not args.no_progress,
-                             report_only=args.report_only, shard=(int(part), int(parts)))
+                             report_only=args.report_only, shard=(int(part), int(parts)),
+                             jobs=args.jobs)
     if not report:  # a torchrun process other than rank 0: it trained, rank 0 reports
         return 0
     main_table = report["tables"][0]

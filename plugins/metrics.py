@@ -276,7 +276,8 @@ class Fid:
 class Kid:
     """KID of the samples against the dataset's reference, on FID's features (see
     ``cfkit.metrics.kernel_inception_distance``): mean and std over ``subsets`` random
-    subsets of ``subset_size`` (default: 1000, or the smaller set's size)."""
+    subsets of ``subset_size`` (default: 1000, or half the smaller set's size, so that the
+    subsets differ and the std says something)."""
 
     needs, better = "samples", "lower"
 
@@ -285,7 +286,7 @@ class Kid:
 
     def __call__(self, context, samples=None) -> dict[str, float]:
         real, fake = context.reference().features, context.features(samples).features
-        size = self.subset_size or min(1000, len(fake), len(real))
+        size = self.subset_size or max(2, min(1000, min(len(fake), len(real)) // 2))
         mean, std = kernel_inception_distance(real, fake, self.subsets, size, self.seed)
         count, name = count_label(len(samples)), context.network.name
         return {f"KID-{count} ({name})": mean, f"KID-{count} std ({name})": std}

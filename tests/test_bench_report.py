@@ -150,7 +150,7 @@ def test_the_report_is_built_from_the_run_files_alone(tmp_path, monkeypatch):
     for words in ("| dataset | digits |", "600 training steps, batch 32", "`evaluation.num=500`",
                   "`train.max_steps=600`", "digits-cnn, held-out accuracy 97.5%",
                   "| machine | CPU (AVX2), 2 torch threads |",
-                  "FID/KID against the val split", "| baselines | independent-pixels, context-blind-ar |",
+                  "FID/KID against the val split", "| baselines | independent-pixels, context-blind-ar (8 AR steps) |",
                   "| paper (ImageNet 256): | fid ↓ S=1 | probe ↑ |", "| *baseline:* context-blind-ar | — |",
                   "- ⚠ dit does not beat context-blind-ar", f"- {fid1['line']}",
                   "- fid ↓ S=1: holds. Best in",

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import free_port
 
 from cfkit import evaluate
@@ -42,6 +43,8 @@ steps = 2
 batch_size = 6
 grid_images = 4
 baselines = ["independent-pixels", "context-blind-ar"]
+baseline_ar_steps = 4
+sampler = { name = "ddpm", variance = "fixed-small" }
 [[grids]]
 table = "6b"
 [grids.axes.method]
@@ -62,6 +65,8 @@ dit = ["method.name=dit", "model.preset=DiT-tiny"]
     assert {options["generation"]["seed"] for _, options in calls} == {3}  # the same for every run
     assert {options["reference_split"] for _, options in calls} == {"val"}
     assert {options["generation"]["split_steps"] for _, options in calls} == {False}
+    assert {options["generation"]["sampler"].variance for metrics, options in calls
+            if "fid" in metrics} == {"fixed-small"}
     assert [options["ar_steps"] for metrics, options in calls if "probe" in metrics] == [[1, 4]] * 4
     printed = capsys.readouterr()
     assert "| method | seeds |" in printed.out and "paper (ImageNet 256):" in printed.out
@@ -141,6 +146,37 @@ dit = ["method.name=dit", "model.preset=DiT-tiny"]
     rows = {r["label"]: r for r in json.loads((out / "results.json").read_text())["tables"][0]["rows"]}
     assert rows["incontext-dit"]["seeds"] == [0, 1]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no report folder left
+
+
+def test_jobs_train_and_evaluate_runs_in_parallel_processes_with_the_records_of_one(tmp_path, cache, capfd):
+    body = """
+set = ["train.max_steps=4", "train.ckpt_every=2", "train.batch_size=8", "model.hidden_size=32",
+       "model.depth=2"]
+[evaluation]
+metrics = ["fid", "heldout-loss"]
+num = 6
+steps = 2
+model_ar_steps = [1, 2]
+[[grids]]
+[grids.axes.method]
+causalfusion = []
+incontext-dit = ["method.name=incontext-dit"]
+"""
+    path = write_bench(tmp_path, body)
+    assert main(["bench", str(path), "--out", str(tmp_path / "one"), "--no-progress"]) == 0
+    assert main(["bench", str(path), "--out", str(tmp_path / "two"), "--no-progress", "--jobs", "2"]) == 0
+    err = capfd.readouterr().err
+    assert "2 runs, 2 tasks at a time" in err and err.count("] evaluate method=") == 2
+    one, two = (json.loads((tmp_path / o / "results.json").read_text()) for o in ("one", "two"))
+    # the same records; values to float tolerance (one thread in a worker, two here: sums differ)
+    for a, b in zip(one["runs"], two["runs"], strict=True):
+        assert [(r["metric"], r["name"], r["ar_steps"]) for r in a["records"]] == \
+            [(r["metric"], r["name"], r["ar_steps"]) for r in b["records"]]
+        values = [r["value"] for r in b["records"]]
+        assert [r["value"] for r in a["records"]] == pytest.approx(values, rel=1e-3)
+    assert {r["ar_steps"] for r in two["runs"][0]["records"] if r["metric"] == "heldout-loss"} == {1, 2}
+    assert main(["bench", str(path), "--out", str(tmp_path / "two"), "--jobs", "0"]) == 2
+    assert "jobs: give a number of processes >= 1, got 0" in capfd.readouterr().err
 
 
 def test_under_torchrun_every_process_trains_and_rank_0_alone_reports(tmp_path):

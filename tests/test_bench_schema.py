@@ -63,7 +63,7 @@ def test_a_bad_variant_names_the_run_and_the_field(tmp_path):
     ('[[grids]]\n[grids.axes.a]\nx = []\n[evaluation]\nbaselines = ["noise"]',
      "unknown baseline.*'noise'.*allowed: real-train"),
     ('[[grids]]\n[grids.axes.a]\nx = []\n[evaluation]\nar_steps = [1, 2]\nfigure4_steps = 8',
-     "figure4_steps: 8 is not an S_eval; allowed: 1, 2"),
+     "figure4_steps: 8 is not an S_eval of the model metrics; allowed: 1, 2"),
     ('[[grids]]\n[grids.axes.a]\nx = []\n[evaluation]\nreference_split = "test"', "reference_split"),
     ('[[grids]]\nequal_compute = true\ncompute_reference = "z"\n[grids.axes.a]\nx = []',
      "compute_reference: 'z' is not a variant; allowed: x"),

@@ -326,18 +326,21 @@ def header(bench: Bench, runs: list[Run], found: list[dict], overrides: Override
     steps_text = ", ".join(map(str, steps)) + " training steps"
     if equal:
         steps_text += " (equal-compute rows train their own steps: see their tables)"
-    generation = (f"{spec.num} samples per setting, {spec.steps} diffusion steps "
+    sampler = ", ".join([spec.sampler.name, *(f"{k}={v}" for k, v in spec.sampler.options.items())])
+    generation = (f"{spec.num} samples per setting, sampler {sampler}, {spec.steps} diffusion steps "
                   + ("shared across the AR steps (equal network evaluations at every S_eval)"
                      if spec.split_steps else "per AR step")
                   + f", {spec.order} order, S_eval {spec.ar_steps}, CFG {spec.cfg}, seed {spec.seed} for "
-                  f"every run; FID/KID against the {spec.reference_split} split")
+                  f"every run; FID/KID against the {spec.reference_split} split; model metrics at S_eval "
+                  f"{spec.model_s}")
     return {"dataset": ", ".join(sorted(datasets)) or "shards (no dataset)",
             "training": f"{steps_text}, batch {', '.join(map(str, batches))}",
             "overrides": overrides.given(),
             "bench set": list(bench.set[:len(bench.set) - len(overrides.experiment)]),
             "evaluation": generation, "metrics": list(spec.metrics),
             "feature network": "; ".join(networks.values()) or "— (no sample metric evaluated yet)",
-            "baselines": list(spec.baselines), "machine": "; ".join(sorted(machines)) or "—"}
+            "baselines": [f"{b} ({spec.baseline_ar_steps} AR steps)" if b == "context-blind-ar" else b
+                          for b in spec.baselines], "machine": "; ".join(sorted(machines)) or "—"}
 
 
 def markdown_table(table: Table) -> str:
@@ -369,8 +372,10 @@ VERDICTS = ("Trend lines: for each paper column, the paper's best row against ev
             "paired by seed: the best row's relative advantage here (mean ± 95% CI), the paired t-test "
             "p-value and the minimum detectable effect (80% power, 5% two-sided), beside the paper's "
             "relative difference. A pair *holds* when significant (p < 0.05) in the paper's direction, "
-            "*fails* when significant against it; otherwise it is *not resolvable with N seeds*. A column "
-            "fails when a pair fails, holds when every pair holds.")
+            "*fails* when significant against it, or when not significant although the seeds' spread "
+            "could have shown an effect of the paper's size (MDE <= the paper's effect); otherwise it is "
+            "*not resolvable with N seeds* (more seeds needed). A column fails when a pair fails, holds "
+            "when every pair holds.")
 
 
 def markdown(report: dict, tables: list[Table], figures: dict[str, list[str]]) -> str:

@@ -87,12 +87,21 @@ class Evaluation(configs.Strict):
     with. ``split_steps``: the ``steps`` are shared across the AR steps, so every S_eval
     makes the same number of network evaluations. ``baselines`` (``cfkit.baselines``) are
     scored with the same sample metrics at every S_eval and shown as rows of each image
-    table. ``figure4_steps``: the S_eval whose held-out loss per AR step figure 4 plots
+    table. ``model_ar_steps``: the S_eval values of the model metrics that take one (the
+    held-out loss; default ``ar_steps``): cheap, so they can cover more S_eval values than
+    sampling. ``sampler``: a registered sampler with its options (e.g. ``{ name = "ddpm",
+    variance = "fixed-small" }``). ``baseline_ar_steps``: the number of AR steps of the
+    context-blind-ar baseline at every S_eval (at S_eval 1 it would copy one real image).
+    ``figure4_steps``: the S_eval whose held-out loss per AR step figure 4 plots
     (default: the largest)."""
 
     metrics: list[str] = ["fid", "class-accuracy"]
     num: int = Field(500, ge=2)
     ar_steps: list[int] = Field([1], min_length=1)
+    model_ar_steps: list[int] | None = Field(None, min_length=1)
+    sampler: Annotated[configs.Component, configs._component("samplers")] = configs.Component(
+        kind="samplers", name="ddpm")
+    baseline_ar_steps: int = Field(8, ge=1)
     cfg: list[float] = Field([1.0], min_length=1)
     steps: int | str = 50
     split_steps: bool = False
@@ -122,14 +131,19 @@ class Evaluation(configs.Strict):
 
     @model_validator(mode="after")
     def _check_figure4(self):
-        if self.figure4_steps is not None and self.figure4_steps not in self.ar_steps:
-            raise ValueError(f"figure4_steps: {self.figure4_steps} is not an S_eval; allowed: "
-                             f"{', '.join(map(str, self.ar_steps))}")
+        if self.figure4_steps is not None and self.figure4_steps not in self.model_s:
+            raise ValueError(f"figure4_steps: {self.figure4_steps} is not an S_eval of the model "
+                             f"metrics; allowed: {', '.join(map(str, self.model_s))}")
         return self
 
     @property
     def figure4_s(self) -> int:
-        return self.figure4_steps or max(self.ar_steps)
+        return self.figure4_steps or max(self.model_s)
+
+    @property
+    def model_s(self) -> list[int]:
+        """The S_eval values of the model metrics that take one."""
+        return self.model_ar_steps or self.ar_steps
 
     @property
     def key(self) -> str:

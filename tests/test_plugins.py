@@ -84,9 +84,9 @@ def test_unknown_kind_lists_the_kinds():
 
 
 def test_an_extra_plugin_adds_components():
-    extra = Registry(plugin_manager(extra_plugins=(FirstZigzag, module_plugin("mod", "metrics", "kid"))))
+    extra = Registry(plugin_manager(extra_plugins=(FirstZigzag, module_plugin("mod", "metrics", "fad"))))
     assert extra.component("orderings", "zigzag").provider == "FirstZigzag"
-    assert extra.component("metrics", "kid").provider == "mod"
+    assert extra.component("metrics", "fad").provider == "mod"
     assert set(extra.names("orderings")) == set(registry().names("orderings")) | {"zigzag"}
     assert "zigzag" not in registry().names("orderings")  # the process registry is untouched
 

@@ -106,24 +106,28 @@ def run_bench(path, out, overrides=(), progress: bool = True, report_only: bool 
 
 def run_parallel(path, out: Path, overrides: Overrides, keys: list[str], jobs: int) -> None:
     """Train and evaluate the runs ``keys`` of the bench at ``path``, ``jobs`` tasks at a time
-    in worker processes. Every training is queued first and a run's evaluation when its
-    training ends, so workers stay busy until the last task (a run is not one indivisible
-    task, which would leave one worker idle while another trains and evaluates the last)."""
+    in worker processes. A free worker evaluates a trained run before it trains the next one,
+    so finished runs are evaluated as the grid goes (a stopped grid keeps them) and no worker
+    idles while another trains and evaluates the last run."""
     import multiprocessing
     import os
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     say(f"{len(keys)} runs, {jobs} tasks at a time ({threads} thread(s) each)")
+    trainings, evaluations, running = list(keys), [], {}
     context = multiprocessing.get_context("spawn")  # a fresh torch in each worker
     with ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        pending = {pool.submit(_run_task, "train", path, out, overrides, key, threads): key for key in keys}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        while trainings or evaluations or running:
+            while len(running) < jobs and (trainings or evaluations):
+                task, key = ("evaluate", evaluations.pop(0)) if evaluations else ("train", trainings.pop(0))
+                running[pool.submit(_run_task, task, path, out, overrides, key, threads)] = (task, key)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                key = pending.pop(future)
-                if future.result() == "train":  # a failed task stops the bench with its error
-                    pending[pool.submit(_run_task, "evaluate", path, out, overrides, key, threads)] = key
+                task, key = running.pop(future)
+                future.result()  # a failed task stops the bench with its error
+                if task == "train":
+                    evaluations.append(key)
 
 
 def _run_task(task: str, path, out: Path, overrides: Overrides, key: str, threads: int) -> str:

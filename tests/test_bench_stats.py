@@ -180,6 +180,11 @@ def test_columns_skip_intervals_and_per_ar_step_records_and_cells_take_their_own
     assert skipped.mean is None and skipped.skipped == "1 AR step"
 
 
+def test_a_spread_column_says_neither_lower_nor_higher_is_better():
+    assert Column("kid", "KID-500 std (net)", 1, 4.0, "lower").header == "KID-500 std (net) S=1 cfg=4"
+    assert Column("kid", "KID-500 (net)", 1, 4.0, "lower").header == "KID-500 (net) ↓ S=1 cfg=4"
+
+
 def test_a_paper_column_matches_the_first_cfg_scale_or_a_model_metric():
     columns = (Column("fid", "FID", 1, 3.0, "lower"), Column("fid", "FID", 1, 1.0, "lower"), PROBE)
     matched = stats.paper_columns(columns, (("fid", 1), ("probe", None), ("fid", 8)), lambda m: "lower", 1.0)

@@ -349,7 +349,8 @@ def markdown_table(table: Table) -> str:
     headers = [" / ".join(table.axes), "seeds", "steps", "train FLOPs"] + [c.header for c in table.columns]
     if table.paper_columns:
         headers += ["paper (ImageNet 256):"] + [c.label for c in table.paper_columns]
-    best = [set(stats.best_rows(table.rows, j, c.better)) for j, c in enumerate(table.columns)]
+    best = [set() if c.spread else set(stats.best_rows(table.rows, j, c.better))
+            for j, c in enumerate(table.columns)]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in table.rows:
         baseline = row.kind == "baseline"

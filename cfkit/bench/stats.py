@@ -56,8 +56,15 @@ class Column:
     better: Better = "higher"
 
     @property
+    def spread(self) -> bool:
+        """A spread of another column's value (e.g. KID's std over subsets), not a score."""
+        return self.name is not None and " std " in f" {self.name} "
+
+    @property
     def header(self) -> str:
-        text = f"{self.name or self.metric} {ARROWS[self.better]}"
+        text = self.name or self.metric
+        if not self.spread:
+            text += f" {ARROWS[self.better]}"
         if self.ar_steps is not None:
             text += f" S={self.ar_steps}"
         if self.cfg is not None:

@@ -77,6 +77,15 @@ def test_no_significant_difference_where_the_run_could_see_the_papers_effect_fai
     assert "which would likely have shown" in trend.line
 
 
+def test_a_pair_with_a_row_below_a_structure_blind_baseline_is_not_resolvable():
+    rows = (row("random", [10.0, 10.1, 9.9], 12.89), row("raster", [12.0, 12.2, 11.9], 14.46))
+    clear, = table(*rows).trends
+    blind, = table(*rows, row("context-blind-ar", 11.0, kind="baseline")).trends
+    assert clear.verdict == "holds" and blind.verdict == "not resolvable"
+    assert blind.pairs[0].verdict_text.startswith("not resolvable (a row does not beat")
+    assert "raster do(es) not beat the structure-blind baselines" in blind.line
+
+
 def test_one_seed_gives_no_test_and_resolves_nothing():
     trend, = table(row("random", 10.0, 12.89), row("raster", 12.0, 14.46)).trends
     pair, = trend.pairs

@@ -375,7 +375,8 @@ VERDICTS = ("Trend lines: for each paper column, the paper's best row against ev
             "relative difference. A pair *holds* when significant (p < 0.05) in the paper's direction, "
             "*fails* when significant against it, or when not significant although the seeds' spread "
             "could have shown an effect of the paper's size (MDE <= the paper's effect); otherwise it is "
-            "*not resolvable with N seeds* (more seeds needed). A column fails when a pair fails, holds "
+            "*not resolvable with N seeds* (more seeds needed); a pair with a row that does not beat the "
+            "structure-blind baselines is not resolvable. A column fails when a pair fails, holds "
             "when every pair holds.")
 
 

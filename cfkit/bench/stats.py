@@ -28,6 +28,7 @@ row here among every trained row of the table, so it never contradicts the table
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import warnings
@@ -149,6 +150,7 @@ class Pair:
     mde: float | None
     paper_effect: float | None
     verdict: str
+    blind: bool = False  # a row of the pair does not beat the structure-blind baselines
 
     @property
     def n(self) -> int:
@@ -156,6 +158,8 @@ class Pair:
 
     @property
     def verdict_text(self) -> str:
+        if self.blind:
+            return "not resolvable (a row does not beat the structure-blind baselines)"
         return verdict_text(self.verdict, self.n)
 
     def text(self) -> str:
@@ -166,7 +170,7 @@ class Pair:
         power = ""
         if self.mde is not None:
             power = f", MDE {self.mde:.1%}"
-            if self.p is not None and self.p >= ALPHA and self.paper_effect is not None:
+            if not self.blind and self.p is not None and self.p >= ALPHA and self.paper_effect is not None:
                 power += (" > the paper's effect: more seeds needed" if self.mde > self.paper_effect
                           else " <= the paper's effect, which would likely have shown")
         return f"vs {self.other}: {self.verdict_text} ({lead}, {test}{power}{paper})"
@@ -296,9 +300,11 @@ def best_rows(rows: Sequence[Row], column: int, better: Better) -> tuple[str, ..
     return tuple(label for label, value in measured if math.isclose(value, best, rel_tol=1e-12, abs_tol=0.0))
 
 
-def trend(table: Table, index: int) -> Trend:
+def trend(table: Table, index: int, must_beat: Sequence[str] = ()) -> Trend:
     """The paper column ``index`` of ``table``: its best row in the paper against each other
-    trained row here, and the column's verdict."""
+    trained row here, and the column's verdict. A pair with a row that does not beat every
+    baseline of ``must_beat`` in that column is not resolvable: a model no better than a
+    structure-blind sampler orders nothing."""
     spec = table.paper_columns[index]
     label = spec.label
     if spec.column is None:
@@ -316,6 +322,9 @@ def trend(table: Table, index: int) -> Trend:
         best.paper[index], row.paper[index])) is not None)
     if not pairs:
         return Trend(label, best.label, here, (), None, 0, f"{label}: no seed measured for two rows")
+    blind = {row.label for row in models if beaten_by(table, spec.column, row, must_beat)}
+    pairs = tuple(dataclasses.replace(pair, verdict=UNRESOLVED, blind=True)
+                  if blind & {best.label, pair.other} else pair for pair in pairs)
     verdicts = {pair.verdict for pair in pairs}
     verdict = FAILS if FAILS in verdicts else HOLDS if verdicts == {HOLDS} else UNRESOLVED
     seeds = min(pair.n for pair in pairs)
@@ -323,6 +332,8 @@ def trend(table: Table, index: int) -> Trend:
     line = (f"{label}: {verdict_text(verdict, seeds)}. Best in the paper {best.label}, best here "
             f"{' = '.join(here)} (of {len(models)} rows); {holding}/{len(pairs)} pairs hold: "
             + "; ".join(pair.text() for pair in pairs))
+    if blind:
+        line += f" ({', '.join(sorted(blind))} do(es) not beat the structure-blind baselines here)"
     return Trend(label, best.label, here, pairs, verdict, seeds, line)
 
 
@@ -330,23 +341,27 @@ def baseline_warnings(table: Table, metric: str, must_beat: Sequence[str]) -> tu
     """A line per trained row that does not beat (strictly, by mean) every baseline of
     ``must_beat`` on ``metric`` at the same S_eval (and CFG scale)."""
     lines = []
-    baselines = {row.label: row for row in table.rows if row.kind == "baseline" and row.label in must_beat}
-    if not baselines:
-        return ()
     for j, column in enumerate(table.columns):
         if column.metric != metric or column.ar_steps is None:
             continue
-        sign = 1.0 if column.better == "lower" else -1.0
         for row in table.rows:
-            mine = row.cells[j].mean
-            if row.kind != "model" or mine is None:
-                continue
-            beaten_by = [f"{name} ({_short(b.cells[j].mean)})" for name, b in baselines.items()
-                         if b.cells[j].mean is not None and not sign * mine < sign * b.cells[j].mean]
-            if beaten_by:
-                lines.append(f"{row.label} does not beat {' and '.join(beaten_by)} on {column.header} "
-                             f"({_short(mine)})")
+            beaten = beaten_by(table, j, row, must_beat)
+            if beaten:
+                lines.append(f"{row.label} does not beat {' and '.join(beaten)} on {column.header} "
+                             f"({_short(row.cells[j].mean)})")
     return tuple(lines)
+
+
+def beaten_by(table: Table, column: int, row: Row, must_beat: Sequence[str]) -> list[str]:
+    """The baselines of ``must_beat`` (with their values) that the trained ``row`` does not
+    beat, strictly by mean, in ``column``; empty for a baseline row or a missing value."""
+    mine, better = row.cells[column].mean, table.columns[column].better
+    if row.kind != "model" or mine is None:
+        return []
+    sign = 1.0 if better == "lower" else -1.0
+    return [f"{b.label} ({_short(b.cells[column].mean)})" for b in table.rows
+            if b.kind == "baseline" and b.label in must_beat and b.cells[column].mean is not None
+            and not sign * mine < sign * b.cells[column].mean]
 
 
 def _short(value: float) -> str:
@@ -408,6 +423,6 @@ def make_table(title: str, axes: Sequence[str], columns: Sequence[Column], rows:
     """The table with its trends (one per paper column) and baseline warnings."""
     table = Table(title, tuple(axes), tuple(columns), tuple(rows), paper_table, tuple(paper), paper_note,
                   note=note)
-    trends = tuple(trend(table, j) for j in range(len(table.paper_columns)))
+    trends = tuple(trend(table, j, must_beat) for j in range(len(table.paper_columns)))
     return Table(table.title, table.axes, table.columns, table.rows, paper_table, table.paper_columns,
                  paper_note, trends, baseline_warnings(table, warn_metric, must_beat), note)

@@ -77,6 +77,9 @@ def run_bench(path, out, overrides=(), progress: bool = True, report_only: bool 
         group.close()
         raise ValueError("--jobs starts processes on this machine; under torchrun give --jobs 1")
     try:
+        if main and not report_only and part == 0:
+            # First: cheap, and a grid stopped part-way still reports its models against them.
+            score_baselines(bench.evaluation, runs, out, progress, str(group.device))
         mine = [run.key for index, run in enumerate(runs) if not report_only and index % parts == part]
         if jobs > 1:
             run_parallel(path, out, overrides, mine, jobs)
@@ -92,8 +95,6 @@ def run_bench(path, out, overrides=(), progress: bool = True, report_only: bool 
             training.barrier()
         if not main:
             return {}
-        if not report_only and part == 0:
-            score_baselines(bench.evaluation, runs, out, progress, str(group.device))
         # Gathered after the loop: other shards finish runs while this one trains its own.
         results = reporting.write_report(path, bench, runs, out, overrides, processes=group.world_size,
                                          started=started)

@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from cfkit import config as configs
-from cfkit import plugins
+from cfkit import plugins, preflight
 from cfkit.convert import CheckpointError
 from cfkit.generate import KEEP_REGIONS, component
+from cfkit.runlock import FolderInUse
 from cfkit.train import TrainingError
 
 
 def cmd_plugins(args) -> int:
-    rows = [(c.kind, c.name, c.provider) for c in plugins.registry().components()]
-    widths = [max(len(r[i]) for r in rows + [("kind", "name", "plugin")]) for i in range(3)]
-    for row in [("kind", "name", "plugin")] + rows:
+    """Every registered component; a name two plugins register is listed twice, marked."""
+    registry = plugins.registry(allow_conflicts=True)
+    clashes = {(c.kind, c.name) for c in registry.conflicts}
+    place = {(c.kind, c.name): i for i, c in enumerate(registry.components())}
+    listed = sorted(registry.components() + registry.conflicts, key=lambda c: place[c.kind, c.name])
+    rows = [(c.kind, c.name, c.provider, "CONFLICT" if (c.kind, c.name) in clashes else "")
+            for c in listed]
+    widths = [max(len(r[i]) for r in rows + [("kind", "name", "plugin", "")]) for i in range(4)]
+    for row in [("kind", "name", "plugin", "")] + rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    if registry.conflicts:
+        print(f"warning: {registry.conflict_message()}", file=sys.stderr)
     return 0
 
 
@@ -80,11 +91,11 @@ def cmd_plan(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from cfkit import convert
+    from cfkit import checkpoint, convert
 
     kwargs = None
     if args.kwargs:
-        data = json.loads(Path(args.kwargs).read_text())
+        data = checkpoint.read_json(args.kwargs)
         kwargs = data.get("official_constructor_kwargs", data)
     if args.patch_size is not None or args.latent_channels is not None:
         kwargs = dict(kwargs or {})
@@ -98,7 +109,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from cfkit import train
+    from cfkit import data, runlock, train
+
+    if args.allow_remote_shards:  # the environment reaches DataLoader workers and subprocesses
+        os.environ[data.ALLOW_REMOTE_SHARDS] = "1"
 
     if args.resume:
         experiment = train.resume_experiment(args.resume, args.set)
@@ -107,12 +121,13 @@ def cmd_train(args) -> int:
     if not (args.config and args.out):
         raise configs.ConfigError("cfkit train needs CONFIG and --out RUN_DIR (or --resume RUN_DIR)")
     experiment = configs.load(args.config, args.set)
-    if train.checkpoints(Path(args.out)):
-        raise configs.ConfigError(
-            f"{args.out} already holds checkpoints; continue it with --resume {args.out} "
-            "or choose another --out"
-        )
-    train.train(experiment, args.out, progress=not args.no_progress)
+    with runlock.hold(args.out):  # first: the checkpoints of a live run are not to resume
+        if train.checkpoints(Path(args.out)):
+            raise configs.ConfigError(
+                f"{args.out} already holds checkpoints; continue it with --resume {args.out} "
+                "or choose another --out"
+            )
+        train.train(experiment, args.out, progress=not args.no_progress)
     return 0
 
 
@@ -137,7 +152,7 @@ def cmd_shards(args) -> int:
     if args.encode:
         tokenizer = plugins.build("image_tokenizers", args.encode, **_options(args.tokenizer_option))
     paths = data.write_shards(_dataset(args), args.out, args.split, args.shard_size, tokenizer,
-                              prefix=args.name)
+                              prefix=args.name, force=args.force)
     print(f"wrote {len(paths)} shard(s) to {args.out}")
     return 0
 
@@ -195,14 +210,17 @@ def _generation_options(args) -> dict:
                 cfg_interval=tuple(args.cfg_interval), sampler=sampler, seed=args.seed)
 
 
-def _write_samples(pipe, result, labels, out, prompts=None) -> None:
+def _write_samples(pipe, result, labels, out) -> None:
     from cfkit.pipeline import save_samples
 
-    images = None if pipe.tokenizer is None else pipe.decode(result.latents)
-    save_samples(out, result.latents, labels, images, prompts)
-    what = "samples.npz, one PNG per image and grid.png" if images is not None else (
+    save_samples(out, result.latents, labels, None if pipe.tokenizer is None else pipe.decode(result.latents))
+    _say_written(pipe, len(labels), out)
+
+
+def _say_written(pipe, num: int, out) -> None:
+    what = "samples.npz, one PNG per image and grid.png" if pipe.tokenizer is not None else (
         "samples.npz with latents only: the checkpoint's image tokenizer does not decode them")
-    print(f"wrote {len(result.latents)} sample(s) to {out}: {what}")
+    print(f"wrote {num} sample(s) to {out}: {what}")
 
 
 def _progress_bar(args):
@@ -216,6 +234,7 @@ def _progress_bar(args):
         if not bars:
             bars.append(tqdm(total=total, unit="step", desc="diffusion steps",
                              disable=args.no_progress, file=sys.stderr))
+        bars[0].total = total  # batches of a drawn schedule differ in steps
         bars[0].update(done - bars[0].n)
         if done == total:
             bars[0].close()
@@ -231,15 +250,11 @@ def cmd_sample(args) -> int:
     num = len(given) if args.num is None else args.num
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
-    if args.prompts:  # text-to-image; labels -1 (no class)
-        prompts = (args.prompts * math.ceil(num / len(args.prompts)))[:num]
-        result = pipe.text_to_image_latents(prompts, progress=_progress_bar(args),
-                                            **_generation_options(args))
-        _write_samples(pipe, result, torch.full((num,), -1), args.out, prompts)
-        return 0
-    labels = torch.tensor(args.classes).repeat(math.ceil(num / len(args.classes)))[:num]
-    result = pipe.generate_latents(labels, progress=_progress_bar(args), **_generation_options(args))
-    _write_samples(pipe, result, labels, args.out)
+    repeated = (given * math.ceil(num / len(given)))[:num]
+    condition = {"prompts": repeated} if args.prompts else {"classes": repeated}
+    pipe.write_samples(args.out, **condition, batch_size=args.batch_size, progress=_progress_bar(args),
+                       **_generation_options(args))
+    _say_written(pipe, num, args.out)
     return 0
 
 
@@ -281,7 +296,7 @@ def cmd_edit(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from cfkit import evaluate
+    from cfkit import evaluate, runlock
 
     generation = _generation_options(args)
     for key in ("ar_steps", "step_sizes", "schedule"):  # --ar-steps lists the S_eval values
@@ -292,14 +307,16 @@ def cmd_eval(args) -> int:
         if not option:
             raise ValueError(f"--metric-option {key}=...: give METRIC.KEY=VALUE, e.g. probe.t=100")
         metric_options.setdefault(metric, {})[option] = value
-    report = evaluate.evaluate(
-        args.checkpoint, [m for m in args.metrics.split(",") if m], num=args.num,
-        ar_steps=args.ar_steps, generation=generation, metric_options=metric_options,
-        features=args.features, feature_options=_options(args.feature_option),
-        reference_split=args.reference_split, batch_size=args.batch_size, device=args.device,
-        progress=not args.no_progress,
-        samples_out=(args.out or args.checkpoint) if args.save_samples else None)
-    written = evaluate.write_report(report, args.out or args.checkpoint)
+    # An --out folder is held; the evaluated folder is not (a live run may be evaluated).
+    with runlock.hold(args.out) if args.out else contextlib.nullcontext():
+        report = evaluate.evaluate(
+            args.checkpoint, [m for m in args.metrics.split(",") if m], num=args.num,
+            ar_steps=args.ar_steps, generation=generation, metric_options=metric_options,
+            features=args.features, feature_options=_options(args.feature_option),
+            reference_split=args.reference_split, batch_size=args.batch_size, device=args.device,
+            progress=not args.no_progress,
+            samples_out=(args.out or args.checkpoint) if args.save_samples else None)
+        written = evaluate.write_report(report, args.out or args.checkpoint)
     print(evaluate.summary(report), end="")
     print(f"wrote {', '.join(map(str, written))}")
     return 0
@@ -366,6 +383,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-remote-shards", action="store_true",
+                   help="read pipe: and URL shards (pipe:CMD runs CMD; a config or run folder "
+                   "alone never may); same as CFKIT_ALLOW_REMOTE_SHARDS=1")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("shards", help="write a dataset as WebDataset tar shards")
@@ -380,6 +400,8 @@ def parser() -> argparse.ArgumentParser:
                    "e.g. channels=3 or path=kl16.ckpt")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset option, e.g. size=2000 or image_size=32")
+    p.add_argument("--force", action="store_true",
+                   help="replace the shards already in --out (the whole set, atomically)")
     p.set_defaults(run=cmd_shards)
 
     p = sub.add_parser("tokenizer", help="text tokenizers: train a BPE tokenizer on captions")
@@ -403,6 +425,9 @@ def parser() -> argparse.ArgumentParser:
     condition.add_argument("--prompt", dest="prompts", nargs="+", metavar="TEXT",
                            help="captions of a text-to-image checkpoint, repeated to --num images")
     p.add_argument("--num", type=int, help="number of images (default: one per --class or --prompt)")
+    p.add_argument("--batch-size", type=int, default=250,
+                   help="images generated and written at a time (default 250); batch b draws with "
+                   "seed + b")
     _generation_arguments(p)
     p.set_defaults(run=cmd_sample)
 
@@ -536,8 +561,12 @@ def cmd_bench(args) -> int:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
+        preflight.check(args)
         return args.run(args)
     except (configs.ConfigError, plugins.UnknownComponentError, plugins.DuplicateComponentError,
-            CheckpointError, FileNotFoundError, TrainingError, ValueError) as error:
+            CheckpointError, FileNotFoundError, FolderInUse, TrainingError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the environment: a full disk, a file that is not readable
+        print(f"error: {preflight.describe(error)}", file=sys.stderr)
         return 2

@@ -68,7 +68,7 @@ def _component(kind: str, axis: str | None = None, build: bool = True):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Factorisation(Strict):
@@ -97,7 +97,7 @@ class Factorisation(Strict):
 
         return Planner(
             self.schedule.build(), self.ordering.build(), self.timesteps.build(),
-            copies=self.copies, per_sample=self.per_sample,
+            copies=self.copies, per_sample=self.per_sample, ordering_name=self.ordering.name,
         )
 
 
@@ -143,6 +143,9 @@ class Data(Strict):
         return self
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]  # an Adam moment's decay
+
+
 class Train(Strict):
     """The optimisation loop (reference defaults: AdamW β=(0.9, 0.95), eps 1e-15, wd 0,
     base LR 1e-4 per 256 images, linear warmup then constant, clip 1.0, EMA 0.9999)."""
@@ -152,8 +155,8 @@ class Train(Strict):
     base_lr: float = Field(1e-4, gt=0)  # per 256 images
     lr: float | None = Field(None, gt=0)  # absolute; overrides base_lr scaling
     warmup_steps: int = Field(0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-15
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
+    eps: float = Field(1e-15, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     ema: float = Field(0.9999, ge=0, lt=1)
@@ -182,7 +185,8 @@ class Experiment(Strict):
     model: dict[str, Any] = {}
     factorisation: Factorisation = Factorisation()
     diffusion: Diffusion = Diffusion()
-    data: Data = Data(dataset=Component(kind="datasets", name="digits"))
+    # not validated at import: importing cfkit.config (as `cfkit --help` does) loads no plugin
+    data: Data = Data.model_construct(dataset=Component(kind="datasets", name="digits"))
     train: Train = Train()
 
     @model_validator(mode="after")
@@ -192,6 +196,8 @@ class Experiment(Strict):
         if check is not None:
             try:
                 check(self)
+            except plugins.OptionError:
+                raise  # its lines name their fields
             except (TypeError, ValueError) as error:
                 raise ValueError(f"model: {error}") from None
         return self
@@ -252,7 +258,7 @@ def format_errors(error: ValidationError, model: type[BaseModel]) -> str:
             allowed = ", ".join(_fields_at(model, item["loc"][:-1]))
             lines.append(f"{field}: unknown key (got {item.get('input')!r}); allowed keys: {allowed}")
         elif item["type"] in ("value_error", "assertion_error"):
-            lines.append(f"{field}: {message}")
+            lines.append(message if not item["loc"] else f"{field}: {message}")
         else:
             lines.append(f"{field}: {message}; got {item.get('input')!r}")
     return "\n".join(lines)
@@ -269,9 +275,13 @@ def load(path, overrides: list[str] = (), model: type[BaseModel] = Experiment):
     """Read, override and validate a TOML config; ConfigError says what is wrong."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; give a TOML config file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error}); a config is a TOML file") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     return validate(apply_overrides(data, list(overrides)), model)

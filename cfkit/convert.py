@@ -8,7 +8,6 @@ is refused. Every key is mapped; missing or unexpected keys are an error listing
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pickle
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from cfkit.checkpoint import CheckpointError, check_fits, read_json
 from cfkit.transformer import PRESETS, CausalTransformer, TransformerConfig, sincos_pos_embed
 
 # official key pattern -> cfkit key template
@@ -38,10 +38,6 @@ KEY_MAP = [
 OFFICIAL_MODELS = {"CausalFusion-L", "CausalFusion-XL", "CausalFusion-H"}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be imported; the message says why."""
-
-
 def read_official(path) -> dict:
     """The checkpoint dict, unpickling nothing but tensors, containers and Namespace."""
     path = Path(path)
@@ -55,6 +51,9 @@ def read_official(path) -> dict:
             f"{path}: refused: it carries a pickled object other than tensors and "
             f"argparse.Namespace ({str(error).splitlines()[0]})"
         ) from None
+    except (EOFError, OSError, RuntimeError) as error:  # what torch.load makes of a cut file
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?)"
+                              f"{': ' + str(error).splitlines()[0] if str(error) else ''}") from None
 
 
 def map_key(key: str) -> str | None:
@@ -137,13 +136,15 @@ def load_official(path, kwargs: dict | None = None, prefer_ema: bool = True):
     if key not in checkpoint:
         raise CheckpointError(f"{path}: no 'ema' or 'model' weights; keys: {sorted(checkpoint)}")
     state = checkpoint[key]
-    if kwargs is None:
-        sidecar = Path(path).with_suffix(".json")
-        if sidecar.exists():
-            kwargs = json.loads(sidecar.read_text()).get("official_constructor_kwargs")
+    source = "the given constructor kwargs"
+    sidecar = Path(path).with_suffix(".json")
+    if kwargs is None and sidecar.exists():
+        kwargs, source = read_json(sidecar).get("official_constructor_kwargs"), sidecar
     config = infer_config(state, checkpoint.get("args"), kwargs)
     model = CausalTransformer(config)
-    model.load_state_dict(convert_state(state, model))
+    mapped = convert_state(state, model)
+    check_fits(model, mapped, path, source)
+    model.load_state_dict(mapped)
     return model.eval(), config
 
 

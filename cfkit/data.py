@@ -12,10 +12,18 @@ batches), which makes runs reproducible across world sizes and exactly resumable
 process and worker reads every shard, so reading must be cheap: ``read_tar`` parses the tar
 headers itself (about 20x faster than the ``tarfile`` module) and only a process's own rows
 are decoded.
+
+Shards are data, never code: only local files are read unless whoever runs cfkit opts in to
+``pipe:`` and URL shards (``--allow-remote-shards`` or ``CFKIT_ALLOW_REMOTE_SHARDS=1``), since
+webdataset reads those by running a command. Bad data never stops a run: a damaged shard and
+a bad sample (a label out of range or missing, an image of another size, a file too large to
+be real) are skipped and counted by reason with their shard and key; only shards without a
+single usable sample are an error (``DataError``).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import glob
 import hashlib
@@ -23,11 +31,17 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import re
+import shutil
+import uuid
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import torch
@@ -105,27 +119,90 @@ def dataset_captions(dataset, split: str = "train") -> list[str]:
 
 
 def write_shards(dataset, out_dir, split: str = "train", shard_size: int = 1000,
-                 tokenizer=None, prefix: str | None = None, batch_size: int = 64) -> list[Path]:
-    """Write ``dataset``'s ``split`` as tar shards ``{prefix}-{split}-{i:06d}.tar``; each shard
-    is written to a temp name and renamed. With ``tokenizer``, latents replace pixels."""
+                 tokenizer=None, prefix: str | None = None, batch_size: int = 64,
+                 force: bool = False) -> list[Path]:
+    """Write ``dataset``'s ``split`` as tar shards ``{prefix}-{split}-{i:06d}.tar`` in ``out_dir``.
+    The whole set is written in a temp folder beside it, which then replaces ``out_dir``: a
+    reader finds the old set or the new one, never a mix, and a failed write leaves nothing.
+    An ``out_dir`` holding shards is replaced only with ``force``; one holding anything else
+    never is. With ``tokenizer``, latents replace pixels."""
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
-    out_dir = Path(out_dir)
+    target = Path(out_dir).resolve()
+    _check_replaceable(target, force)
     prefix = prefix or type(dataset).__name__.lower()
-    paths, chunk = [], []
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        names = _write_set(dataset, tmp, split, shard_size, tokenizer, prefix, batch_size)
+        _replace_folder(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [Path(out_dir) / name for name in names]
+
+
+def _write_set(dataset, folder: Path, split: str, shard_size: int, tokenizer, prefix: str,
+               batch_size: int) -> list[str]:
+    """The shards of ``dataset``'s ``split`` written into ``folder``; their file names."""
+    names, chunk = [], []
+
+    def flush():
+        names.append(f"{prefix}-{split}-{len(names):06d}.tar")
+        _write_shard(folder / names[-1], chunk, tokenizer, batch_size)
+
     for sample in dataset.samples(check_split(split)):
         if not sample.key or "." in sample.key or "/" in sample.key:
             # webdataset splits a member name at the first dot of its base name
             raise ValueError(f"sample key {sample.key!r}: a key must be non-empty, without '.' or '/'")
         chunk.append(sample)
         if len(chunk) == shard_size:
-            paths.append(_write_shard(out_dir / f"{prefix}-{split}-{len(paths):06d}.tar", chunk,
-                                      tokenizer, batch_size))
+            flush()
             chunk = []
     if chunk:
-        paths.append(_write_shard(out_dir / f"{prefix}-{split}-{len(paths):06d}.tar", chunk,
-                                  tokenizer, batch_size))
-    return paths
+        flush()
+    if not names:
+        raise ValueError(f"dataset {prefix} has no {split} samples: no shards to write")
+    return names
+
+
+def _is_shard_file(name: str) -> bool:
+    """A shard, or the temp file of one that a killed writer left."""
+    return name.endswith(".tar") or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _check_replaceable(folder: Path, force: bool) -> None:
+    """Refuse to replace a folder of shards without ``force``, and a folder holding anything
+    else at all (a mistaken ``--out`` must not delete other files)."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is a file; shards are written to a folder")
+    entries = sorted(p.name for p in folder.iterdir())
+    others = [name for name in entries if not _is_shard_file(name)]
+    if others:
+        raise ValueError(f"{folder} holds files other than shards ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}); write shards to a new or empty folder")
+    if entries and not force:
+        raise ValueError(f"{folder} already holds {len(entries)} shard file(s); replace the whole "
+                         "set with --force (force=True), or write to a new or empty folder")
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Put folder ``new`` in ``folder``'s place: one atomic rename when ``folder`` is missing or
+    empty, else the old folder is renamed aside first (a reader meanwhile finds no folder,
+    never a mix of the two sets) and then deleted."""
+    try:
+        os.rename(new, folder)
+        return
+    except OSError as error:
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    old = new.with_suffix(".old")
+    os.rename(folder, old)
+    os.rename(new, folder)
+    shutil.rmtree(old)
 
 
 def _write_shard(path: Path, samples: list[Sample], tokenizer, batch_size: int) -> Path:
@@ -134,7 +211,7 @@ def _write_shard(path: Path, samples: list[Sample], tokenizer, batch_size: int) 
     def write(tmp):
         # A fixed integer mtime: byte-identical shards, and no per-file pax header (a float
         # mtime adds one, doubling the headers a reader parses).
-        with wds.TarWriter(str(tmp), mtime=0) as sink:
+        with open(tmp, "wb") as file, wds.TarWriter(file, mtime=0) as sink:  # a name is no URL
             for i, sample in enumerate(samples):
                 record = {"__key__": sample.key}
                 if latents is None:
@@ -170,18 +247,21 @@ def _encode(samples: list[Sample], tokenizer, batch_size: int) -> tuple[np.ndarr
 
 BLOCK = 512
 END_BLOCK = bytes(BLOCK)
+CHUNK = 1 << 24
+MAX_MEMBER = 1 << 30  # no sample's file is this large: a larger size field is damage
 # webdataset's split of a file name: key = folder + base name up to its first dot, suffix = the rest
 MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
-def read_tar(path) -> Iterator[dict]:
+def read_tar(path, allow_remote: bool | None = None) -> Iterator[dict]:
     """The samples of a tar shard grouped as ``webdataset`` groups them: ``{"__key__": key,
-    suffix: bytes, ...}`` from consecutive files ``key.suffix``; ``path`` is a file or any URL
-    webdataset opens (``pipe:``, ``http://``...). A damaged archive (no tar header where one
-    should be, a truncated file, no end-of-archive block) raises ValueError after yielding the
-    complete samples before the damage; the sample it was reading is dropped."""
+    suffix: bytes, ...}`` from consecutive files ``key.suffix``. ``path`` is a file or, when
+    ``allow_remote`` (default: ``remote_shards_allowed()``), any URL webdataset opens
+    (``pipe:``, ``http://``...). A damaged archive (no tar header where one should be, a file
+    size no file has, a truncated file, no end-of-archive block) raises ValueError after
+    yielding the complete samples before the damage; the sample it was reading is dropped."""
     sample = None
-    for name, data in _tar_files(path):
+    for name, data in _tar_files(path, allow_remote):
         match = MEMBER.match(name)
         if match is None:
             continue
@@ -196,9 +276,9 @@ def read_tar(path) -> Iterator[dict]:
         yield sample
 
 
-def _tar_files(path) -> Iterator[tuple[str, bytes]]:
+def _tar_files(path, allow_remote: bool | None = None) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular file of a tar archive: ustar, GNU long names, pax paths."""
-    with wds.gopen(str(path), "rb") as file:
+    with open_shard(str(path), allow_remote) as file:
         long_name = None
         while True:
             header = file.read(BLOCK)
@@ -210,7 +290,10 @@ def _tar_files(path) -> Iterator[tuple[str, bytes]]:
             if header[257:262] != b"ustar" and not _checksum_ok(header):
                 raise ValueError(f"{path}: not a tar archive (no tar header at byte {file.tell() - BLOCK})")
             size = _octal(header[124:136])
-            data = file.read(size)
+            if not 0 <= size <= MAX_MEMBER:
+                raise ValueError(f"{path}: a tar header declares a file of {size} bytes (allowed: "
+                                 f"0 to {MAX_MEMBER}); the archive is damaged")
+            data = _read(file, size)
             if len(data) < size:
                 raise ValueError(f"{path}: truncated inside a file of {size} bytes")
             file.read(-size % BLOCK)
@@ -222,6 +305,18 @@ def _tar_files(path) -> Iterator[tuple[str, bytes]]:
             elif kind in (b"0", b"\0", b"7"):  # a regular file
                 yield long_name or _ustar_name(header), data
                 long_name = None
+
+
+def _read(file, size: int) -> bytes:
+    """Up to ``size`` bytes of ``file``, in chunks: a damaged size field then costs no more
+    memory than the bytes really there (``read(size)`` allocates ``size`` bytes first)."""
+    if size <= CHUNK:
+        return file.read(size)
+    parts = []
+    while size > 0 and (part := file.read(min(size, CHUNK))):
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
 
 
 def _octal(field: bytes) -> int:
@@ -246,73 +341,290 @@ def _pax_path(data: bytes) -> str | None:
     """The ``path`` record of pax extended-header records ``"LENGTH KEY=VALUE\\n"``."""
     start = 0
     while start < len(data) and data[start:start + 1] != b"\0":
-        length = int(data[start:data.index(b" ", start)])
-        key, _, value = data[data.index(b" ", start) + 1:start + length - 1].partition(b"=")
+        space = data.index(b" ", start)
+        length = int(data[start:space])
+        if length <= space + 1 - start:  # a record holds its length, a space and more
+            raise ValueError(f"a pax record of length {length} at byte {start}")
+        key, _, value = data[space + 1:start + length - 1].partition(b"=")
         if key == b"path":
             return value.decode()
         start += length
     return None
 
 
-def shard_paths(spec) -> list[str]:
-    """Shard files from a folder, a glob, a brace pattern or a list."""
+class DataError(ValueError):
+    """Shards that cannot be read at all: a source not allowed, or not one usable sample."""
+
+
+ALLOW_REMOTE_SHARDS = "CFKIT_ALLOW_REMOTE_SHARDS"
+
+
+def remote_shards_allowed() -> bool:
+    """Whether whoever runs cfkit opted in to ``pipe:`` and URL shards (the environment
+    variable ``CFKIT_ALLOW_REMOTE_SHARDS=1``, which ``cfkit train --allow-remote-shards`` sets):
+    a config or a run folder may come from someone else, the environment may not."""
+    return os.environ.get(ALLOW_REMOTE_SHARDS, "") not in ("", "0")
+
+
+def is_local(url: str) -> bool:
+    """A plain path or ``file:`` URL: reading it runs nothing. webdataset hands every other
+    scheme to a program (``pipe:`` to a shell; http(s), gs, s3, hf, ... to curl, gsutil, aws)
+    and ``-`` means standard input."""
+    return url != "-" and urlparse(url).scheme in ("", "file")
+
+
+def check_sources(urls: list[str], allow_remote: bool | None = None) -> list[str]:
+    """``urls``, when each is local or remote shards are allowed (default: the environment)."""
+    if allow_remote is None:
+        allow_remote = remote_shards_allowed()
+    remote = [url for url in urls if not is_local(url)]
+    if remote and not allow_remote:
+        raise DataError(
+            f"shard {remote[0]!r} is not a local file ({len(remote)} of {len(urls)} shard(s)): pipe: "
+            "and URL shards (http(s)://, gs://, s3://, ...) are read by running a command, so "
+            "whoever runs cfkit must opt in: cfkit train --allow-remote-shards, or the environment "
+            f"variable {ALLOW_REMOTE_SHARDS}=1 (a local file with a colon in its name: ./NAME)")
+    return urls
+
+
+def open_shard(url: str, allow_remote: bool | None = None):
+    """A binary file object of shard ``url``: a local file directly (no URL rewriting, no
+    program), anything else through webdataset once ``check_sources`` allows it."""
+    if is_local(url):
+        parsed = urlparse(url)
+        return open(url2pathname(parsed.path) if parsed.scheme else url, "rb")
+    check_sources([url], allow_remote)
+    return wds.gopen(url, "rb")
+
+
+def _file_url(path: str) -> str:
+    """A file found on disk, spelled so that no reader takes it for a URL (``pipe:x.tar``)."""
+    return path if is_local(path) else f"./{path}"
+
+
+def shard_paths(spec, allow_remote: bool | None = None) -> list[str]:
+    """Shard files from a folder, a glob, a brace pattern or a list; ``pipe:`` and URL shards
+    only when ``allow_remote`` (default: ``remote_shards_allowed()``), else DataError."""
     if isinstance(spec, (list, tuple)):
-        return [str(p) for p in spec]
+        return check_sources([str(p) for p in spec], allow_remote)
     spec = str(spec)
     path = Path(spec)
     if path.is_dir():
-        found = sorted(str(p) for p in path.glob("*.tar"))
+        found = sorted(_file_url(str(p)) for p in path.glob("*.tar"))
     elif any(c in spec for c in "*?["):
-        found = sorted(glob.glob(spec))
+        found = sorted(_file_url(p) for p in glob.glob(spec))
     else:
-        found = list(wds.shardlists.expand_urls(spec))
+        found = check_sources(list(wds.shardlists.expand_urls(spec)), allow_remote)
     if not found:
         raise FileNotFoundError(f"no shards found at {spec}")
     return found
 
 
+class BadSample(ValueError):
+    """Why a sample cannot be used: ``reason``, one word (label, captions, image, latent, kind,
+    shape), then the detail."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PIXELS = 1 << 26  # no training image is this large: a PNG declaring more is a decompression bomb
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(height, width) that a PNG's header declares, read without decoding the pixels."""
+    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 24:
+        raise BadSample("image", f"not a PNG (it starts {bytes(data[:8])!r})")
+    return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+
+
+def sample_label(raw: dict, num_classes: int | None) -> int:
+    """The ``cls`` of a raw sample: an integer in ``0..num_classes-1``, or when ``num_classes``
+    is None any non-negative integer, or -1 when absent."""
+    allowed = "a non-negative integer" if num_classes is None else f"an integer in 0..{num_classes - 1}"
+    if "cls" not in raw:
+        if num_classes is None:
+            return -1
+        raise BadSample("label", f"no cls file; a label must be {allowed}")
+    text = bytes(raw["cls"]).strip()
+    label = int(text) if text.isdigit() and len(text) < 20 else -1
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise BadSample("label", f"cls {text[:20]!r} is not {allowed}")
+    return label
+
+
+def sample_captions(raw: dict) -> list[str] | None:
+    """The ``json`` captions of a raw sample: a list of strings, or None when absent."""
+    if "json" not in raw:
+        return None
+    try:
+        captions = json.loads(raw["json"])
+    except (ValueError, RecursionError) as error:
+        raise BadSample("captions", f"json file is not JSON ({type(error).__name__})") from None
+    if not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
+        raise BadSample("captions", "json file is not a list of caption strings")
+    return captions
+
+
+def sample_kind(raw: dict) -> str:
+    """``latents`` (a ``latent.npy`` file, preferred) or ``images`` (a ``png`` file)."""
+    if "latent.npy" in raw:
+        return "latents"
+    if "png" in raw:
+        return "images"
+    files = ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "none"
+    raise BadSample("image", f"no png or latent.npy file (its files: {files})")
+
+
+def sample_latent(data: bytes, name: str) -> np.ndarray:
+    """A ``(C, H, W)`` float latent from ``.npy`` bytes (never a pickle: object arrays fail)."""
+    try:
+        array = read_npy(data)
+    except Exception as error:  # numpy raises several types on a damaged header
+        raise BadSample("latent", f"{name} is not a .npy array ({error})") from None
+    if array.dtype.kind != "f" or array.ndim != 3:
+        raise BadSample("latent", f"{name} holds {array.dtype} {array.shape}; a latent is a float "
+                        "(C, H, W) array")
+    return array
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What a usable sample is: ``kind`` ``images`` (a ``png``, decoded uint8 ``(H, W, C)``) or
+    ``latents`` (``latent.npy``, float ``(C, H, W)``), None for either; the ``shape`` of that
+    array (None: any); labels in ``0..num_classes-1`` (None: any or none, see
+    ``sample_label``); captions, when present, a JSON list of strings."""
+
+    kind: str | None = None
+    shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+
+    def screen(self, raw: dict) -> None:
+        """BadSample unless the sample's label, captions, kind and size are right, as far as
+        its files tell without decoding pixels (cheap: every worker screens every sample)."""
+        sample_label(raw, self.num_classes)
+        sample_captions(raw)
+        kind = sample_kind(raw)
+        if self.kind is not None and kind != self.kind:
+            raise BadSample("kind", f"a sample of {kind}; these shards hold {self.kind}")
+        if kind == "latents":
+            for name in ("latent.npy", "latent_flip.npy"):
+                if name in raw:
+                    self.check_shape(sample_latent(raw[name], name).shape, name)
+            return
+        height, width = png_size(raw["png"])
+        if height * width > MAX_PIXELS:
+            raise BadSample("image", f"png of {width}x{height} pixels (allowed: up to {MAX_PIXELS})")
+        if self.shape is not None and (height, width) != self.shape[:2]:
+            raise BadSample("shape", f"png of {height}x{width} pixels; these shards' images are "
+                            f"{self.shape[0]}x{self.shape[1]}")
+
+    def decode(self, raw: dict, flip: bool = False) -> dict:
+        """A screened raw sample -> ``key``, ``label``, ``captions`` and its ``images`` or
+        ``latents`` array, horizontally flipped when ``flip``; BadSample."""
+        item = {"key": raw["__key__"], "label": sample_label(raw, self.num_classes),
+                "captions": sample_captions(raw)}
+        if sample_kind(raw) == "latents":
+            name = "latent_flip.npy" if flip and "latent_flip.npy" in raw else "latent.npy"
+            item["latents"] = array = sample_latent(raw[name], name)
+        else:
+            try:
+                array = read_png(raw["png"])
+            except Exception as error:  # PIL raises many types on damaged data
+                raise BadSample("image", f"png does not decode ({error})") from None
+            item["images"] = array = array[:, ::-1] if flip else array
+            name = "png"
+        self.check_shape(array.shape, name)
+        return item
+
+    def check_shape(self, shape: tuple[int, ...], name: str) -> None:
+        if self.shape is not None and shape != self.shape:
+            raise BadSample("shape", f"{name} of shape {shape}; these shards' are {self.shape}")
+
+
 @dataclass
 class ErrorCount:
-    """Corrupt shards and samples skipped so far."""
+    """The bad data one reader (a process, or one of its DataLoader workers) skipped so far,
+    each distinct shard and sample once, however many epochs re-read it. Samples count by
+    reason (``BadSample.reason``): ``screened`` ones were rejected before batching (every
+    worker screens every sample), ``decoded`` ones failed in this reader's own rows."""
 
-    shards: int = 0
-    samples: int = 0
-    last: list[str] = field(default_factory=list)
+    quiet: bool = False  # count without logging
+    bad_shards: dict[str, str] = field(default_factory=dict)  # shard -> its error
+    bad_samples: set[tuple[str, str]] = field(default_factory=set)  # (shard, key)
+    screened: Counter = field(default_factory=Counter)
+    decoded: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> its first sample
 
-    def shard(self, error: Exception) -> bool:
-        self.shards += 1
-        self._note(f"skipped a corrupt shard ({self.shards} so far): {error}")
-        return True
+    @property
+    def shards(self) -> int:
+        return len(self.bad_shards)
 
-    def sample(self, key: str, error: Exception) -> None:
-        self.samples += 1
-        self._note(f"skipped corrupt sample {key} ({self.samples} so far): {error}")
+    @property
+    def samples(self) -> int:
+        return len(self.bad_samples)
+
+    def shard(self, shard: str, error: Exception) -> None:
+        if shard not in self.bad_shards:
+            self.bad_shards[shard] = str(error).removeprefix(f"{shard}: ")
+            self._note(f"skipped corrupt shard {shard} ({self.shards} so far): {self.bad_shards[shard]}")
+
+    def sample(self, shard: str, key: str, error: BadSample, decoded: bool = False) -> None:
+        if (shard, key) in self.bad_samples:
+            return
+        self.bad_samples.add((shard, key))
+        (self.decoded if decoded else self.screened)[error.reason] += 1
+        self.examples.setdefault(error.reason, f"{key} of {shard}: {error}")
+        self._note(f"skipped corrupt sample {key} of {shard} ({self.samples} so far): {error}")
+
+    def counts(self) -> tuple[int, dict[str, int], dict[str, int]]:
+        """(corrupt shards, screened and decoded samples by reason): what a batch carries."""
+        return self.shards, dict(self.screened), dict(self.decoded)
+
+    def summary(self) -> str:
+        """One line: the damaged shards and bad samples by reason, with an example of each."""
+        parts = []
+        if self.bad_shards:
+            shard, error = next(iter(self.bad_shards.items()))
+            parts.append(f"{self.shards} damaged shard(s), e.g. {shard}: {error}")
+        for reason, count in (self.screened + self.decoded).most_common():
+            parts.append(f"{count} sample(s) with a bad {reason}, e.g. {self.examples[reason]}")
+        return "; ".join(parts) or "no samples at all"
 
     def _note(self, message: str) -> None:
-        self.last = (self.last + [message])[-5:]
-        log.warning(message)
+        if not self.quiet:
+            log.warning(message)
 
 
 class LoaderErrors:
     """The skip counts of a stream whose DataLoader workers each keep their own ``ErrorCount``:
-    every batch carries its worker's counts. Every worker reads every shard, so a corrupt
-    shard counts once (the largest count of a worker); a sample is decoded by one worker
-    only, so corrupt samples add up."""
+    every batch carries its worker's ``counts()``. Every worker reads every shard and screens
+    every sample, so those count once (the largest count of a worker); a sample is decoded by
+    one worker only, so decoding failures add up."""
 
     def __init__(self):
-        self.latest: dict[int, tuple[int, int]] = {}
+        self.latest: dict[int, tuple[int, dict[str, int], dict[str, int]]] = {}
 
     def update(self, item: dict) -> None:
-        worker, shards, samples = item["errors"]
-        self.latest[worker] = (shards, samples)
+        worker, *counts = item["errors"]
+        self.latest[worker] = tuple(counts)
 
     @property
     def shards(self) -> int:
-        return max((s for s, _ in self.latest.values()), default=0)
+        return max((s for s, _, _ in self.latest.values()), default=0)
+
+    @property
+    def by_reason(self) -> Counter:
+        """Bad samples by reason, over all workers."""
+        reasons = {r for _, screened, decoded in self.latest.values() for r in (*screened, *decoded)}
+        return Counter({r: max((s.get(r, 0) for _, s, _ in self.latest.values()), default=0)
+                        + sum(d.get(r, 0) for _, _, d in self.latest.values()) for r in reasons})
 
     @property
     def samples(self) -> int:
-        return sum(n for _, n in self.latest.values())
+        return sum(self.by_reason.values())
 
 
 def _shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
@@ -333,6 +645,9 @@ def _coin(text: str) -> bool:
     return hashlib.blake2b(text.encode(), digest_size=1).digest()[0] < 128
 
 
+PROBE_SAMPLES, PROBE_PER_SHARD = 32, 8
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless reproducible stream of batches from shards.
 
@@ -340,44 +655,90 @@ class ShardStream(torch.utils.data.IterableDataset):
     ``random.Random(f"{seed}-{e}")``; consecutive ``batch_size * world_size`` samples form a
     global batch (across epoch ends: the stream never pauses), of which process ``rank`` takes
     its block of ``batch_size`` rows. DataLoader workers take whole batches in turn.
-    ``skip_batches`` resumes mid-stream without decoding the skipped samples. A corrupt shard
-    or sample is skipped and counted in ``errors`` (a batch is then short of that sample).
+    ``skip_batches`` resumes mid-stream without decoding the skipped samples.
+
+    Samples must fit a ``SampleSpec``: labels in ``0..num_classes-1`` when given, and one kind
+    and shape, ``shape`` when given, else the most common among the first samples (found when
+    the stream is made, the same in every process and worker). A damaged shard and a sample
+    that does not fit are skipped and counted in ``errors``: most before batching (a batch is
+    whole), pixels that fail to decode in a process's rows (that batch is short of them).
+    Shards without one usable sample raise ``DataError``; ``pipe:`` and URL shards need
+    ``allow_remote`` (default: ``remote_shards_allowed()``).
+
     Items are dicts: ``images`` or ``latents`` ``(B, C, H, W)`` float, ``labels`` ``(B,)`` (-1
     when absent), ``captions`` (list of lists), ``keys``, ``index`` (global batch number),
-    ``errors`` (worker id, corrupt shards and samples that worker skipped so far).
+    ``errors`` (worker id and its ``ErrorCount.counts()``, see ``LoaderErrors``).
     """
 
     def __init__(self, shards, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 1000, flip: bool = True, skip_batches: int = 0,
-                 epochs: int | None = None):
-        self.shards = shard_paths(shards)
+                 epochs: int | None = None, num_classes: int | None = None,
+                 shape: tuple[int, ...] | None = None, allow_remote: bool | None = None):
+        self.allow_remote = remote_shards_allowed() if allow_remote is None else allow_remote
+        self.shards = shard_paths(shards, self.allow_remote)
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.flip = shuffle_buffer, flip
         self.skip_batches, self.epochs = skip_batches, epochs
         self.errors = ErrorCount()
+        self.spec = self._probe(SampleSpec(shape=None if shape is None else tuple(shape),
+                                           num_classes=num_classes))
+
+    def _probe(self, spec: SampleSpec) -> SampleSpec:
+        """``spec`` with the kind and (unless given) shape of the most common of the first
+        ``PROBE_SAMPLES`` usable samples, taken from the shards in order; DataError if none."""
+        errors, found = ErrorCount(quiet=True), Counter()
+        for shard in self.shards:
+            usable = 0
+            for raw in self._screened(shard, spec, errors):
+                try:
+                    item = spec.decode(raw)
+                except BadSample as error:
+                    errors.sample(shard, raw["__key__"], error, decoded=True)
+                    continue
+                kind = "latents" if "latents" in item else "images"
+                found[kind, item[kind].shape] += 1
+                usable += 1
+                if usable == PROBE_PER_SHARD:
+                    break
+            if sum(found.values()) >= PROBE_SAMPLES:
+                break
+        if not found:
+            raise DataError(f"no usable sample in {len(self.shards)} shard(s): {errors.summary()}")
+        kind, shape = found.most_common(1)[0][0]
+        return replace(spec, kind=kind, shape=shape)
+
+    def _screened(self, shard: str, spec: SampleSpec, errors: ErrorCount) -> Iterator[dict]:
+        """The samples of ``shard`` that ``spec`` screens in, each with its ``__url__``; a
+        damaged shard (after its good samples) and screened-out samples go to ``errors``."""
+        try:
+            for raw in read_tar(shard, self.allow_remote):
+                raw["__url__"] = shard
+                try:
+                    spec.screen(raw)
+                except BadSample as error:
+                    errors.sample(shard, raw["__key__"], error)
+                    continue
+                yield raw
+        except (OSError, ValueError) as error:
+            errors.shard(shard, error)
 
     def raw_samples(self) -> Iterator[tuple[int, dict]]:
-        """(epoch, raw tar sample) forever (or for ``epochs``), shuffled."""
+        """(epoch, screened raw tar sample) forever (or for ``epochs``), shuffled."""
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
             rng = random.Random(f"{self.seed}-{epoch}")
             shards = list(self.shards)
             rng.shuffle(shards)
             count = 0
-            for sample in _shuffled(self._read(shards), self.shuffle_buffer, rng):
+            read = (raw for shard in shards for raw in self._screened(shard, self.spec, self.errors))
+            for sample in _shuffled(read, self.shuffle_buffer, rng):
                 count += 1
                 yield epoch, sample
-            if count == 0:
-                raise RuntimeError(f"no readable samples in {len(self.shards)} shard(s)")
+            if count == 0:  # the shards changed since the stream was made
+                raise DataError(f"no usable sample in {len(self.shards)} shard(s) in epoch {epoch}: "
+                                f"{self.errors.summary()}")
             epoch += 1
-
-    def _read(self, shards: list[str]) -> Iterator[dict]:
-        for shard in shards:
-            try:
-                yield from read_tar(shard)
-            except (OSError, ValueError) as error:  # a corrupt shard is skipped and counted
-                self.errors.shard(error)
 
     def global_batches(self) -> Iterator[tuple[int, list[tuple[int, dict]]]]:
         size = self.batch_size * self.world_size
@@ -397,40 +758,29 @@ class ShardStream(torch.utils.data.IterableDataset):
                 continue
             decoded = [self.decode(epoch, raw) for epoch, raw in batch[rows]]
             item = self.collate(index, [d for d in decoded if d is not None])
-            item["errors"] = (worker_id, self.errors.shards, self.errors.samples)  # see LoaderErrors
+            item["errors"] = (worker_id, *self.errors.counts())  # see LoaderErrors
             yield item
 
     def decode(self, epoch: int, raw: dict) -> dict | None:
-        """One raw sample -> ``images`` uint8 ``(H, W, C)`` or ``latents`` ``(C, H, W)``
-        arrays, flipped or not (the coin depends on seed, epoch and key only)."""
-        key = raw.get("__key__", "?")
+        """One screened raw sample -> ``images`` uint8 ``(H, W, C)`` or ``latents`` ``(C, H, W)``
+        arrays, flipped or not (the coin depends on seed, epoch and key only); None (counted)
+        when it does not decode to the stream's ``spec``."""
+        key = raw["__key__"]
         try:
-            flip = self.flip and _coin(f"{self.seed}-{epoch}-{key}")
-            item = {"key": key, "label": int(raw["cls"]) if "cls" in raw else -1,
-                    "captions": json.loads(raw["json"]) if "json" in raw else None}
-            if "latent.npy" in raw:
-                name = "latent_flip.npy" if flip and "latent_flip.npy" in raw else "latent.npy"
-                item["latents"] = read_npy(raw[name])
-            else:
-                image = read_png(raw["png"])
-                item["images"] = image[:, ::-1] if flip else image
-            return item
-        except Exception as error:  # a corrupt sample is skipped and counted, never fatal
-            self.errors.sample(key, error)
+            return self.spec.decode(raw, self.flip and _coin(f"{self.seed}-{epoch}-{key}"))
+        except BadSample as error:  # a bad sample is skipped and counted, never fatal
+            self.errors.sample(raw["__url__"], key, error, decoded=True)
             return None
 
-    @staticmethod
-    def collate(index: int, items: list[dict]) -> dict:
+    def collate(self, index: int, items: list[dict]) -> dict:
         """Decoded samples -> one batch; arrays are stacked first and converted once."""
-        kind = "latents" if items and "latents" in items[0] else "images"
-        if not items:
-            stacked = torch.empty(0)
-        elif kind == "images":
-            stacked = from_uint8(np.stack([item[kind] for item in items]))
-        else:
-            stacked = torch.from_numpy(np.stack([item[kind] for item in items])).float()
+        kind = self.spec.kind
+        if items:
+            arrays = np.stack([item[kind] for item in items])
+        else:  # every row was bad: an empty batch of the stream's shape
+            arrays = np.empty((0, *self.spec.shape), np.uint8 if kind == "images" else np.float32)
         return {
-            kind: stacked,
+            kind: from_uint8(arrays) if kind == "images" else torch.from_numpy(arrays).float(),
             "labels": torch.tensor([item["label"] for item in items], dtype=torch.long),
             "captions": [item["captions"] for item in items],
             "keys": [item["key"] for item in items],

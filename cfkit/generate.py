@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from cfkit import plugins
+from cfkit.orderings import check_order
 from cfkit.plan import Plan
 from cfkit.samplers import noise_like, respaced
 from cfkit.schedules import check_step_sizes, step_index
@@ -201,8 +202,8 @@ def check_labels(model: CausalTransformer, labels) -> torch.Tensor:
 def check_guidance(model: CausalTransformer, scale: float, interval) -> Guidance:
     """The guidance of a CFG ``scale`` >= 1 and a network-timestep ``interval`` (lo, hi)."""
     lo, hi = (float(v) for v in interval)
-    if scale < 1:
-        raise GenerationError(f"cfg scale must be >= 1 (1 = no guidance), got {scale}")
+    if not 1 <= scale < math.inf:  # not NaN either
+        raise GenerationError(f"cfg scale must be >= 1 (1 = no guidance) and finite, got {scale}")
     if not 0 <= lo < hi:
         raise GenerationError(f"cfg interval must be 0 <= lo < hi (network timesteps), got {interval}")
     if scale > 1 and model.null_label is None:
@@ -214,14 +215,11 @@ def check_guidance(model: CausalTransformer, scale: float, interval) -> Guidance
 def generation_order(order, batch_size: int, grid: tuple[int, int],
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """``(N, L)`` raster indices in generation order from an ordering (name or object)."""
-    result = torch.as_tensor(component("orderings", order)(batch_size, grid, generator))
-    length = grid[0] * grid[1]
-    if result.shape != (batch_size, length) or not torch.equal(
-        result.sort(dim=-1).values, torch.arange(length).expand(batch_size, -1)
-    ):
-        raise GenerationError(f"ordering {order!r} must give ({batch_size}, {length}) raster indices, "
-                              f"each row a permutation of 0..{length - 1}")
-    return result
+    result = component("orderings", order)(batch_size, grid, generator)
+    try:
+        return check_order(result, batch_size, grid, order)
+    except ValueError as error:
+        raise GenerationError(str(error)) from None
 
 
 def ar_step_sizes(num_tokens: int, ar_steps: int | None = None, step_sizes=None, schedule=None,

@@ -31,6 +31,8 @@ import hashlib
 import json
 import math
 import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,11 +156,11 @@ def read_images(path) -> torch.Tensor:
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.suffix != ".npz":
         raise MetricError(f"{path}: give a folder of images or an .npz file")
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path) as data:
         if "arr_0" not in data:
             raise MetricError(f"{path}: no arr_0 images in it (keys: {', '.join(data.files)}); an "
                               "image .npz holds arr_0 uint8 (N, H, W, C)")
-        array = data["arr_0"]
+        array = read_array(data, "arr_0", path)
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
         raise MetricError(f"{path}: arr_0 must be uint8 (N, H, W, 1|3), got {array.dtype} {array.shape}")
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
@@ -172,15 +174,38 @@ def _read_folder(folder: Path) -> torch.Tensor:
         raise MetricError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     arrays = []
     for file in files:
-        with Image.open(file) as image:
-            grey = image.mode in ("1", "L", "LA", "I", "I;16", "F")
-            array = np.asarray(image.convert("L" if grey else "RGB"))
+        try:
+            with Image.open(file) as image:
+                grey = image.mode in ("1", "L", "LA", "I", "I;16", "F")
+                array = np.asarray(image.convert("L" if grey else "RGB"))
+        except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+            raise MetricError(f"{file}: not a readable image ({error}); a folder of a set holds "
+                              f"only image files ({', '.join(IMAGE_SUFFIXES)})") from None
         arrays.append(array[..., None] if array.ndim == 2 else array)
         if arrays[-1].shape != arrays[0].shape:
             raise MetricError(f"{folder}: images differ in size: {files[0].name} is "
                               f"{_hwc(arrays[0])}, {file.name} is {_hwc(arrays[-1])}; a set "
                               "must hold one image size")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def open_npz(path):
+    """The arrays of an ``.npz`` file (``np.load``, no pickles), or a MetricError naming it."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise MetricError(f"{path}: not a readable .npz file ({error})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise MetricError(f"{path}: holds one .npy array, not the named arrays of an .npz file")
+    return data
+
+
+def read_array(data, key: str, path) -> np.ndarray:
+    """Array ``key`` of an open ``.npz``, or a MetricError naming the file when it is damaged."""
+    try:
+        return data[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise MetricError(f"{path}: array {key!r} cannot be read ({error})") from None
 
 
 def _hwc(array: np.ndarray) -> str:
@@ -218,23 +243,42 @@ class Statistics:
 
     @classmethod
     def load(cls, path) -> tuple[Statistics, dict[str, str]]:
-        """Statistics of an ``.npz`` with ``mu`` and ``sigma`` and the strings saved with it."""
-        with np.load(path, allow_pickle=False) as data:
+        """Statistics of an ``.npz`` with ``mu`` ``(F,)`` and ``sigma`` ``(F, F)``, both finite,
+        and the strings saved with it; anything else is a MetricError naming the file."""
+        with open_npz(path) as data:
             if not {"mu", "sigma"} <= set(data.files):
                 raise MetricError(f"{path}: no mu and sigma in it (keys: {', '.join(data.files)})")
-            mean, cov = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-            num = int(data["num"]) if "num" in data.files else 2  # any n >= 2: FID needs mu, sigma
-            meta = {k: str(data[k]) for k in data.files if data[k].dtype.kind == "U"}
-        if mean.ndim != 1 or cov.shape != (mean.size, mean.size):
-            raise MetricError(f"{path}: mu must be (F,) and sigma (F, F), got {mean.shape}, {cov.shape}")
-        return cls(num, mean, cov), meta
+            arrays = {key: read_array(data, key, path) for key in data.files}
+        mean, cov = (_finite(arrays[key], key, path) for key in ("mu", "sigma"))
+        if mean.ndim != 1 or mean.size == 0 or cov.shape != (mean.size, mean.size):
+            raise MetricError(f"{path}: mu must be (F,) and sigma (F, F) with F >= 1, got "
+                              f"{mean.shape}, {cov.shape}")
+        num = arrays.get("num", np.int64(2))  # any n >= 2: FID needs only mu and sigma
+        if num.shape != () or num.dtype.kind not in "iu" or num < 2:
+            raise MetricError(f"{path}: num must be one integer >= 2 (the sample count), got "
+                              f"{num.dtype} {num.tolist()}")
+        meta = {key: str(value) for key, value in arrays.items() if value.dtype.kind == "U"}
+        return cls(int(num), mean, cov), meta
+
+
+def _finite(array: np.ndarray, key: str, path) -> np.ndarray:
+    """``array`` as float64 when it holds finite numbers, else a MetricError naming the file
+    (LAPACK, under the Fréchet distance, may crash on NaN)."""
+    if array.dtype.kind not in "biuf":
+        raise MetricError(f"{path}: {key} must hold numbers, got dtype {array.dtype}")
+    array = array.astype(np.float64)
+    if not np.isfinite(array).all():
+        bad = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+        raise MetricError(f"{path}: {key} holds {bad[0]} NaN and {bad[1]} infinite values; "
+                          "statistics must be finite numbers")
+    return array
 
 
 def is_statistics_file(path) -> bool:
     path = Path(path)
     if path.suffix != ".npz" or not path.is_file():
         return False
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path) as data:
         return {"mu", "sigma"} <= set(data.files)
 
 
@@ -252,6 +296,9 @@ def frechet_distance(a: Statistics, b: Statistics) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     dim = a.mean.size
+    for side in (a, b):  # LAPACK, under torchmetrics' sqrtm, may crash on NaN
+        if not (np.isfinite(side.mean).all() and np.isfinite(side.cov).all()):
+            raise MetricError("FID needs finite statistics; a feature set holds NaN or infinity")
     if b.mean.size != dim:
         raise MetricError(f"the feature sets have {dim} and {b.mean.size} features: statistics of "
                           "different feature networks cannot be compared")

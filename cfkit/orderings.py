@@ -25,6 +25,19 @@ def check_grid(grid: tuple[int, int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def check_order(order, batch_size: int, grid: tuple[int, int], name) -> torch.Tensor:
+    """An ordering's output as a LongTensor ``(batch_size, h*w)`` whose rows are permutations of
+    the raster indices, else a ValueError naming the ordering ``name``."""
+    result = torch.as_tensor(order)
+    length = grid[0] * grid[1]
+    if (result.shape != (batch_size, length) or result.is_floating_point()
+            or not torch.equal(result.sort(dim=-1).values.long(),
+                               torch.arange(length).expand(batch_size, -1))):
+        raise ValueError(f"ordering {name!r} must give ({batch_size}, {length}) raster indices, "
+                         f"each row a permutation of 0..{length - 1}")
+    return result.long()
+
+
 def fixed_order(order: torch.Tensor, batch_size: int) -> torch.Tensor:
     """One deterministic order ``(L,)`` repeated for a batch: ``(batch_size, L)``."""
     return order.to(torch.long).unsqueeze(0).expand(batch_size, -1).contiguous()

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +105,26 @@ class Pipeline:
         """Images ``(N, C, H, W)`` in [-1, 1] (or latents) for the captions ``prompts``."""
         return self.decode(self.text_to_image_latents(prompts, seed=seed, **options).latents)
 
+    def write_samples(self, out, *, classes=None, prompts: list[str] | None = None,
+                      batch_size: int = 250, seed: int = 0, progress=None, **options) -> list[Path]:
+        """Generate one image per class of ``classes`` (or caption of ``prompts``),
+        ``batch_size`` at a time with seed ``seed + b`` for batch ``b``, and write each batch
+        into the folder ``out`` as it comes (``SampleWriter``); returns the paths written.
+        ``progress(done, total)`` counts the diffusion steps of every batch."""
+        if batch_size < 1:
+            raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
+        labels = torch.full((len(prompts),), -1) if prompts is not None else torch.as_tensor(classes)
+        batches = math.ceil(len(labels) / batch_size)
+        with SampleWriter(out, labels.reshape(-1), prompts) as writer:
+            for b in range(batches):
+                rows = slice(b * batch_size, (b + 1) * batch_size)
+                done = None if progress is None else functools.partial(_of_batches, progress, b, batches)
+                batch = dict(seed=seed + b, progress=done, **options)
+                result = (self.text_to_image_latents(prompts[rows], **batch) if prompts is not None
+                          else self.generate_latents(labels[rows], **batch))
+                writer.add(result.latents, None if self.tokenizer is None else self.decode(result.latents))
+        return writer.written
+
     def caption(self, images: torch.Tensor, *, seed: int = 0, **decoding) -> list[str]:
         """One caption per image of ``images`` (latents when there is no image tokenizer);
         greedy, or ``top_k`` / ``top_p`` sampling, or ``beams`` (``cfkit.captioning``)."""
@@ -120,6 +143,11 @@ class Pipeline:
             raise GenerationError(f"images must be (N, {self.tokenizer.channels}, {size}, {size}) "
                                   f"for this checkpoint, got {tuple(images.shape)}")
         return self.tokenizer.encode(images.to(self.model.patch_embed.weight))
+
+
+def _of_batches(progress, batch: int, batches: int, done: int, total: int) -> None:
+    """One batch's ``progress(done, total)`` as progress over all ``batches`` of its size."""
+    progress(batch * total + done, batches * total)
 
 
 def read_image(path, channels: int) -> torch.Tensor:
@@ -157,23 +185,85 @@ def save_samples(out, latents: torch.Tensor, labels: torch.Tensor,
     """Write ``samples.npz`` and, with ``images`` in [-1, 1], ``{i:06d}.png`` and ``grid.png``
     to the folder ``out``; returns the paths written. Text-to-image samples also store their
     ``prompts``."""
-    out = Path(out)
-    arrays = {"latents": latents.float().cpu().numpy(), "labels": labels.cpu().numpy()}
-    if prompts is not None:
-        arrays["prompts"] = np.array(prompts, dtype=str)
-    if images is not None:
-        arrays["arr_0"] = to_uint8(images)
+    with SampleWriter(out, labels, prompts) as writer:
+        writer.add(latents, images)
+    return writer.written
 
-    def write_npz(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, **arrays)
 
-    written = [out / "samples.npz"]
-    checkpoint.atomic_write(written[0], write_npz)
-    if images is not None:
-        for i, image in enumerate(arrays["arr_0"]):
-            written.append(out / f"{i:06d}.png")
-            save_png(written[-1], image)
-        written.append(out / "grid.png")
-        save_png(written[-1], image_grid(arrays["arr_0"]))
-    return written
+class SampleWriter:
+    """A sample set written batch by batch, so that memory holds one batch whatever its size:
+    ``add`` writes each image's PNG and appends the batch to temporary ``.npy`` files (in a
+    hidden folder in ``out``), ``close`` assembles them into ``samples.npz`` (a temp file
+    renamed) and draws ``grid.png`` of the first ``GRID_IMAGES`` images. ``labels`` ``(N,)``
+    and ``prompts`` are known up front; ``out`` is created by the first batch."""
+
+    GRID_IMAGES = 256
+
+    def __init__(self, out, labels: torch.Tensor, prompts: list[str] | None = None):
+        self.out, self.labels, self.prompts = Path(out), labels.cpu().numpy(), prompts
+        self.count, self.arrays, self.grid, self.written = 0, {}, [], []
+        self.staging: Path | None = None
+
+    def __enter__(self) -> SampleWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if kind is None:
+                self.close()
+        finally:
+            if self.staging is not None:
+                shutil.rmtree(self.staging, ignore_errors=True)
+            for handle in self.arrays.values():
+                handle.close()
+
+    def add(self, latents: torch.Tensor, images: torch.Tensor | None = None) -> None:
+        """The next ``n`` samples: latents ``(n, C, h, w)`` and images ``(n, C, H, W)`` in
+        [-1, 1] (None when the checkpoint's tokenizer does not decode)."""
+        batch = {"latents": latents.float().cpu().numpy()}
+        if images is not None:
+            batch["arr_0"] = to_uint8(images)
+            for i, image in enumerate(batch["arr_0"], self.count):
+                self.written.append(self.out / f"{i:06d}.png")
+                save_png(self.written[-1], image)
+            self.grid.extend(batch["arr_0"][: self.GRID_IMAGES - len(self.grid)])
+        for name, array in batch.items():
+            self._array(name, array).write(np.ascontiguousarray(array).tobytes())
+        self.count += len(latents)
+
+    def _array(self, name: str, batch: np.ndarray):
+        """The open ``.npy`` file of ``name``, its header written for all N rows."""
+        if name not in self.arrays:
+            self.arrays[name] = open(self._staged(f"{name}.npy"), "wb")  # closed by close or exit
+            header = {"descr": np.lib.format.dtype_to_descr(batch.dtype), "fortran_order": False,
+                      "shape": (len(self.labels), *batch.shape[1:])}
+            np.lib.format.write_array_header_1_0(self.arrays[name], header)
+        return self.arrays[name]
+
+    def _staged(self, name: str) -> Path:
+        """``name`` in the staging folder, made (with ``out``) on first use."""
+        if self.staging is None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.staging = Path(tempfile.mkdtemp(prefix=".samples-", dir=self.out))
+        return self.staging / name
+
+    def close(self) -> None:
+        """Write ``samples.npz`` (``latents``, ``labels``, ``arr_0``, ``prompts``) and ``grid.png``."""
+        if self.count != len(self.labels):
+            raise ValueError(f"{self.count} samples written for {len(self.labels)} labels")
+        for handle in self.arrays.values():
+            handle.close()
+        np.save(self._staged("labels.npy"), self.labels)
+        if self.prompts is not None:
+            np.save(self._staged("prompts.npy"), np.array(self.prompts, dtype=str))
+
+        def write_npz(tmp):  # np.savez's layout, each member copied from its file in chunks
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for path in sorted(self.staging.glob("*.npy")):
+                    archive.write(path, path.name)
+
+        self.written.insert(0, self.out / "samples.npz")
+        checkpoint.atomic_write(self.written[0], write_npz)
+        if self.grid:
+            self.written.append(self.out / "grid.png")
+            save_png(self.written[-1], image_grid(np.stack(self.grid)))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from cfkit import masks, schedules, timesteps
+from cfkit.orderings import check_order
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,14 @@ class Plan:
 
 
 class Planner:
-    """Draws plans from a schedule, an ordering and a timestep sampler."""
+    """Draws plans from a schedule, an ordering (named ``ordering_name`` in errors) and a
+    timestep sampler; the plugins' outputs are checked on every draw."""
 
-    def __init__(self, schedule, ordering, timestep_sampler, copies=1, per_sample=False):
+    def __init__(self, schedule, ordering, timestep_sampler, copies=1, per_sample=False,
+                 ordering_name=None):
         self.schedule = schedule
         self.ordering = ordering
+        self.ordering_name = ordering if ordering_name is None else ordering_name
         self.timestep_sampler = timestep_sampler
         self.copies = copies
         self.per_sample = per_sample
@@ -64,7 +68,8 @@ class Planner:
     def draw(self, batch_size: int, grid: tuple[int, int], num_timesteps: int,
              generator: torch.Generator | None = None) -> Plan:
         num_tokens = grid[0] * grid[1]
-        order = self.ordering(batch_size, grid, generator)
+        order = check_order(self.ordering(batch_size, grid, generator), batch_size, grid,
+                            self.ordering_name)
         step = schedules.draw_steps(
             self.schedule, num_tokens, batch_size, generator, self.per_sample
         )

@@ -9,9 +9,9 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 import pluggy
 
@@ -27,8 +27,9 @@ class UnknownComponentError(KeyError):
         return str(self.args[0])
 
 
-class DuplicateComponentError(ValueError):
-    """Two plugins registered one name for one kind."""
+class DuplicateComponentError(Exception):
+    """Two plugins registered one name for one kind: an installation problem, so not a
+    ValueError that a config check would report as a bad field."""
 
 
 @dataclass(frozen=True)
@@ -40,24 +41,43 @@ class Component:
 
 
 class Registry:
-    """Every registered component, by kind and name."""
+    """Every registered component, by kind and name. A name registered again (``conflicts``:
+    the later registrations, unused) is a DuplicateComponentError unless ``allow_conflicts``."""
 
-    def __init__(self, manager: pluggy.PluginManager):
+    def __init__(self, manager: pluggy.PluginManager, allow_conflicts: bool = False):
         self.manager = manager
         self._components: dict[str, dict[str, Component]] = {kind: {} for kind in hookspecs.KINDS}
+        self.conflicts: list[Component] = []
         for kind in hookspecs.KINDS:
             hook = getattr(manager.hook, f"register_{kind}")
             for impl in hook.get_hookimpls():  # registration order
                 impl.function(register=functools.partial(self._add, kind, impl.plugin_name))
+        if not allow_conflicts:
+            self.check_conflicts()
 
     def _add(self, kind: str, provider: str, name: str, factory: Callable[..., Any]) -> None:
         known = self._components[kind]
         if name in known:
-            raise DuplicateComponentError(
-                f"{kind} name {name!r} is registered twice: by {known[name].provider!r} "
-                f"and by {provider!r}"
-            )
-        known[name] = Component(kind, name, factory, provider)
+            self.conflicts.append(Component(kind, name, factory, provider))
+        else:
+            known[name] = Component(kind, name, factory, provider)
+
+    def check_conflicts(self) -> None:
+        """A DuplicateComponentError (``conflict_message``) when two plugins clash."""
+        if self.conflicts:
+            raise DuplicateComponentError(self.conflict_message())
+
+    def conflict_message(self) -> str:
+        """One line: the first clash, its two plugins and the fix."""
+        later = self.conflicts[0]
+        first = self._components[later.kind][later.name]
+        dists = sorted({p.split(":")[0] for p in (first.provider, later.provider) if ":" in p} - {"cfkit"})
+        fix = f"pip uninstall {' or '.join(dists)}" if dists else "remove one of the two plugins"
+        more = len(self.conflicts) - 1
+        return (f"{later.kind} name {later.name!r} is registered twice: by {first.provider!r} and "
+                f"by {later.provider!r}; {fix}, or rename the component in one of them"
+                + (f" ({more} more clash{'es' if more > 1 else ''})" if more else "")
+                + "; `cfkit plugins` lists every component")
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._kind(kind))
@@ -107,6 +127,58 @@ def check_options(what: str, factory: Callable[..., Any], options: dict[str, Any
         raise ValueError(f"{what} needs option {', '.join(map(repr, missing))}; allowed: {allowed}")
 
 
+class OptionError(ValueError):
+    """Options of the wrong type or out of range; each line names ``section.field``, the value
+    and what is allowed."""
+
+
+def typed(cls: type, options: dict[str, Any], section: str):
+    """``cls(**options)`` for a dataclass whose field annotations are its allowed values
+    (``Annotated[int, Ge(1)]``, ``Literal[...]``): strictly typed (an int is not a bool nor a
+    string), finite and in range, else an OptionError."""
+    from pydantic import ValidationError
+
+    try:
+        checked = _checker(cls).model_validate(options)
+    except ValidationError as error:
+        hints = get_type_hints(cls, include_extras=True)
+        raise OptionError("\n".join(_problem(item, hints, section) for item in error.errors())) from None
+    return cls(**dict(checked))
+
+
+def _problem(item: dict, hints: dict, section: str) -> str:
+    """One line of an OptionError, from one pydantic error ``item`` of a field of ``hints``."""
+    field = item["loc"][0]
+    if field not in hints:
+        return f"{section}.{field}: unknown option; allowed: {', '.join(hints)}"
+    return f"{section}.{field}: got {item['input']!r}; allowed: {_allowed(hints[field])}"
+
+
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}  # annotated_types' names
+
+
+def _allowed(annotation) -> str:
+    """A field annotation in words: ``Annotated[int, Ge(1)]`` -> "an integer >= 1"."""
+    base, *limits = get_args(annotation) if get_origin(annotation) is Annotated else (annotation,)
+    if get_origin(base) is Literal:
+        return ", ".join(map(str, get_args(base)))
+    kinds = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    bounds = [f"{symbol} {getattr(limit, name)}" for limit in limits
+              for name, symbol in _BOUNDS.items() if getattr(limit, name, None) is not None]
+    return " ".join([kinds.get(base, str(base)), " and ".join(bounds)]).strip()
+
+
+@functools.cache
+def _checker(cls: type):
+    """A strict pydantic model of the dataclass ``cls``'s fields (checks only, never built)."""
+    from pydantic import ConfigDict, create_model
+
+    hints = get_type_hints(cls, include_extras=True)
+    options = {f.name: (hints[f.name], f.default) for f in fields(cls)}
+    config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+    return create_model(f"{cls.__name__}Options", __config__=config, **options)
+
+
 def plugin_manager(extra_plugins: tuple[Any, ...] = ()) -> pluggy.PluginManager:
     """A plugin manager with every entry-point plugin and then ``extra_plugins``."""
     manager = pluggy.PluginManager("cfkit")
@@ -120,10 +192,18 @@ def plugin_manager(extra_plugins: tuple[Any, ...] = ()) -> pluggy.PluginManager:
     return manager
 
 
+def registry(allow_conflicts: bool = False) -> Registry:
+    """The process-wide registry of installed plugins (built once); a DuplicateComponentError
+    when two of them register one name, unless ``allow_conflicts`` (to list them)."""
+    installed = _installed()
+    if not allow_conflicts:
+        installed.check_conflicts()
+    return installed
+
+
 @functools.cache
-def registry() -> Registry:
-    """The process-wide registry of installed plugins (built once)."""
-    return Registry(plugin_manager())
+def _installed() -> Registry:
+    return Registry(plugin_manager(), allow_conflicts=True)
 
 
 def build(kind: str, name: str, **options: Any) -> Any:

@@ -12,6 +12,7 @@ Run folder: ``config.json``, ``metrics.csv``, ``loss.png``, ``checkpoints/step-N
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import datetime
@@ -27,9 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
-from cfkit import checkpoint, data
+from cfkit import checkpoint, data, runlock
 from cfkit import config as configs
 from cfkit.methods import Batch
 
@@ -64,15 +64,14 @@ def dataset_shards(experiment: configs.Experiment, split: str = "train", is_main
         identity["tokenizer"] = spec.tokenizer.model_dump()
     folder = cache_dir() / "shards" / f"{spec.dataset.name}-{_digest(identity)}" / split
     if is_main and not folder.is_dir():
-        tmp = folder.with_name(f".{split}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tokenizer = spec.tokenizer.build() if spec.encoded else None
-        data.write_shards(spec.dataset.build(), tmp, split, spec.shard_size, tokenizer,
-                          prefix=spec.dataset.name)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+        with temp_folder(folder.with_name(f".{split}.{os.getpid()}.tmp")) as tmp:
+            tokenizer = spec.tokenizer.build() if spec.encoded else None
+            data.write_shards(spec.dataset.build(), tmp, split, spec.shard_size, tokenizer,
+                              prefix=spec.dataset.name)
+            try:
+                tmp.rename(folder)
+            except OSError:  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     return str(folder)
 
@@ -80,6 +79,18 @@ def dataset_shards(experiment: configs.Experiment, split: str = "train", is_main
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def temp_folder(tmp: Path):
+    """``tmp``, emptied, for a block that fills it and renames it into place; removed again
+    when the block fails (a full disk leaves no half-written folder behind)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class Distributed:
@@ -185,6 +196,7 @@ class Trainer:
             self.optimizer, warmup_factor(self.cfg.warmup_steps)
         )
         self.step = 0
+        self.corrupt: list[Path] = []  # checkpoints resume skipped, set aside at the next save
         if resume:
             self._resume()
         self.stop_requested = False
@@ -207,24 +219,50 @@ class Trainer:
         return net
 
     def _resume(self):
+        """Load the last checkpoint; a corrupt one is named in a warning, set aside at the next
+        save, and the one before it loaded instead."""
         found = checkpoints(self.run_dir)
         if not found:
             raise TrainingError(f"nothing to resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        last = found[-1]
-        state = json.loads((last / "state.json").read_text())
-        device = str(self.dist.device)
-        model, ema, optimizer = (load_file(last / f"{name}.safetensors", device=device)
-                                 for name in ("model", "ema", "optimizer"))
-        if self.sharded:
-            self._load_sharded(model, ema, optimizer, state["optimizer"])
+        for last in reversed(found):
+            try:
+                self._load(last)
+                break
+            except checkpoint.CheckpointError as error:
+                self.corrupt.append(last)
+                instead = (f"resuming from {found[-len(self.corrupt) - 1].name} instead"
+                           if len(self.corrupt) < len(found) else "no earlier checkpoint to resume from")
+                if self.dist.is_main:  # every process reads it; one says so
+                    log.warning("checkpoint %s is corrupt: %s; %s", last, error, instead)
         else:
-            self.net.load_state_dict(model)
-            self.ema.load_state_dict(ema)
-            self.optimizer.load_state_dict(optimizer_state(optimizer, state["optimizer"]))
-        self.scheduler.load_state_dict(state["scheduler"])
-        self._apply_hyperparameters()
-        self.step = state["step"]
+            raise TrainingError(f"nothing to resume: every checkpoint in {self.run_dir / 'checkpoints'} "
+                                "is corrupt (see the warnings above)")
         log.info("resumed from %s at step %d", last, self.step)
+
+    def _load(self, folder: Path) -> None:
+        """Resume from the checkpoint ``folder``, or CheckpointError naming its bad file. Every
+        file is read and the weights checked before the model changes; what a load failing
+        after that leaves behind, the next checkpoint's load overwrites."""
+        state = checkpoint.read_json(folder / "state.json")
+        device = str(self.dist.device)
+        model, ema, optimizer = (checkpoint.read_weights(folder / f"{name}.safetensors", device)
+                                 for name in ("model", "ema", "optimizer"))
+        for name, weights in (("model", model), ("ema", ema)):
+            checkpoint.check_fits(self.net, weights, folder / f"{name}.safetensors",
+                                  self.run_dir / "config.json")
+        try:  # what is left to go wrong: a state.json that does not match the optimizer
+            if self.sharded:
+                self._load_sharded(model, ema, optimizer, state["optimizer"])
+            else:
+                self.net.load_state_dict(model)
+                self.ema.load_state_dict(ema)
+                self.optimizer.load_state_dict(optimizer_state(optimizer, state["optimizer"]))
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = int(state["step"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise checkpoint.CheckpointError(f"{folder / 'state.json'}: does not match the "
+                                             f"optimizer: {type(error).__name__}: {error}") from None
+        self._apply_hyperparameters()
 
     def _apply_hyperparameters(self) -> None:
         """The config resumed with wins over the optimizer settings saved in the checkpoint,
@@ -267,6 +305,8 @@ class Trainer:
             shards, self.cfg.batch_size // world, seed=self.experiment.seed, rank=self.dist.rank,
             world_size=world, shuffle_buffer=spec.shuffle_buffer, flip=spec.flip,
             skip_batches=self.step,
+            # a label outside the model's classes would index past its embedding: skip it
+            num_classes=self.experiment.model.get("num_classes"),
         )
 
     # -- the loop ----------------------------------------------------------------------------
@@ -391,24 +431,27 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path | None:
         """Write ``checkpoints/step-N`` (a temp folder renamed when complete), then drop all
-        but the last ``keep_last``."""
+        but the last ``keep_last``; first set aside the corrupt ones that resume skipped."""
         full_state = self._gather_state()
         if not self.dist.is_main:
             barrier()
             return None
+        for corrupt in self.corrupt:
+            if corrupt.exists():
+                log.warning("moved the corrupt checkpoint %s to %s", corrupt, _set_aside(corrupt))
+        self.corrupt = []
         final = self.run_dir / "checkpoints" / _name(self.step)
-        tmp = final.with_name(f".{final.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         model_state, ema_state, (opt_tensors, opt_meta) = full_state
-        checkpoint.save(tmp, self.experiment, model_state, ema_state)
-        checkpoint.write_weights(tmp / "optimizer.safetensors", opt_tensors)
-        checkpoint.write_json(tmp / "state.json", {
-            "step": self.step, "scheduler": self.scheduler.state_dict(), "optimizer": opt_meta,
-            "seed": self.experiment.seed, "world_size": self.dist.world_size,
-        })
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        with temp_folder(final.with_name(f".{final.name}.tmp")) as tmp:
+            checkpoint.save(tmp, self.experiment, model_state, ema_state)
+            checkpoint.write_weights(tmp / "optimizer.safetensors", opt_tensors)
+            checkpoint.write_json(tmp / "state.json", {
+                "step": self.step, "scheduler": self.scheduler.state_dict(), "optimizer": opt_meta,
+                "seed": self.experiment.seed, "world_size": self.dist.world_size,
+            })
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
         for old in checkpoints(self.run_dir)[: -self.cfg.keep_last]:
             shutil.rmtree(old)
         barrier()
@@ -438,6 +481,17 @@ class Trainer:
 
 def _name(step: int) -> str:
     return f"step-{step:07d}"
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename a checkpoint to ``corrupt-step-N`` (``-2``, ``-3`` when taken), kept to look at
+    where neither resume nor sampling picks it; returns the new path."""
+    target, count = folder.with_name(f"corrupt-{folder.name}"), 1
+    while target.exists():
+        count += 1
+        target = folder.with_name(f"corrupt-{folder.name}-{count}")
+    folder.rename(target)
+    return target
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -481,11 +535,13 @@ def plot_loss(metrics_path: Path, out: Path) -> None:
 
 
 def train(experiment: configs.Experiment, run_dir, resume: bool = False, progress: bool = True) -> Path:
-    trainer = Trainer(experiment, run_dir, resume, progress)
-    try:
-        return trainer.run()
-    finally:
-        trainer.dist.close()
+    """Train into ``run_dir``, which no other process may hold meanwhile (``runlock``)."""
+    with runlock.hold(run_dir):
+        trainer = Trainer(experiment, run_dir, resume, progress)
+        try:
+            return trainer.run()
+        finally:
+            trainer.dist.close()
 
 
 def resume_experiment(run_dir, overrides=()) -> configs.Experiment:

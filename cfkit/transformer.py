@@ -9,34 +9,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cfkit.masks import CLEAN, NOISY, Layout
+from cfkit.plugins import typed
 
 ATTENTION_BACKENDS = ("sdpa", "flex", "eager")
+
+# Allowed values of config fields, as annotations: ``cfkit.plugins.typed`` checks them where a
+# ``[model]`` table is read (and rejects NaN and infinity).
+Count = Annotated[int, Ge(1)]
+Ratio = Annotated[float, Gt(0)]
+Probability = Annotated[float, Interval(ge=0, le=1)]
 
 
 @dataclass(frozen=True)
 class TransformerConfig:
-    """Architecture of the causal diffusion transformer."""
+    """Architecture of the causal diffusion transformer (the annotations are the allowed values)."""
 
-    input_size: int = 8  # latent grid side
-    patch_size: int = 1
-    latent_channels: int = 4
-    hidden_size: int = 256
-    depth: int = 6
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
-    num_classes: int = 10
-    class_dropout: float = 0.1
-    cond_tokens: int = 4  # distinct class tokens
-    cond_repeat: int = 1  # "4 tokens repeated 16x": cond length = cond_tokens * cond_repeat
+    input_size: Count = 8  # latent grid side
+    patch_size: Count = 1
+    latent_channels: Count = 4
+    hidden_size: Count = 256
+    depth: Count = 6
+    num_heads: Count = 4
+    mlp_ratio: Ratio = 4.0
+    num_classes: Count = 10
+    class_dropout: Probability = 0.1
+    cond_tokens: Count = 4  # distinct class tokens
+    cond_repeat: Count = 1  # "4 tokens repeated 16x": cond length = cond_tokens * cond_repeat
     pos_embed: Literal["sincos", "learned"] = "sincos"
     qk_norm: bool = True
     timestep: Literal["add", "token"] = "add"
@@ -61,10 +69,9 @@ class TransformerConfig:
         return self.cond_tokens * self.cond_repeat
 
     def check(self) -> TransformerConfig:
-        if self.input_size % self.patch_size:
-            raise ValueError(f"patch_size {self.patch_size} does not divide input_size {self.input_size}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}")
+        """``self`` when its fields fit together, else a ValueError saying how."""
+        check_divides("patch_size", self.patch_size, "input_size", self.input_size)
+        check_divides("num_heads", self.num_heads, "hidden_size", self.hidden_size)
         if self.pos_embed == "sincos" and self.hidden_size % 4:
             raise ValueError("sincos position embedding needs hidden_size divisible by 4")
         if self.attention not in ATTENTION_BACKENDS:
@@ -86,10 +93,20 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def check_divides(part: str, part_value: int, whole: str, whole_value: int) -> None:
+    """A ValueError unless ``part_value`` divides ``whole_value`` (both config fields)."""
+    if whole_value % part_value:
+        example = whole_value - whole_value % part_value or part_value
+        raise ValueError(f"{part} {part_value} does not divide {whole} {whole_value}; allowed: "
+                         f"{whole} a multiple of {part} (e.g. {example}) or {part} a divisor of "
+                         f"{whole_value}")
+
+
 def preset(name: str, **overrides) -> TransformerConfig:
+    """The preset ``name`` with fields ``overrides``, checked as a ``[model]`` table."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
-    return TransformerConfig(**{**PRESETS[name], **overrides}).check()
+    return typed(TransformerConfig, {**PRESETS[name], **overrides}, "model").check()
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:

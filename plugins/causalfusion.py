@@ -8,6 +8,7 @@ import torch
 from cfkit import hookimpl
 from cfkit.methods import Batch, LossOutput, drop_labels
 from cfkit.plan import Plan
+from cfkit.plugins import typed
 from cfkit.transformer import CausalTransformer, TransformerConfig, patchify, preset
 from cfkit.weightings import loss_weights
 
@@ -21,7 +22,7 @@ def network_config(model_options: dict) -> TransformerConfig:
     if unknown:
         allowed = ", ".join(["preset", *sorted(fields)])
         raise ValueError(f"unknown model option(s) {unknown}; allowed: {allowed}")
-    return preset(name, **options) if name else TransformerConfig(**options).check()
+    return preset(name, **options) if name else typed(TransformerConfig, options, "model").check()
 
 
 class CausalFusion:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import logging
 import random
+import warnings
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 
@@ -13,6 +16,8 @@ import numpy as np
 
 from cfkit import hookimpl
 from cfkit.data import Sample, check_split
+
+log = logging.getLogger(__name__)
 
 
 class Digits:
@@ -140,7 +145,9 @@ def draw_shape(side: int, shape: str, colour, quadrant, rng: random.Random) -> n
 class ImageFolder:
     """Class sub-folders of images (the ImageNet layout), centre-cropped and resized as ADM.
     Classes are the sorted sub-folder names; ``split`` picks ``PATH/train`` or ``PATH/val``
-    when those exist, else PATH itself."""
+    when those exist, else PATH itself. A file that cannot be read (not a file, not an image,
+    damaged, a decompression bomb) is skipped with a warning, and the skips of a split are
+    counted by reason."""
 
     channels = 3
     extensions = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -164,19 +171,58 @@ class ImageFolder:
         return len(self.classes)
 
     def samples(self, split):
-        from PIL import Image
-
         folder = self.folder(split)
         classes = self.classes
         if not classes:
             raise ValueError(f"imagefolder: no class sub-folders in {folder}")
+        skipped, files = Counter(), 0
         for label, name in enumerate(classes):
             for path in sorted((folder / name).iterdir()):
-                if path.suffix.lower() in self.extensions:
-                    with Image.open(path) as image:
-                        array = centre_crop(image.convert("RGB"), self.image_size)
-                    # a dot would end the key where webdataset splits a file name
-                    yield Sample(f"{name}-{path.stem}".replace(".", "_"), array, label)
+                if path.suffix.lower() not in self.extensions:
+                    continue
+                files += 1
+                try:
+                    array = load_image(path, self.image_size)
+                except UnreadableImage as error:
+                    skipped[error.reason] += 1
+                    log.warning("imagefolder: skipped %s: %s", path, error)
+                    continue
+                # a dot would end the key where webdataset splits a file name
+                yield Sample(f"{name}-{path.stem}".replace(".", "_"), array, label)
+        if skipped:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.most_common())
+            log.warning("imagefolder: skipped %d of %d image file(s) in %s: %s",
+                        sum(skipped.values()), files, folder, reasons)
+
+
+class UnreadableImage(ValueError):
+    """Why an image file cannot be read: ``reason`` (not a file, not an image, too large,
+    damaged), then the detail."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason} ({detail})")
+        self.reason = reason
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """The ADM centre crop (``centre_crop``) of an image file, uint8 ``(size, size, 3)``;
+    UnreadableImage for a file PIL cannot decode or whose pixels pass PIL's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), refused before decoding."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise UnreadableImage("not a file", "a folder or a special file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return centre_crop(image.convert("RGB"), size)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage("too large", str(error)) from None
+    except UnidentifiedImageError as error:
+        raise UnreadableImage("not an image", str(error)) from None
+    except Exception as error:  # PIL raises many types on damaged files
+        raise UnreadableImage("damaged", f"{type(error).__name__}: {error}") from None
 
 
 def centre_crop(image, size: int) -> np.ndarray:

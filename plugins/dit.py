@@ -17,11 +17,16 @@ from torch import nn
 
 from cfkit import hookimpl
 from cfkit.methods import Batch, LossOutput, drop_labels
+from cfkit.plugins import typed
 from cfkit.transformer import (
     Attention,
     ClassEmbedder,
+    Count,
     Mlp,
+    Probability,
+    Ratio,
     TimestepEmbedder,
+    check_divides,
     patchify,
     sincos_pos_embed,
     unpatchify,
@@ -33,17 +38,18 @@ ATTENTION_BACKENDS = ("sdpa", "eager")
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """Architecture of a DiT; defaults match ``cfkit.transformer.TransformerConfig``."""
+    """Architecture of a DiT; defaults (and allowed values) match
+    ``cfkit.transformer.TransformerConfig``."""
 
-    input_size: int = 8  # latent grid side
-    patch_size: int = 1
-    latent_channels: int = 4
-    hidden_size: int = 256
-    depth: int = 6
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
-    num_classes: int = 10
-    class_dropout: float = 0.1
+    input_size: Count = 8  # latent grid side
+    patch_size: Count = 1
+    latent_channels: Count = 4
+    hidden_size: Count = 256
+    depth: Count = 6
+    num_heads: Count = 4
+    mlp_ratio: Ratio = 4.0
+    num_classes: Count = 10
+    class_dropout: Probability = 0.1
     attention: Literal["sdpa", "eager"] = "sdpa"
 
     @property
@@ -60,14 +66,9 @@ class DiTConfig:
         return self.patch_size**2 * self.latent_channels
 
     def check(self) -> DiTConfig:
-        if self.input_size % self.patch_size:
-            raise ValueError(
-                f"patch_size {self.patch_size} does not divide input_size {self.input_size}"
-            )
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}"
-            )
+        """``self`` when its fields fit together, else a ValueError saying how."""
+        check_divides("patch_size", self.patch_size, "input_size", self.input_size)
+        check_divides("num_heads", self.num_heads, "hidden_size", self.hidden_size)
         if self.hidden_size % 4:
             raise ValueError("sincos position embedding needs hidden_size divisible by 4")
         if self.attention not in ATTENTION_BACKENDS:
@@ -100,7 +101,7 @@ def network_config(model_options: dict) -> DiTConfig:
         raise ValueError(f"unknown model option(s) {unknown}; allowed: preset, {', '.join(fields)}")
     if name is not None and name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
-    return DiTConfig(**{**PRESETS.get(name, {}), **options}).check()
+    return typed(DiTConfig, {**PRESETS.get(name, {}), **options}, "model").check()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

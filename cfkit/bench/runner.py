@@ -16,6 +16,7 @@ Under torchrun every process trains each run; rank 0 alone evaluates and reports
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import json
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfkit import checkpoint, evaluate
+from cfkit import checkpoint, evaluate, runlock
 from cfkit import train as training
 from cfkit.bench import report as reporting
 from cfkit.bench.schema import (
@@ -70,13 +71,16 @@ def run_bench(path, out, overrides=(), progress: bool = True, report_only: bool 
     # evaluates and reports while the others wait, for as long as evaluation takes.
     group = training.Distributed(timeout=datetime.timedelta(days=1))
     main = group.is_main
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        reporting.recover(out)
     if jobs > 1 and group.world_size > 1:
         group.close()
         raise ValueError("--jobs starts processes on this machine; under torchrun give --jobs 1")
+    held = contextlib.ExitStack()
     try:
+        if not report_only:  # a report of the progress may be written beside a running bench
+            held.enter_context(runlock.hold(out, lock_file(shard)))
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            reporting.recover(out)
         if main and not report_only and part == 0:
             # First: cheap, and a grid stopped part-way still reports its models against them.
             score_baselines(bench.evaluation, runs, out, progress, str(group.device))
@@ -102,7 +106,14 @@ def run_bench(path, out, overrides=(), progress: bool = True, report_only: bool 
             say(f"{len(results['runs'])} of {len(runs)} runs trained and evaluated")
         return results
     finally:
+        held.close()
         group.close()
+
+
+def lock_file(shard: tuple[int, int]) -> str:
+    """The lock file of a bench folder: one per shard, as the shards of a grid share it."""
+    part, parts = shard
+    return runlock.LOCK_FILE if parts == 1 else f".cfkit-shard-{part}-of-{parts}.lock"
 
 
 def run_parallel(path, out: Path, overrides: Overrides, keys: list[str], jobs: int) -> None:

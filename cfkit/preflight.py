@@ -1,0 +1,103 @@
+"""Checks of what a command needs from its environment, made before it does any work: the
+device exists and the output folder can be written. An OSError that still happens (a full
+disk) becomes one line naming the file and what to do."""
+
+from __future__ import annotations
+
+import errno
+import tempfile
+from pathlib import Path
+
+import torch
+
+# commands whose --out is a file to write, not a folder
+FILE_OUTPUTS = ("tokenizer",)
+HINTS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EROFS: "give a writable path",
+    errno.EACCES: "give a path this user can use",
+    errno.EPERM: "give a path this user can use",
+    errno.EISDIR: "give a file, not a folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+}
+
+
+def check(args) -> None:
+    """A ValueError naming the option when the device or an output of a parsed command line
+    (``cfkit eval`` writes into the evaluated folder without --out) cannot be used."""
+    if getattr(args, "device", None) is not None:
+        device(args.device)
+    out = getattr(args, "out", None)
+    if out is not None:
+        (writable_file if args.command in FILE_OUTPUTS else writable_folder)(out, f"--out {out}")
+    elif args.command == "eval":
+        writable_folder(args.checkpoint, f"{args.checkpoint} (where eval writes without --out)")
+    if getattr(args, "save_stats", False):
+        writable_file(args.path_b, f"PATH_B {args.path_b}")
+
+
+def devices() -> list[str]:
+    """The devices of this machine that torch can use."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def device(text: str) -> torch.device:
+    """``torch.device(text)`` when this machine has it, else a ValueError listing those it has."""
+    allowed = ", ".join(devices())
+    try:
+        chosen = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {text!r} is not a device name; allowed here: {allowed}") from None
+    if chosen.type == "cpu" or str(chosen) in devices():
+        return chosen
+    why = {"cuda": "CUDA is not available (no GPU, or a CPU-only torch)" if not torch.cuda.is_available()
+           else f"this machine has {torch.cuda.device_count()} CUDA device(s)",
+           "mps": "MPS is not available"}.get(chosen.type, f"{chosen.type} devices are not supported")
+    raise ValueError(f"--device {text}: {why}; allowed here: {allowed}")
+
+
+def writable_folder(path, what: str) -> None:
+    """A ValueError saying ``what`` (e.g. "--out runs/a") is wrong unless ``path`` is a folder
+    (or can be made one) this process can write in."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} is a file; give a folder (made when missing)")
+    _writable(path, what)
+
+
+def writable_file(path, what: str) -> None:
+    """A ValueError saying ``what`` is wrong unless ``path`` is a file this process can write
+    (its folder may be made)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} is a folder; give a file to write")
+    _writable(path.parent, what)
+
+
+def _writable(folder: Path, what: str) -> None:
+    """Write and remove a probe file in ``folder``, or in its nearest existing parent (which
+    then makes the folder)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{what}: {existing} is a file, so no folder can be made there; give a "
+                         "path under a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".cfkit-probe-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{what}: cannot write in {existing} ({error.strerror}); give a writable "
+                         "folder") from None
+
+
+def describe(error: OSError) -> str:
+    """One line for an OSError: the file, what went wrong and, when known, what to do."""
+    what = error.strerror or str(error)
+    where = f"{error.filename}: " if error.filename else ""
+    hint = HINTS.get(error.errno)
+    return f"{where}{what}" + (f"; {hint}" if hint else "")

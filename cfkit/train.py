@@ -349,13 +349,14 @@ class Trainer:
 
     def run(self) -> Path:
         """Train to ``train.max_steps``; returns the run folder."""
+        # the shards first: a run refused for its data leaves no config.json behind
+        tokenizer = self.experiment.data.tokenizer.build()
+        stream = self.stream()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.write_json(self.run_dir / "config.json",
                                   {"experiment": self.experiment.model_dump(mode="json")})
             _truncate_metrics(self.run_dir / "metrics.csv", self.step)
-        tokenizer = self.experiment.data.tokenizer.build()
-        stream = self.stream()
         batches = iter(data.loader(stream, self.experiment.data.num_workers))
         errors = data.LoaderErrors()
         previous = signal.signal(signal.SIGTERM, self._request_stop)

@@ -27,7 +27,9 @@ class Random:
 
 
 class BlockRaster:
-    """k x k blocks visited in raster order; raster order inside each block."""
+    """k x k blocks visited in raster order; raster order inside each block. Where k does not
+    divide the grid, the last block row and column are partial (7x7 tokens in blocks of 4:
+    4x4, 4x3, 3x4 and 3x3)."""
 
     def __init__(self, block: int = 4):
         if block < 1:
@@ -37,10 +39,9 @@ class BlockRaster:
     def __call__(self, batch_size, grid, generator=None):
         h, w = check_grid(grid)
         k = self.block
-        if h % k or w % k:
-            raise ValueError(f"block-raster: block {k} does not divide the grid {h}x{w}")
         rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        key = ((rows // k) * (w // k) + cols // k) * (k * k) + (rows % k) * k + cols % k
+        block_cols = -(-w // k)
+        key = ((rows // k) * block_cols + cols // k) * (k * k) + (rows % k) * k + cols % k
         return fixed_order(torch.argsort(key.flatten()), batch_size)
 
 

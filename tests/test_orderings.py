@@ -17,11 +17,9 @@ def ordering_cases(draw):
     if name == "block-raster":
         block = draw(st.integers(1, 4))
         options = {"block": block}
-        grid = (block * draw(st.integers(1, 4)), block * draw(st.integers(1, 4)))
-    else:
-        if name == "dilated":
-            options = {"dilation": draw(st.integers(1, 4))}
-        grid = (draw(st.integers(1, 10)), draw(st.integers(1, 10)))
+    if name == "dilated":
+        options = {"dilation": draw(st.integers(1, 4))}
+    grid = (draw(st.integers(1, 10)), draw(st.integers(1, 10)))  # blocks may be partial
     return name, options, draw(st.integers(1, 4)), grid
 
 
@@ -73,6 +71,11 @@ def test_block_raster_visits_blocks_in_raster_order():
     assert order.tolist() == [[0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]]
 
 
+def test_block_raster_makes_the_last_block_row_and_column_partial_where_k_does_not_divide():
+    order = cfkit.build("orderings", "block-raster", block=2)(1, (3, 3))
+    assert order.tolist() == [[0, 1, 3, 4, 2, 5, 6, 7, 8]]
+
+
 def test_dilated_visits_strided_phases_in_raster_order():
     order = cfkit.build("orderings", "dilated", dilation=2)(1, (4, 4))
     assert order.tolist() == [[0, 2, 8, 10, 1, 3, 9, 11, 4, 6, 12, 14, 5, 7, 13, 15]]
@@ -80,7 +83,7 @@ def test_dilated_visits_strided_phases_in_raster_order():
 
 @pytest.mark.parametrize(
     "name, options, grid",
-    [("block-raster", {"block": 3}, (4, 4)), ("block-raster", {"block": 0}, (4, 4)),
+    [("block-raster", {"block": 0}, (4, 4)),
      ("dilated", {"dilation": 0}, (4, 4)), ("raster", {}, (0, 4)), ("random", {}, (4, -1))],
 )
 def test_invalid_ordering_options_or_grids_raise_value_error(name, options, grid):

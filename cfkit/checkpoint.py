@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -37,8 +38,6 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         try:  # the writer may have made a folder; a failed clean-up never hides its error
             if tmp.is_dir():
-                import shutil
-
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink(missing_ok=True)

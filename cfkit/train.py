@@ -64,14 +64,14 @@ def dataset_shards(experiment: configs.Experiment, split: str = "train", is_main
         identity["tokenizer"] = spec.tokenizer.model_dump()
     folder = cache_dir() / "shards" / f"{spec.dataset.name}-{_digest(identity)}" / split
     if is_main and not folder.is_dir():
-        with temp_folder(folder.with_name(f".{split}.{os.getpid()}.tmp")) as tmp:
-            tokenizer = spec.tokenizer.build() if spec.encoded else None
-            data.write_shards(spec.dataset.build(), tmp, split, spec.shard_size, tokenizer,
+        tokenizer = spec.tokenizer.build() if spec.encoded else None
+        try:  # write_shards writes the set beside the folder and renames it into place
+            data.write_shards(spec.dataset.build(), folder, split, spec.shard_size, tokenizer,
                               prefix=spec.dataset.name)
-            try:
-                tmp.rename(folder)
-            except OSError:  # another process finished first
-                shutil.rmtree(tmp, ignore_errors=True)
+        except ValueError:
+            if not folder.is_dir():
+                raise
+            # else another process finished the same set first
     barrier()
     return str(folder)
 

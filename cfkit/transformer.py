@@ -31,8 +31,9 @@ Probability = Annotated[float, Interval(ge=0, le=1)]
 
 
 @dataclass(frozen=True)
-class TransformerConfig:
-    """Architecture of the causal diffusion transformer (the annotations are the allowed values)."""
+class TokenGrid:
+    """The fields a network of a square token grid has (CausalFusion's transformer, DiT) and
+    what follows from them; the annotations are the allowed values."""
 
     input_size: Count = 8  # latent grid side
     patch_size: Count = 1
@@ -43,13 +44,6 @@ class TransformerConfig:
     mlp_ratio: Ratio = 4.0
     num_classes: Count = 10
     class_dropout: Probability = 0.1
-    cond_tokens: Count = 4  # distinct class tokens
-    cond_repeat: Count = 1  # "4 tokens repeated 16x": cond length = cond_tokens * cond_repeat
-    pos_embed: Literal["sincos", "learned"] = "sincos"
-    qk_norm: bool = True
-    timestep: Literal["add", "token"] = "add"
-    attention: Literal["sdpa", "flex", "eager"] = "sdpa"
-    grad_checkpoint: bool = False
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -64,16 +58,33 @@ class TransformerConfig:
     def token_dim(self) -> int:
         return self.patch_size**2 * self.latent_channels
 
+    def check_grid(self, sincos: bool) -> None:
+        """ValueError unless the fields fit together (``sincos``: a sincos position embedding)."""
+        check_divides("patch_size", self.patch_size, "input_size", self.input_size)
+        check_divides("num_heads", self.num_heads, "hidden_size", self.hidden_size)
+        if sincos and self.hidden_size % 4:
+            raise ValueError("sincos position embedding needs hidden_size divisible by 4")
+
+
+@dataclass(frozen=True)
+class TransformerConfig(TokenGrid):
+    """Architecture of the causal diffusion transformer (the annotations are the allowed values)."""
+
+    cond_tokens: Count = 4  # distinct class tokens
+    cond_repeat: Count = 1  # "4 tokens repeated 16x": cond length = cond_tokens * cond_repeat
+    pos_embed: Literal["sincos", "learned"] = "sincos"
+    qk_norm: bool = True
+    timestep: Literal["add", "token"] = "add"
+    attention: Literal["sdpa", "flex", "eager"] = "sdpa"
+    grad_checkpoint: bool = False
+
     @property
     def cond_len(self) -> int:
         return self.cond_tokens * self.cond_repeat
 
     def check(self) -> TransformerConfig:
         """``self`` when its fields fit together, else a ValueError saying how."""
-        check_divides("patch_size", self.patch_size, "input_size", self.input_size)
-        check_divides("num_heads", self.num_heads, "hidden_size", self.hidden_size)
-        if self.pos_embed == "sincos" and self.hidden_size % 4:
-            raise ValueError("sincos position embedding needs hidden_size divisible by 4")
+        self.check_grid(sincos=self.pos_embed == "sincos")
         if self.attention not in ATTENTION_BACKENDS:
             allowed = ", ".join(ATTENTION_BACKENDS)
             raise ValueError(f"unknown attention {self.attention!r}; allowed: {allowed}")

@@ -21,12 +21,9 @@ from cfkit.plugins import typed
 from cfkit.transformer import (
     Attention,
     ClassEmbedder,
-    Count,
     Mlp,
-    Probability,
-    Ratio,
     TimestepEmbedder,
-    check_divides,
+    TokenGrid,
     patchify,
     sincos_pos_embed,
     unpatchify,
@@ -37,40 +34,15 @@ ATTENTION_BACKENDS = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
-class DiTConfig:
-    """Architecture of a DiT; defaults (and allowed values) match
-    ``cfkit.transformer.TransformerConfig``."""
+class DiTConfig(TokenGrid):
+    """Architecture of a DiT: the token grid of ``cfkit.transformer.TransformerConfig`` (same
+    defaults and allowed values) with DiT's attention backends."""
 
-    input_size: Count = 8  # latent grid side
-    patch_size: Count = 1
-    latent_channels: Count = 4
-    hidden_size: Count = 256
-    depth: Count = 6
-    num_heads: Count = 4
-    mlp_ratio: Ratio = 4.0
-    num_classes: Count = 10
-    class_dropout: Probability = 0.1
     attention: Literal["sdpa", "eager"] = "sdpa"
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        side = self.input_size // self.patch_size
-        return side, side
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def token_dim(self) -> int:
-        return self.patch_size**2 * self.latent_channels
 
     def check(self) -> DiTConfig:
         """``self`` when its fields fit together, else a ValueError saying how."""
-        check_divides("patch_size", self.patch_size, "input_size", self.input_size)
-        check_divides("num_heads", self.num_heads, "hidden_size", self.hidden_size)
-        if self.hidden_size % 4:
-            raise ValueError("sincos position embedding needs hidden_size divisible by 4")
+        self.check_grid(sincos=True)
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"unknown attention {self.attention!r}; allowed: {', '.join(ATTENTION_BACKENDS)}"

@@ -155,6 +155,8 @@ class Train(Strict):
     base_lr: float = Field(1e-4, gt=0)  # per 256 images
     lr: float | None = Field(None, gt=0)  # absolute; overrides base_lr scaling
     warmup_steps: int = Field(0, ge=0)
+    # after the warmup: "constant" (the reference) or "cosine" (a half cosine to 0 at max_steps)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     betas: tuple[Beta, Beta] = (0.9, 0.95)
     eps: float = Field(1e-15, ge=0)
     weight_decay: float = Field(0.0, ge=0)

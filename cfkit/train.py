@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -129,9 +130,19 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(_digest([seed, step]), 16))
 
 
-def warmup_factor(warmup_steps: int):
-    """Linear warmup from 0 then constant (the reference's constant schedule with warmup)."""
-    return lambda step: step / max(1, warmup_steps) if step < warmup_steps else 1.0
+def lr_factor(cfg) -> Callable[[int], float]:
+    """The learning rate's factor at a step: linear warmup from 0 over ``warmup_steps``, then
+    constant (the reference's schedule) or, with ``lr_schedule = "cosine"``, a half cosine from 1
+    to 0 at ``max_steps``."""
+    warmup, decay = cfg.warmup_steps, max(1, cfg.max_steps - cfg.warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / decay)))
+    return factor
 
 
 @torch.no_grad()
@@ -193,7 +204,7 @@ class Trainer:
             eps=self.cfg.eps, weight_decay=self.cfg.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_factor(self.cfg.warmup_steps)
+            self.optimizer, lr_factor(self.cfg)
         )
         self.step = 0
         self.corrupt: list[Path] = []  # checkpoints resume skipped, set aside at the next save
@@ -267,8 +278,8 @@ class Trainer:
     def _apply_hyperparameters(self) -> None:
         """The config resumed with wins over the optimizer settings saved in the checkpoint,
         so ``--resume --set train.lr=...`` changes the learning rate from the next step."""
-        factor = warmup_factor(self.cfg.warmup_steps)(self.scheduler.last_epoch)
-        self.scheduler.lr_lambdas = [warmup_factor(self.cfg.warmup_steps)] * len(self.scheduler.lr_lambdas)
+        factor = lr_factor(self.cfg)(self.scheduler.last_epoch)
+        self.scheduler.lr_lambdas = [lr_factor(self.cfg)] * len(self.scheduler.lr_lambdas)
         self.scheduler.base_lrs = [self.cfg.learning_rate] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
             group.update(initial_lr=self.cfg.learning_rate, lr=self.cfg.learning_rate * factor,

@@ -353,3 +353,16 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_last(
     train.train(experiment, run, resume=True, progress=False)
     assert losses(run) == losses(reference)
     assert_same_checkpoint(run, reference, 20)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_learning_rate_warms_up_linearly_then_follows_its_schedule(schedule):
+    experiment = configs.load(CONFIG, ["train.warmup_steps=10", "train.max_steps=110",
+                                       f'train.lr_schedule="{schedule}"'])
+    factor = train.lr_factor(experiment.train)
+    assert [factor(s) for s in (0, 5, 10)] == [0.0, 0.5, 1.0]
+    after = [factor(s) for s in (10, 35, 60, 85, 110, 200)]
+    if schedule == "constant":
+        assert after == [1.0] * 6
+    else:  # a half cosine from 1 at the warmup's end to 0 at max_steps, and 0 after it
+        assert after == pytest.approx([1.0, 0.5 + 0.5 ** 0.5 / 2, 0.5, 0.5 - 0.5 ** 0.5 / 2, 0.0, 0.0])

@@ -148,7 +148,3 @@ def load(directory, prefer_ema: bool = True, device="cpu"):
     method.model.load_state_dict(state)
     method.model.to(device).eval()
     return method
-
-
-def num_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -199,7 +199,7 @@ def check_labels(model: CausalTransformer, labels) -> torch.Tensor:
     return labels
 
 
-def check_guidance(model: CausalTransformer, scale: float, interval) -> Guidance:
+def guidance_for(model: CausalTransformer, scale: float, interval) -> Guidance:
     """The guidance of a CFG ``scale`` >= 1 and a network-timestep ``interval`` (lo, hi)."""
     lo, hi = (float(v) for v in interval)
     if not 1 <= scale < math.inf:  # not NaN either
@@ -334,7 +334,7 @@ def _from_noise(model, diffusion, condition, ar_steps, step_sizes, schedule, ord
                 split_steps, cfg, cfg_interval, sampler, prediction, generator, progress,
                 cached) -> Generated:
     """Every token generated for the checked ``condition`` (class labels or caption ids)."""
-    guidance = check_guidance(model, cfg, cfg_interval)
+    guidance = guidance_for(model, cfg, cfg_interval)
     config = model.config
     device = model.patch_embed.weight.device
     order = generation_order(order, len(condition), config.grid, generator).to(device)
@@ -367,7 +367,7 @@ def edit(model: CausalTransformer, diffusion, image_latents: torch.Tensor, keep,
     labels = labels.expand(n) if labels.numel() == 1 else labels
     if labels.numel() != n:
         raise GenerationError(f"give one class or one per image ({n}), got {labels.numel()}")
-    guidance = check_guidance(model, cfg, cfg_interval)
+    guidance = guidance_for(model, cfg, cfg_interval)
     kept = keep_mask(keep, config.grid).to(weight.device)
     free = generation_order(order, n, config.grid, generator).to(weight.device)
     free = free[~kept[free]].reshape(n, -1)  # the ordering's order of the tokens to generate

@@ -62,10 +62,6 @@ class Method(Protocol):
     def loss(self, batch: Batch, generator: torch.Generator | None = None,
              model: nn.Module | None = None) -> LossOutput: ...
 
-    def state(self) -> dict:
-        """What a checkpoint needs to rebuild the method (JSON-serialisable)."""
-        ...
-
 
 class NoisePredictor(Protocol):
     predicts_noise: bool  # True: the method offers predict_noise

@@ -189,22 +189,22 @@ class Trainer:
     def __init__(self, experiment: configs.Experiment, run_dir, resume: bool = False,
                  progress: bool = True):
         self.experiment, self.run_dir, self.progress = experiment, Path(run_dir), progress
-        self.cfg = experiment.train
+        self.settings = experiment.train
         self.dist = Distributed()
         torch.manual_seed(experiment.seed)
         self.method = experiment.build_method()
         self.net = self.method.model.to(self.dist.device)
-        if hasattr(self.net, "config") and self.cfg.grad_checkpoint:
+        if hasattr(self.net, "config") and self.settings.grad_checkpoint:
             object.__setattr__(self.net.config, "grad_checkpoint", True)
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         # before the optimizer: FSDP replaces the parameters by their shards
         self.forward = self._wrap(self.net)
         self.optimizer = torch.optim.AdamW(
-            self.net.parameters(), lr=self.cfg.learning_rate, betas=self.cfg.betas,
-            eps=self.cfg.eps, weight_decay=self.cfg.weight_decay,
+            self.net.parameters(), lr=self.settings.learning_rate, betas=self.settings.betas,
+            eps=self.settings.eps, weight_decay=self.settings.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(self.cfg)
+            self.optimizer, lr_factor(self.settings)
         )
         self.step = 0
         self.corrupt: list[Path] = []  # checkpoints resume skipped, set aside at the next save
@@ -225,7 +225,7 @@ class Trainer:
 
                 device_ids = [self.dist.device] if self.dist.device.type == "cuda" else None
                 net = DistributedDataParallel(net, device_ids=device_ids)
-        if self.cfg.compile:
+        if self.settings.compile:
             net = torch.compile(net)
         return net
 
@@ -278,16 +278,17 @@ class Trainer:
     def _apply_hyperparameters(self) -> None:
         """The config resumed with wins over the optimizer settings saved in the checkpoint,
         so ``--resume --set train.lr=...`` changes the learning rate from the next step."""
-        factor = lr_factor(self.cfg)(self.scheduler.last_epoch)
-        self.scheduler.lr_lambdas = [lr_factor(self.cfg)] * len(self.scheduler.lr_lambdas)
-        self.scheduler.base_lrs = [self.cfg.learning_rate] * len(self.optimizer.param_groups)
+        factor = lr_factor(self.settings)(self.scheduler.last_epoch)
+        self.scheduler.lr_lambdas = [lr_factor(self.settings)] * len(self.scheduler.lr_lambdas)
+        self.scheduler.base_lrs = [self.settings.learning_rate] * len(self.optimizer.param_groups)
+        settings = self.settings
         for group in self.optimizer.param_groups:
-            group.update(initial_lr=self.cfg.learning_rate, lr=self.cfg.learning_rate * factor,
-                         betas=self.cfg.betas, eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
+            group.update(initial_lr=settings.learning_rate, lr=settings.learning_rate * factor,
+                         betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay)
 
     @property
     def sharded(self) -> bool:
-        return self.cfg.distributed == "fsdp" and self.dist.world_size > 1
+        return self.settings.distributed == "fsdp" and self.dist.world_size > 1
 
     def _load_sharded(self, model: dict, ema: dict, tensors: dict, meta: dict) -> None:
         """Load a checkpoint's full (unsharded) tensors into the FSDP shards."""
@@ -307,13 +308,13 @@ class Trainer:
     def stream(self) -> data.ShardStream:
         spec = self.experiment.data
         world = self.dist.world_size
-        if self.cfg.batch_size % world:
+        if self.settings.batch_size % world:
             raise configs.ConfigError(
-                f"train.batch_size {self.cfg.batch_size} is not divisible by {world} processes"
+                f"train.batch_size {self.settings.batch_size} is not divisible by {world} processes"
             )
         shards = dataset_shards(self.experiment, "train", self.dist.is_main)
         return data.ShardStream(
-            shards, self.cfg.batch_size // world, seed=self.experiment.seed, rank=self.dist.rank,
+            shards, self.settings.batch_size // world, seed=self.experiment.seed, rank=self.dist.rank,
             world_size=world, shuffle_buffer=spec.shuffle_buffer, flip=spec.flip,
             skip_batches=self.step,
             # a label outside the model's classes would index past its embedding: skip it
@@ -334,7 +335,7 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> tuple[float, float]:
         autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16,
-                                  enabled=self.cfg.precision == "bf16")
+                                  enabled=self.settings.precision == "bf16")
         with autocast:
             out = self.method.loss(batch, step_generator(self.experiment.seed, self.step),
                                    model=self.forward)
@@ -342,12 +343,12 @@ class Trainer:
         self._check_finite("loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.settings.grad_clip))
         # a finite loss can still overflow in backward; its step would write NaN weights
         self._check_finite("gradient norm", grad_norm)
         self.optimizer.step()
         self.scheduler.step()
-        update_ema(self.ema, self.net, self.cfg.ema)
+        update_ema(self.ema, self.net, self.settings.ema)
         self.step += 1
         return loss, grad_norm
 
@@ -374,12 +375,12 @@ class Trainer:
         bar = self._progress_bar()
         try:
             last_time, images = time.perf_counter(), 0
-            while self.step < self.cfg.max_steps:
+            while self.step < self.settings.max_steps:
                 item = next(batches)
                 errors.update(item)
                 loss, grad_norm = self.train_step(self.batch(item, tokenizer))
-                images += self.cfg.batch_size
-                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
+                images += self.settings.batch_size
+                if self.step % self.settings.log_every == 0 or self.step == self.settings.max_steps:
                     now = time.perf_counter()
                     rate = images / (now - last_time)
                     self._log_metrics(loss, grad_norm, rate)
@@ -390,7 +391,7 @@ class Trainer:
                     bar.update(1)
                 # SIGTERM reaches the processes at different steps: they agree on one to stop at
                 stop = self.dist.mean(float(self.stop_requested)) > 0
-                if self.step % self.cfg.ckpt_every == 0 or stop:
+                if self.step % self.settings.ckpt_every == 0 or stop:
                     self.save()
                 if stop:
                     log.warning("SIGTERM: saved step %d, exiting", self.step)
@@ -416,7 +417,7 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step")
+        return tqdm(total=self.settings.max_steps, initial=self.step, desc="train", unit="step")
 
     def _log_metrics(self, loss: float, grad_norm: float, rate: float) -> None:
         if not self.dist.is_main:
@@ -429,7 +430,7 @@ class Trainer:
                 writer.writerow(METRICS)
             writer.writerow([self.step, f"{loss:.6f}", f"{self.optimizer.param_groups[0]['lr']:.3e}",
                              f"{grad_norm:.4f}", f"{rate:.2f}"])
-        if self.cfg.tensorboard:
+        if self.settings.tensorboard:
             self._tensorboard(loss, grad_norm, rate)
 
     def _tensorboard(self, loss, grad_norm, rate):
@@ -464,7 +465,7 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-        for old in checkpoints(self.run_dir)[: -self.cfg.keep_last]:
+        for old in checkpoints(self.run_dir)[: -self.settings.keep_last]:
             shutil.rmtree(old)
         barrier()
         return final

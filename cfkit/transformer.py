@@ -406,9 +406,6 @@ class CausalTransformer(nn.Module):
         pos = self.pos_embed[0][positions]
         return self.patch_embed(tokens) + pos
 
-    def timestep_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        return self.timestep_embedder(t)
-
     def run(self, x: torch.Tensor, mask=None, cache=None, update_cache=False) -> torch.Tensor:
         for layer, block in enumerate(self.blocks):
             if self.config.grad_checkpoint and self.training and cache is None:

@@ -115,9 +115,6 @@ class CausalFusion:
         ).to(per_token.device, per_token.dtype)
         return LossOutput((per_token * weights).mean(), per_token.detach(), plan)
 
-    def state(self) -> dict:
-        return {"method": "causalfusion", "experiment": self.experiment.model_dump(mode="json")}
-
 
 def incontext_dit(experiment):
     """In-context DiT: CausalFusion with one AR step and no AR-axis weighting."""

@@ -269,9 +269,6 @@ class DiTMethod:
         _, eps = self.diffusion.xstart_and_eps(self.prediction, x_t, t, out.float().view_as(x_t))
         return torch.gather(eps, 2, order)
 
-    def state(self) -> dict:
-        return {"method": "dit", "experiment": self.experiment.model_dump(mode="json")}
-
 
 @hookimpl
 def register_methods(register):

@@ -150,10 +150,6 @@ class MultimodalCausalFusion(CausalFusion):
         ids = caption(self.model, tokens, self.text_tokenizer, generator=generator, **decoding)
         return [self.text_tokenizer.decode(row) for row in ids.tolist()]
 
-    def state(self) -> dict:
-        return {"method": self.experiment.method.name,
-                "experiment": self.experiment.model_dump(mode="json")}
-
 
 class TransfusionTransformer(MultimodalTransformer):
     """Transfusion's sequence on the same backbone: ``[cond | caption | noised image]``,

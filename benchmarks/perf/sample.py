@@ -36,9 +36,9 @@ from cfkit.generate import (
     CachedContext,
     RecomputedContext,
     ar_step_sizes,
-    check_guidance,
     component,
     generation_order,
+    guidance_for,
     reverse_process,
 )
 from cfkit.samplers import noise_like, respaced
@@ -83,7 +83,7 @@ def measure(args, ar_steps: int, cached: bool, attention: str | None, dtype: str
     model, config = method.model, method.model.config
     generator = torch.Generator().manual_seed(args.seed)
     labels = torch.randint(0, config.num_classes, (args.batch,), generator=generator).to(device)
-    guidance = check_guidance(model, args.cfg, (0, math.inf))
+    guidance = guidance_for(model, args.cfg, (0, math.inf))
     order = generation_order("random", args.batch, config.grid, generator).to(device)
     sizes = ar_step_sizes(config.num_tokens, ar_steps)
     diffusion = respaced(method.diffusion, args.steps)

@@ -136,6 +136,8 @@ def plot(results: list[dict], path: Path) -> None:
                             label=f"{result['setting']} S={key[1]}{cfg}")
         ax.set_xlabel("training step", fontsize=10)
         ax.set_ylabel(label, fontsize=10)
+        if prefix in ("FID", "KID"):  # a setting that fails sits orders of magnitude above
+            ax.set_yscale("symlog", linthresh=1.0 if prefix == "FID" else 0.01)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -116,16 +116,23 @@ class CausalFusion:
         return LossOutput((per_token * weights).mean(), per_token.detach(), plan)
 
 
-def incontext_dit(experiment):
-    """In-context DiT: CausalFusion with one AR step and no AR-axis weighting."""
+def one_step(experiment, **update):
+    """``experiment`` in the S = 1 configuration of the baselines: one AR step in raster order
+    with a constant AR-axis weight (plus any other factorisation fields in ``update``)."""
     from cfkit.config import Component  # not at import: cfkit.config loads the plugins
 
     factorisation = experiment.factorisation.model_copy(update={
         "schedule": Component(kind="schedules", name="fixed", steps=1),
         "ordering": Component(kind="orderings", name="raster"),
         "ar_weighting": Component(kind="weightings", name="constant"),
+        **update,
     })
-    return CausalFusion(experiment.model_copy(update={"factorisation": factorisation}))
+    return experiment.model_copy(update={"factorisation": factorisation})
+
+
+def incontext_dit(experiment):
+    """In-context DiT: CausalFusion with one AR step and no AR-axis weighting."""
+    return CausalFusion(one_step(experiment))
 
 
 incontext_dit.check = incontext_dit.network_config = CausalFusion.network_config

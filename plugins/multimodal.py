@@ -17,7 +17,7 @@ plus the image loss, an image model that sees no text).
 from __future__ import annotations
 
 import torch
-from cfkit_plugins.causalfusion import CausalFusion, network_config
+from cfkit_plugins.causalfusion import CausalFusion, network_config, one_step
 
 from cfkit import hookimpl
 from cfkit.masks import multimodal_layout
@@ -199,15 +199,7 @@ class Transfusion(MultimodalCausalFusion):
 def transfusion(experiment):
     """Transfusion: one AR step in raster order (the image noised at one t), no AR weighting,
     the Transfusion sequence."""
-    from cfkit.config import Component  # not at import: cfkit.config loads the plugins
-
-    factorisation = experiment.factorisation.model_copy(update={
-        "schedule": Component(kind="schedules", name="fixed", steps=1),
-        "ordering": Component(kind="orderings", name="raster"),
-        "ar_weighting": Component(kind="weightings", name="constant"),
-        "copies": 1,
-    })
-    return Transfusion(experiment.model_copy(update={"factorisation": factorisation}))
+    return Transfusion(one_step(experiment, copies=1))
 
 
 transfusion.check = Transfusion.check

@@ -20,6 +20,12 @@ from cfkit.runlock import FolderInUse
 from cfkit.train import TrainingError
 
 
+def add_plugins_command(sub) -> None:
+    """``cfkit plugins``: its arguments, beside its function."""
+    p = sub.add_parser("plugins", help="list every registered component: kind, name, plugin")
+    p.set_defaults(run=cmd_plugins)
+
+
 def cmd_plugins(args) -> int:
     """Every registered component; a name two plugins register is listed twice, marked."""
     registry = plugins.registry(allow_conflicts=True)
@@ -36,6 +42,15 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def add_config_command(sub) -> None:
+    """``cfkit config``: its arguments, beside its function."""
+    p = sub.add_parser("config", help="validate or show an experiment config")
+    p.add_argument("action", choices=["validate", "show"])
+    p.add_argument("file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(run=cmd_config)
+
+
 def cmd_config(args) -> int:
     config = configs.load(args.file, args.set)
     if args.action == "validate":
@@ -43,6 +58,18 @@ def cmd_config(args) -> int:
     else:
         print(configs.dump(config), end="")
     return 0
+
+
+def add_plan_command(sub) -> None:
+    """``cfkit plan``: its arguments, beside its function."""
+    p = sub.add_parser("plan", help="draw and show one batch's factorisation plan")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--show-mask", action="store_true", help="print sample 0's mask (# = attend)")
+    p.set_defaults(run=cmd_plan)
 
 
 def cmd_plan(args) -> int:
@@ -90,6 +117,19 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def add_convert_command(sub) -> None:
+    """``cfkit convert``: its arguments, beside its function."""
+    p = sub.add_parser("convert", help="import a checkpoint from another implementation")
+    p.add_argument("source", choices=["official"], help="official: the reference trainer's .pt")
+    p.add_argument("path")
+    p.add_argument("--out", required=True, help="cfkit checkpoint folder to write")
+    p.add_argument("--kwargs", help="JSON of the official constructor kwargs (default: the "
+                   "checkpoint's .json sidecar if present)")
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--latent-channels", type=int)
+    p.set_defaults(run=cmd_convert)
+
+
 def cmd_convert(args) -> int:
     from cfkit import checkpoint, convert
 
@@ -106,6 +146,20 @@ def cmd_convert(args) -> int:
     out = convert.convert_official(args.path, args.out, kwargs)
     print(f"wrote {out}")
     return 0
+
+
+def add_train_command(sub) -> None:
+    """``cfkit train``: its arguments, beside its function."""
+    p = sub.add_parser("train", help="train an experiment into a run folder")
+    p.add_argument("config", nargs="?")
+    p.add_argument("--out", help="run folder")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-remote-shards", action="store_true",
+                   help="read pipe: and URL shards (pipe:CMD runs CMD; a config or run folder "
+                   "alone never may); same as CFKIT_ALLOW_REMOTE_SHARDS=1")
+    p.set_defaults(run=cmd_train)
 
 
 def cmd_train(args) -> int:
@@ -143,6 +197,25 @@ def _dataset(args):
     return plugins.build("datasets", args.name, **options)
 
 
+def add_shards_command(sub) -> None:
+    """``cfkit shards``: its arguments, beside its function."""
+    p = sub.add_parser("shards", help="write a dataset as WebDataset tar shards")
+    p.add_argument("name", help="dataset plugin (e.g. digits, shapes, imagefolder)")
+    p.add_argument("source", nargs="?", help="a path for datasets that read one (imagefolder)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="train", choices=["train", "val"])
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--encode", metavar="TOKENIZER", help="write latents of this image tokenizer")
+    p.add_argument("--tokenizer-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the --encode tokenizer, as in a config's tokenizer table, "
+                   "e.g. channels=3 or path=kl16.ckpt")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="dataset option, e.g. size=2000 or image_size=32")
+    p.add_argument("--force", action="store_true",
+                   help="replace the shards already in --out (the whole set, atomically)")
+    p.set_defaults(run=cmd_shards)
+
+
 def cmd_shards(args) -> int:
     from cfkit import data
 
@@ -155,6 +228,23 @@ def cmd_shards(args) -> int:
                               prefix=args.name, force=args.force)
     print(f"wrote {len(paths)} shard(s) to {args.out}")
     return 0
+
+
+def add_tokenizer_train_command(sub) -> None:
+    """``cfkit tokenizer``: its arguments, beside its function."""
+    p = sub.add_parser("tokenizer", help="text tokenizers: train a BPE tokenizer on captions")
+    actions = p.add_subparsers(dest="action", required=True)
+    t = actions.add_parser("train", help="train a byte-level BPE tokenizer (load it as text tokenizer bpe)")
+    source = t.add_mutually_exclusive_group(required=True)
+    source.add_argument("--captions", nargs="+", metavar="FILE",
+                        help="caption files: text (one a line), a .json list or .jsonl")
+    source.add_argument("--dataset", dest="name", metavar="NAME",
+                        help="a dataset plugin with captions (e.g. shapes): its train captions")
+    t.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="--dataset option, e.g. size=2000")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--out", required=True, help="tokenizer.json to write")
+    t.set_defaults(run=cmd_tokenizer_train)
 
 
 def cmd_tokenizer_train(args) -> int:
@@ -242,6 +332,23 @@ def _progress_bar(args):
     return progress
 
 
+def add_sample_command(sub) -> None:
+    """``cfkit sample``: its arguments, beside its function."""
+    p = sub.add_parser("sample", help="generate images (or latents) from a checkpoint")
+    p.add_argument("checkpoint", help="cfkit checkpoint folder")
+    condition = p.add_mutually_exclusive_group(required=True)
+    condition.add_argument("--class", dest="classes", type=int, nargs="+", metavar="C",
+                           help="class labels, repeated to --num images")
+    condition.add_argument("--prompt", dest="prompts", nargs="+", metavar="TEXT",
+                           help="captions of a text-to-image checkpoint, repeated to --num images")
+    p.add_argument("--num", type=int, help="number of images (default: one per --class or --prompt)")
+    p.add_argument("--batch-size", type=int, default=250,
+                   help="images generated and written at a time (default 250); batch b draws with "
+                   "seed + b")
+    _generation_arguments(p)
+    p.set_defaults(run=cmd_sample)
+
+
 def cmd_sample(args) -> int:
     import cfkit
 
@@ -258,15 +365,39 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def cmd_caption(args) -> int:
+def _pipeline_reading_images(args, purpose: str):
+    """The checkpoint's pipeline and a reader of PNGs into its pixels, for ``purpose``."""
     import cfkit
     from cfkit.pipeline import read_image
 
     pipe = cfkit.load(args.checkpoint, args.device)
     if pipe.tokenizer is None:
         raise ValueError(f"{args.checkpoint}: its image tokenizer does not give the model's latents, "
-                         "so a PNG cannot be encoded for captioning")
-    images = torch.cat([read_image(path, pipe.tokenizer.channels) for path in args.images])
+                         f"so a PNG cannot be encoded for {purpose}")
+    return pipe, lambda path: read_image(path, pipe.tokenizer.channels)
+
+
+def add_caption_command(sub) -> None:
+    """``cfkit caption``: its arguments, beside its function."""
+    p = sub.add_parser("caption", help="caption images with a multimodal checkpoint")
+    p.add_argument("checkpoint", help="run folder or checkpoint folder")
+    p.add_argument("--image", dest="images", nargs="+", required=True, metavar="PNG",
+                   help="image files at the checkpoint's size")
+    decoding = p.add_mutually_exclusive_group()
+    decoding.add_argument("--greedy", action="store_true", help="the most likely id each step (default)")
+    decoding.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely ids")
+    decoding.add_argument("--top-p", type=float, metavar="P", help="sample from the top-p nucleus")
+    decoding.add_argument("--beams", type=int, metavar="B", help="beam search with B beams")
+    p.add_argument("--temperature", type=float, default=1.0, help="of top-k / top-p sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {image, caption}")
+    p.set_defaults(run=cmd_caption)
+
+
+def cmd_caption(args) -> int:
+    pipe, read = _pipeline_reading_images(args, "captioning")
+    images = torch.cat([read(path) for path in args.images])
     decoding = dict(top_k=args.top_k, top_p=args.top_p, beams=args.beams or 1,
                     temperature=args.temperature)
     captions = pipe.caption(images, seed=args.seed, **decoding)
@@ -279,20 +410,53 @@ def cmd_caption(args) -> int:
     return 0
 
 
-def cmd_edit(args) -> int:
-    import cfkit
-    from cfkit.pipeline import read_image
+def add_edit_command(sub) -> None:
+    """``cfkit edit``: its arguments, beside its function."""
+    p = sub.add_parser("edit", help="zero-shot editing: keep a region, regenerate the rest")
+    p.add_argument("checkpoint", help="cfkit checkpoint folder")
+    p.add_argument("--image", required=True, help="image file (PNG) at the checkpoint's size")
+    p.add_argument("--keep", required=True, choices=KEEP_REGIONS)
+    p.add_argument("--class", dest="class_", type=int, required=True, metavar="C",
+                   help="the class of the regenerated tokens")
+    _generation_arguments(p)
+    p.set_defaults(run=cmd_edit)
 
-    pipe = cfkit.load(args.checkpoint, args.device)
-    if pipe.tokenizer is None:
-        raise ValueError(f"{args.checkpoint}: its image tokenizer does not give the model's latents, "
-                         "so a PNG cannot be encoded for editing")
-    image = read_image(args.image, pipe.tokenizer.channels)
+
+def cmd_edit(args) -> int:
+    pipe, read = _pipeline_reading_images(args, "editing")
+    image = read(args.image)
     labels = torch.tensor([args.class_])
     result = pipe.edit_latents(image, args.keep, labels, progress=_progress_bar(args),
                                **_generation_options(args))
     _write_samples(pipe, result, labels, args.out)
     return 0
+
+
+def add_eval_command(sub) -> None:
+    """``cfkit eval``: its arguments, beside its function."""
+    p = sub.add_parser("eval", help="sample a run or checkpoint and evaluate it: eval.json, eval.md")
+    p.add_argument("checkpoint", help="run folder or checkpoint folder")
+    p.add_argument("--metrics", required=True, metavar="A,B,...",
+                   help="metric plugins, e.g. fid,class-accuracy,is,precision-recall,probe")
+    p.add_argument("--num", type=int, default=1000, help="samples per S_eval (default 1000)")
+    p.add_argument("--ar-steps", type=int, nargs="+", default=[1], metavar="S",
+                   help="the S_eval values to sample with, each in S equal AR steps (default 1)")
+    _sampling_arguments(p)
+    p.set_defaults(step_sizes=None, schedule=None)
+    p.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE",
+                   help="a metric's option, e.g. probe.t=100 or precision-recall.k=5")
+    p.add_argument("--features", metavar="NAME",
+                   help="feature network (default: <dataset>-cnn when registered, else inception)")
+    p.add_argument("--feature-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="feature network option, e.g. weights=pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--reference-split", default="train", choices=["train", "val"],
+                   help="the dataset split FID and precision/recall compare with (default train)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="folder for eval.json and eval.md (default: the evaluated folder)")
+    p.add_argument("--save-samples", action="store_true", help="also write samples-S{S}.npz to --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=cmd_eval)
 
 
 def cmd_eval(args) -> int:
@@ -322,165 +486,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_fid(args) -> int:
-    from cfkit import evaluate
-
-    options = dict(features=args.features, feature_options=_options(args.feature_option),
-                   batch_size=args.batch_size, show_progress=not args.no_progress, device=args.device)
-    if args.save_stats:
-        statistics = evaluate.save_statistics(args.path_a, args.path_b, **options)
-        print(f"wrote {args.path_b}: statistics of {statistics.num} images ({args.features})")
-        return 0
-    result = evaluate.fid_between(args.path_a, args.path_b, **options)
-    print(json.dumps(result) if args.json else f"{result['name']}: {result['value']:.4f}")
-    return 0
-
-
-def cmd_cider(args) -> int:
-    from cfkit import evaluate
-
-    result = evaluate.cider(args.predictions, args.references, args.tokenizer)
-    print(json.dumps(result) if args.json else
-          f"{result['name']}: {result['value']:.2f} over {result['images']} images")
-    return 0
-
-
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="cfkit", description=__doc__)
-    sub = root.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("plugins", help="list every registered component: kind, name, plugin")
-    p.set_defaults(run=cmd_plugins)
-
-    p = sub.add_parser("config", help="validate or show an experiment config")
-    p.add_argument("action", choices=["validate", "show"])
-    p.add_argument("file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(run=cmd_config)
-
-    p = sub.add_parser("plan", help="draw and show one batch's factorisation plan")
-    p.add_argument("config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--show-mask", action="store_true", help="print sample 0's mask (# = attend)")
-    p.set_defaults(run=cmd_plan)
-
-    p = sub.add_parser("convert", help="import a checkpoint from another implementation")
-    p.add_argument("source", choices=["official"], help="official: the reference trainer's .pt")
-    p.add_argument("path")
-    p.add_argument("--out", required=True, help="cfkit checkpoint folder to write")
-    p.add_argument("--kwargs", help="JSON of the official constructor kwargs (default: the "
-                   "checkpoint's .json sidecar if present)")
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--latent-channels", type=int)
-    p.set_defaults(run=cmd_convert)
-
-    p = sub.add_parser("train", help="train an experiment into a run folder")
-    p.add_argument("config", nargs="?")
-    p.add_argument("--out", help="run folder")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--allow-remote-shards", action="store_true",
-                   help="read pipe: and URL shards (pipe:CMD runs CMD; a config or run folder "
-                   "alone never may); same as CFKIT_ALLOW_REMOTE_SHARDS=1")
-    p.set_defaults(run=cmd_train)
-
-    p = sub.add_parser("shards", help="write a dataset as WebDataset tar shards")
-    p.add_argument("name", help="dataset plugin (e.g. digits, shapes, imagefolder)")
-    p.add_argument("source", nargs="?", help="a path for datasets that read one (imagefolder)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--split", default="train", choices=["train", "val"])
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--encode", metavar="TOKENIZER", help="write latents of this image tokenizer")
-    p.add_argument("--tokenizer-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="option of the --encode tokenizer, as in a config's tokenizer table, "
-                   "e.g. channels=3 or path=kl16.ckpt")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="dataset option, e.g. size=2000 or image_size=32")
-    p.add_argument("--force", action="store_true",
-                   help="replace the shards already in --out (the whole set, atomically)")
-    p.set_defaults(run=cmd_shards)
-
-    p = sub.add_parser("tokenizer", help="text tokenizers: train a BPE tokenizer on captions")
-    actions = p.add_subparsers(dest="action", required=True)
-    t = actions.add_parser("train", help="train a byte-level BPE tokenizer (load it as text tokenizer bpe)")
-    source = t.add_mutually_exclusive_group(required=True)
-    source.add_argument("--captions", nargs="+", metavar="FILE",
-                        help="caption files: text (one a line), a .json list or .jsonl")
-    source.add_argument("--dataset", dest="name", metavar="NAME",
-                        help="a dataset plugin with captions (e.g. shapes): its train captions")
-    t.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="--dataset option, e.g. size=2000")
-    t.add_argument("--vocab-size", type=int, required=True)
-    t.add_argument("--out", required=True, help="tokenizer.json to write")
-    t.set_defaults(run=cmd_tokenizer_train)
-    p = sub.add_parser("sample", help="generate images (or latents) from a checkpoint")
-    p.add_argument("checkpoint", help="cfkit checkpoint folder")
-    condition = p.add_mutually_exclusive_group(required=True)
-    condition.add_argument("--class", dest="classes", type=int, nargs="+", metavar="C",
-                           help="class labels, repeated to --num images")
-    condition.add_argument("--prompt", dest="prompts", nargs="+", metavar="TEXT",
-                           help="captions of a text-to-image checkpoint, repeated to --num images")
-    p.add_argument("--num", type=int, help="number of images (default: one per --class or --prompt)")
-    p.add_argument("--batch-size", type=int, default=250,
-                   help="images generated and written at a time (default 250); batch b draws with "
-                   "seed + b")
-    _generation_arguments(p)
-    p.set_defaults(run=cmd_sample)
-
-    p = sub.add_parser("edit", help="zero-shot editing: keep a region, regenerate the rest")
-    p.add_argument("checkpoint", help="cfkit checkpoint folder")
-    p.add_argument("--image", required=True, help="image file (PNG) at the checkpoint's size")
-    p.add_argument("--keep", required=True, choices=KEEP_REGIONS)
-    p.add_argument("--class", dest="class_", type=int, required=True, metavar="C",
-                   help="the class of the regenerated tokens")
-    _generation_arguments(p)
-    p.set_defaults(run=cmd_edit)
-
-    p = sub.add_parser("caption", help="caption images with a multimodal checkpoint")
-    p.add_argument("checkpoint", help="run folder or checkpoint folder")
-    p.add_argument("--image", dest="images", nargs="+", required=True, metavar="PNG",
-                   help="image files at the checkpoint's size")
-    decoding = p.add_mutually_exclusive_group()
-    decoding.add_argument("--greedy", action="store_true", help="the most likely id each step (default)")
-    decoding.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely ids")
-    decoding.add_argument("--top-p", type=float, metavar="P", help="sample from the top-p nucleus")
-    decoding.add_argument("--beams", type=int, metavar="B", help="beam search with B beams")
-    p.add_argument("--temperature", type=float, default=1.0, help="of top-k / top-p sampling")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print a JSON list of {image, caption}")
-    p.set_defaults(run=cmd_caption)
-
-    p = sub.add_parser("eval", help="sample a run or checkpoint and evaluate it: eval.json, eval.md")
-    p.add_argument("checkpoint", help="run folder or checkpoint folder")
-    p.add_argument("--metrics", required=True, metavar="A,B,...",
-                   help="metric plugins, e.g. fid,class-accuracy,is,precision-recall,probe")
-    p.add_argument("--num", type=int, default=1000, help="samples per S_eval (default 1000)")
-    p.add_argument("--ar-steps", type=int, nargs="+", default=[1], metavar="S",
-                   help="the S_eval values to sample with, each in S equal AR steps (default 1)")
-    _sampling_arguments(p)
-    p.set_defaults(step_sizes=None, schedule=None)
-    p.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE",
-                   help="a metric's option, e.g. probe.t=100 or precision-recall.k=5")
-    p.add_argument("--features", metavar="NAME",
-                   help="feature network (default: <dataset>-cnn when registered, else inception)")
-    p.add_argument("--feature-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="feature network option, e.g. weights=pt_inception-2015-12-05-6726825d.pth")
-    p.add_argument("--reference-split", default="train", choices=["train", "val"],
-                   help="the dataset split FID and precision/recall compare with (default train)")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", help="folder for eval.json and eval.md (default: the evaluated folder)")
-    p.add_argument("--save-samples", action="store_true", help="also write samples-S{S}.npz to --out")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(run=cmd_eval)
-
-    add_bench_command(sub)
-
+def add_fid_command(sub) -> None:
+    """``cfkit fid``: its arguments, beside its function."""
     p = sub.add_parser("fid", help="FID between two folders of images or .npz files")
     p.add_argument("path_a", help="a folder of images, an .npz of arr_0 images or of mu/sigma")
     p.add_argument("path_b", help="the same; with --save-stats, the .npz to write")
@@ -495,6 +502,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=cmd_fid)
 
+
+def cmd_fid(args) -> int:
+    from cfkit import evaluate
+
+    options = dict(features=args.features, feature_options=_options(args.feature_option),
+                   batch_size=args.batch_size, show_progress=not args.no_progress, device=args.device)
+    if args.save_stats:
+        statistics = evaluate.save_statistics(args.path_a, args.path_b, **options)
+        print(f"wrote {args.path_b}: statistics of {statistics.num} images ({args.features})")
+        return 0
+    result = evaluate.fid_between(args.path_a, args.path_b, **options)
+    print(json.dumps(result) if args.json else f"{result['name']}: {result['value']:.4f}")
+    return 0
+
+
+def add_cider_command(sub) -> None:
+    """``cfkit cider``: its arguments, beside its function."""
     p = sub.add_parser("cider", help="CIDEr-D of COCO caption results against COCO annotations")
     p.add_argument("predictions", help="COCO results JSON: [{image_id, caption}, ...]")
     p.add_argument("references", help="COCO captions JSON: {annotations: [{image_id, caption}, ...]}")
@@ -503,6 +527,38 @@ def parser() -> argparse.ArgumentParser:
                    "auto: ptb when java is present")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_cider)
+
+
+def cmd_cider(args) -> int:
+    from cfkit import evaluate
+
+    result = evaluate.cider(args.predictions, args.references, args.tokenizer)
+    print(json.dumps(result) if args.json else
+          f"{result['name']}: {result['value']:.2f} over {result['images']} images")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``cfkit`` parser: the built-in subcommands, then those plugins add through the
+    ``register_commands`` hook."""
+    root = argparse.ArgumentParser(prog="cfkit", description=__doc__)
+    sub = root.add_subparsers(dest="command", required=True)
+    for add in (add_plugins_command,
+                add_config_command,
+                add_plan_command,
+                add_convert_command,
+                add_train_command,
+                add_shards_command,
+                add_tokenizer_train_command,
+                add_sample_command,
+                add_edit_command,
+                add_caption_command,
+                add_eval_command,
+                add_bench_command,
+                add_fid_command,
+                add_cider_command):
+        add(sub)
+    plugins.add_commands(sub)
     return root
 
 

@@ -228,35 +228,9 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,), generat
     if on_samples or on_model or on_captions:
         report["dataset"] = context.dataset_spec.model_dump()
     if on_samples:
-        pipe = _pipeline(method)
-        reference = context.reference()  # fails early when the network does not take the dataset
-        report["feature_network"] = context.network.identity()
-        report["reference"] = {"split": reference_split, "num": len(reference)}
-        report["generation"] = {"num": num, "ar_steps": ar_steps, "batch_size": batch_size,
-                                **{k: _jsonable(v) for k, v in generation.items()}}
-        prompts = labels = None
-        if pipe.text_conditioned:
-            captions, labels = context.held_out_captions(num)
-            prompts = [c[0] for c in captions]
-            report["generation"]["condition"] = "held-out captions"
-        for s in ar_steps:
-            tick = time.perf_counter()
-            samples = sample(pipe, num, s, generation, batch_size,
-                             context.progress(num, f"sampling S={s}"), prompts, labels)
-            report["seconds"][f"sampling S={s}"] = round(time.perf_counter() - tick, 2)
-            if samples_out is not None:
-                save_sample_set(Path(samples_out) / f"samples-S{s}.npz", samples)
-            tick = time.perf_counter()
-            report["results"] += score_samples(context, on_samples, samples)
-            report["seconds"][f"metrics S={s}"] = round(time.perf_counter() - tick, 2)
-    for name, metric in on_model.items():
-        tick = time.perf_counter()
-        if getattr(metric, "per_ar_steps", False):
-            for s in ar_steps:
-                report["results"] += _per_ar_steps_records(name, metric, context, s)
-        else:
-            report["results"] += _records(name, metric(context), ar_steps=None)
-        report["seconds"][name] = round(time.perf_counter() - tick, 2)
+        _evaluate_samples(report, context, on_samples, num=num, ar_steps=ar_steps, generation=generation,
+                          samples_out=samples_out)
+    _evaluate_model(report, context, on_model, ar_steps)
     if on_captions:
         tick = time.perf_counter()
         predictions, references = caption_held_out(context, num, batch_size, generation.get("seed", 0))
@@ -266,6 +240,45 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,), generat
         report["seconds"]["captioning"] = round(time.perf_counter() - tick, 2)
     report["seconds"]["total"] = round(time.perf_counter() - started, 2)
     return report
+
+
+def _evaluate_samples(report: dict, context: EvalContext, metrics: dict, *, num: int, ar_steps,
+                      generation: dict, samples_out) -> None:
+    """Sample ``num`` images at each S_eval of ``ar_steps`` and add the sample metrics' records
+    (and the reference, feature network and generation settings) to ``report``."""
+    pipe = _pipeline(context.method)
+    reference = context.reference()  # fails early when the network does not take the dataset
+    report["feature_network"] = context.network.identity()
+    report["reference"] = {"split": context.reference_split, "num": len(reference)}
+    report["generation"] = {"num": num, "ar_steps": ar_steps, "batch_size": context.batch_size,
+                            **{k: _jsonable(v) for k, v in generation.items()}}
+    prompts = labels = None
+    if pipe.text_conditioned:
+        captions, labels = context.held_out_captions(num)
+        prompts = [c[0] for c in captions]
+        report["generation"]["condition"] = "held-out captions"
+    for s in ar_steps:
+        tick = time.perf_counter()
+        samples = sample(pipe, num, s, generation, context.batch_size,
+                         context.progress(num, f"sampling S={s}"), prompts, labels)
+        report["seconds"][f"sampling S={s}"] = round(time.perf_counter() - tick, 2)
+        if samples_out is not None:
+            save_sample_set(Path(samples_out) / f"samples-S{s}.npz", samples)
+        tick = time.perf_counter()
+        report["results"] += score_samples(context, metrics, samples)
+        report["seconds"][f"metrics S={s}"] = round(time.perf_counter() - tick, 2)
+
+
+def _evaluate_model(report: dict, context: EvalContext, metrics: dict, ar_steps) -> None:
+    """Add the records of the metrics on the model itself (no samples) to ``report``."""
+    for name, metric in metrics.items():
+        tick = time.perf_counter()
+        if getattr(metric, "per_ar_steps", False):
+            for s in ar_steps:
+                report["results"] += _per_ar_steps_records(name, metric, context, s)
+        else:
+            report["results"] += _records(name, metric(context), ar_steps=None)
+        report["seconds"][name] = round(time.perf_counter() - tick, 2)
 
 
 def score_samples(context: EvalContext, metrics, samples: SampleSet) -> list[dict]:

@@ -1,8 +1,9 @@
 """The hooks a cfkit plugin implements.
 
-Every hook is ``register_<kind>(register)`` where ``register(name, factory)`` adds one
-component. ``factory(**options)`` builds the component from its config options. Built-in and
-third-party plugins use exactly these hooks.
+Every component hook is ``register_<kind>(register)`` where ``register(name, factory)`` adds one
+component. ``factory(**options)`` builds the component from its config options. One more hook,
+``register_commands(subparsers)``, adds subcommands to ``cfkit``. Built-in and third-party
+plugins use exactly these hooks.
 """
 
 import pluggy
@@ -78,3 +79,10 @@ def register_metrics(register):
 @hookspec
 def register_feature_networks(register):
     """Image feature networks for FID and its kin (see cfkit.metrics.FeatureNetwork)."""
+
+
+@hookspec
+def register_commands(subparsers):
+    """Subcommands of ``cfkit``: ``subparsers`` is the argparse sub-parser action; add a parser
+    with ``subparsers.add_parser(NAME, help=...)`` and ``set_defaults(run=FUNCTION)``, where
+    ``FUNCTION(args)`` returns the exit status."""

@@ -209,3 +209,9 @@ def _installed() -> Registry:
 def build(kind: str, name: str, **options: Any) -> Any:
     """Shorthand for ``registry().build(kind, name, **options)``."""
     return registry().build(kind, name, **options)
+
+
+def add_commands(subparsers) -> None:
+    """Let every installed plugin add its ``cfkit`` subcommands (the ``register_commands`` hook)
+    to the argparse ``subparsers``."""
+    _installed().manager.hook.register_commands(subparsers=subparsers)

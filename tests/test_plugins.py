@@ -201,3 +201,24 @@ def test_without_the_snake_plugin_the_config_fails_listing_allowed_orderings(sna
     allowed = result.stderr.split("allowed: ", 1)[1].splitlines()[0].split(", ")
     assert allowed == registry().names("orderings")
     assert BUILT_INS["orderings"] <= set(allowed)
+
+
+class HelloCommand:
+    @staticmethod
+    @cfkit.hookimpl
+    def register_commands(subparsers):
+        p = subparsers.add_parser("hello", help="greet")
+        p.add_argument("--name", required=True)
+        p.set_defaults(run=lambda args: print(f"hello {args.name}") or 3)
+
+
+def test_a_plugin_adds_a_subcommand_through_register_commands(monkeypatch, capsys):
+    from cfkit import cli
+    from cfkit import plugins as cfplugins
+
+    assert "hello" not in cli.parser().format_help()
+    extra = Registry(plugin_manager(extra_plugins=(HelloCommand,)), allow_conflicts=True)
+    monkeypatch.setattr(cfplugins, "_installed", lambda: extra)
+    assert "hello" in cli.parser().format_help()
+    assert cli.main(["hello", "--name", "world"]) == 3
+    assert capsys.readouterr().out == "hello world\n"

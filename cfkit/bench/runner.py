@@ -33,6 +33,7 @@ from cfkit import train as training
 from cfkit.bench import report as reporting
 from cfkit.bench.schema import (
     EDIT_ROWS,
+    Bench,
     Evaluation,
     Overrides,
     Run,
@@ -88,15 +89,7 @@ def run_bench(path, out, overrides=(), progress: bool = True, report_only: bool 
         if jobs > 1:
             run_parallel(path, out, overrides, mine, jobs)
             mine = []
-        for index, run in enumerate(runs, 1):
-            if run.key not in mine:
-                continue
-            if main:
-                say(f"[{index}/{len(runs)}] {run.label}, seed {run.seed} ({run.key})")
-            train_run(run, run.folder(out), progress and main, main, str(group.device))
-            if main:
-                evaluate_run(run, run.folder(out), bench.evaluation, progress, str(group.device))
-            training.barrier()
+        run_here(bench, runs, mine, out, progress, group)
         if not main:
             return {}
         # Gathered after the loop: other shards finish runs while this one trains its own.
@@ -108,6 +101,22 @@ def run_bench(path, out, overrides=(), progress: bool = True, report_only: bool 
     finally:
         held.close()
         group.close()
+
+
+def run_here(bench: Bench, runs: list[Run], keys: list[str], out: Path, progress: bool,
+             group: training.Distributed) -> None:
+    """Train and evaluate the runs of ``keys`` in this process (every rank trains, rank 0
+    evaluates)."""
+    main = group.is_main
+    for index, run in enumerate(runs, 1):
+        if run.key not in keys:
+            continue
+        if main:
+            say(f"[{index}/{len(runs)}] {run.label}, seed {run.seed} ({run.key})")
+        train_run(run, run.folder(out), progress and main, main, str(group.device))
+        if main:
+            evaluate_run(run, run.folder(out), bench.evaluation, progress, str(group.device))
+        training.barrier()
 
 
 def lock_file(shard: tuple[int, int]) -> str:

@@ -156,7 +156,7 @@ def convert_official(path, out, kwargs: dict | None = None) -> Path:
     from cfkit import config as configs
 
     model, config = load_official(path, kwargs)
-    options = {k: v for k, v in asdict(config).items() if k != "grad_checkpoint"}
+    options = asdict(config)
     experiment = configs.validate({
         "name": Path(path).stem, "method": {"name": "causalfusion"}, "model": options,
     })

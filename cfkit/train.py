@@ -194,8 +194,11 @@ class Trainer:
         torch.manual_seed(experiment.seed)
         self.method = experiment.build_method()
         self.net = self.method.model.to(self.dist.device)
-        if hasattr(self.net, "config") and self.settings.grad_checkpoint:
-            object.__setattr__(self.net.config, "grad_checkpoint", True)
+        if self.settings.grad_checkpoint:
+            if not hasattr(self.net, "grad_checkpoint"):
+                raise ValueError(f"train.grad_checkpoint: the {type(self.net).__name__} network of "
+                                 f"method {experiment.method.name} does not support it; allowed: false")
+            self.net.grad_checkpoint = True
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         # before the optimizer: FSDP replaces the parameters by their shards
         self.forward = self._wrap(self.net)

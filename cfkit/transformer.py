@@ -76,7 +76,6 @@ class TransformerConfig(TokenGrid):
     qk_norm: bool = True
     timestep: Literal["add", "token"] = "add"
     attention: Literal["sdpa", "flex", "eager"] = "sdpa"
-    grad_checkpoint: bool = False
 
     @property
     def cond_len(self) -> int:
@@ -356,11 +355,14 @@ class KVCache:
 
 
 class CausalTransformer(nn.Module):
-    """Decoder-only causal diffusion transformer with in-context class conditioning."""
+    """Decoder-only causal diffusion transformer with in-context class conditioning.
+    ``grad_checkpoint``: recompute each block's activations in the backward pass (training
+    only; the trainer sets it from ``train.grad_checkpoint``)."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config = config.check()
+        self.grad_checkpoint = False
         dim = config.hidden_size
         self.patch_embed = nn.Linear(config.token_dim, dim)
         self.timestep_embedder = TimestepEmbedder(dim)
@@ -408,7 +410,7 @@ class CausalTransformer(nn.Module):
 
     def run(self, x: torch.Tensor, mask=None, cache=None, update_cache=False) -> torch.Tensor:
         for layer, block in enumerate(self.blocks):
-            if self.config.grad_checkpoint and self.training and cache is None:
+            if self.grad_checkpoint and self.training and cache is None:
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask, cache, layer, update_cache)

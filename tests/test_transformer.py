@@ -1,6 +1,8 @@
 """The causal transformer: backends agree, the mask is respected, the KV cache equals the
 full forward, presets match the official constructors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -180,3 +182,27 @@ def test_bad_configs_name_the_problem():
         preset("X")
     assert set(PRESETS) >= {"CausalFusion-L", "CausalFusion-XL", "CausalFusion-H",
                             "CausalFusion-S", "CausalFusion-tiny"}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    plan, x_start, x_t = draw()
+    labels = torch.arange(x_start.shape[0]) % 10
+    grads = []
+    for recompute in (False, True):
+        model = perturbed(tiny(class_dropout=0.0)).train()
+        model.grad_checkpoint = recompute
+        model(x_start, x_t, plan.t_per_token(), labels, plan).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_network_without_gradient_checkpointing_refuses_it(tmp_path):
+    from cfkit import config as configs
+    from cfkit import train
+
+    root = Path(__file__).resolve().parents[1]
+    experiment = configs.load(root / "benchmarks" / "configs" / "digits-tiny.toml",
+                              ["method.name=dit", "model.preset=DiT-tiny", "train.grad_checkpoint=true"])
+    with pytest.raises(ValueError, match="train.grad_checkpoint.*does not support it"):
+        train.Trainer(experiment, tmp_path / "run")

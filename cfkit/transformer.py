@@ -112,11 +112,24 @@ def check_divides(part: str, part_value: int, whole: str, whole_value: int) -> N
                          f"{whole_value}")
 
 
+def grid_config(cls: type, presets: dict[str, dict], model_options: dict):
+    """A network config ``cls`` (a ``TokenGrid``: ``TransformerConfig``, DiT's) from a
+    ``[model]`` table: an optional ``preset`` (a key of ``presets``) plus fields, typed and
+    checked."""
+    options = dict(model_options)
+    name = options.pop("preset", None)
+    fields = sorted(cls.__dataclass_fields__)
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; allowed: preset, {', '.join(fields)}")
+    if name is not None and name not in presets:
+        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(presets)}")
+    return typed(cls, {**presets.get(name, {}), **options}, "model").check()
+
+
 def preset(name: str, **overrides) -> TransformerConfig:
     """The preset ``name`` with fields ``overrides``, checked as a ``[model]`` table."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
-    return typed(TransformerConfig, {**PRESETS[name], **overrides}, "model").check()
+    return grid_config(TransformerConfig, PRESETS, {"preset": name, **overrides})
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:

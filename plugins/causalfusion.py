@@ -8,21 +8,13 @@ import torch
 from cfkit import hookimpl
 from cfkit.methods import Batch, LossOutput, drop_labels
 from cfkit.plan import Plan
-from cfkit.plugins import typed
-from cfkit.transformer import CausalTransformer, TransformerConfig, patchify, preset
+from cfkit.transformer import PRESETS, CausalTransformer, TransformerConfig, grid_config, patchify
 from cfkit.weightings import loss_weights
 
 
 def network_config(model_options: dict) -> TransformerConfig:
     """The transformer config from a ``[model]`` table: an optional ``preset`` plus fields."""
-    options = dict(model_options)
-    name = options.pop("preset", None)
-    fields = set(TransformerConfig.__dataclass_fields__)
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        allowed = ", ".join(["preset", *sorted(fields)])
-        raise ValueError(f"unknown model option(s) {unknown}; allowed: {allowed}")
-    return preset(name, **options) if name else typed(TransformerConfig, options, "model").check()
+    return grid_config(TransformerConfig, PRESETS, model_options)
 
 
 class CausalFusion:

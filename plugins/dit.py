@@ -17,13 +17,13 @@ from torch import nn
 
 from cfkit import hookimpl
 from cfkit.methods import Batch, LossOutput, drop_labels
-from cfkit.plugins import typed
 from cfkit.transformer import (
     Attention,
     ClassEmbedder,
     Mlp,
     TimestepEmbedder,
     TokenGrid,
+    grid_config,
     patchify,
     sincos_pos_embed,
     unpatchify,
@@ -65,15 +65,7 @@ PRESETS: dict[str, dict] = {
 
 def network_config(model_options: dict) -> DiTConfig:
     """The DiT config from a ``[model]`` table: an optional ``preset`` plus fields."""
-    options = dict(model_options)
-    name = options.pop("preset", None)
-    fields = sorted(DiTConfig.__dataclass_fields__)
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown model option(s) {unknown}; allowed: preset, {', '.join(fields)}")
-    if name is not None and name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
-    return typed(DiTConfig, {**PRESETS.get(name, {}), **options}, "model").check()
+    return grid_config(DiTConfig, PRESETS, model_options)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -192,6 +192,11 @@ class ClassEmbedder(nn.Module):
         self.dropout = dropout
         self.table = nn.Embedding(num_classes + int(dropout > 0), hidden_size * cond_tokens)
 
+    @property
+    def null_class(self) -> int | None:
+        """The null class (``num_classes``) when the table has one (trained with dropout), else None."""
+        return self.num_classes if self.table.num_embeddings > self.num_classes else None
+
     def drop(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Replace labels by the null class with probability ``dropout`` (for CFG)."""
         u = torch.rand(labels.shape, generator=generator).to(labels.device)
@@ -486,8 +491,7 @@ class CausalTransformer(nn.Module):
     @property
     def null_label(self) -> int | None:
         """The condition of the unconditional branch of CFG: the null class (None without one)."""
-        embedder = self.class_embedder
-        return embedder.num_classes if embedder.table.num_embeddings > embedder.num_classes else None
+        return self.class_embedder.null_class
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.depth)

@@ -169,8 +169,7 @@ class DiT(nn.Module):
     @property
     def null_label(self) -> int | None:
         """The null class of CFG's unconditional branch (None when trained without dropout)."""
-        embedder = self.label_embedder
-        return embedder.num_classes if embedder.table.num_embeddings > embedder.num_classes else None
+        return self.label_embedder.null_class
 
     def condition(self, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The adaLN condition ``(N, D)`` of timesteps ``t`` ``(N,)`` and ``labels`` (None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from cfkit import hookimpl
+from cfkit.loss import DiffusionLoss, global_randn
 from cfkit.methods import Batch, LossOutput, drop_labels
 from cfkit.plan import Plan
 from cfkit.transformer import PRESETS, CausalTransformer, TransformerConfig, grid_config, patchify
-from cfkit.weightings import loss_weights
 
 
 def network_config(model_options: dict) -> TransformerConfig:
@@ -35,8 +35,9 @@ class CausalFusion:
         self.prediction = experiment.diffusion.prediction
         factorisation = experiment.factorisation
         self.planner = factorisation.planner()
-        self.ar_weighting = factorisation.ar_weighting.build()
-        self.diffusion_weighting = factorisation.diffusion_weighting.build()
+        self.diffusion_loss = DiffusionLoss(self.diffusion, self.prediction,
+                                            factorisation.diffusion_weighting.build(),
+                                            factorisation.ar_weighting.build())
 
     @classmethod
     def network_config(cls, experiment) -> TransformerConfig:
@@ -61,9 +62,8 @@ class CausalFusion:
         total, rows = batch.total, batch.rows
         plan = self.planner.draw(total, self.config.grid, self.diffusion.num_timesteps, generator)
         plan = Plan(plan.order[rows], plan.step[rows], plan.t[rows])
-        shape = (total, plan.copies, self.config.num_tokens, self.config.token_dim)
-        noise = torch.randn(shape, generator=generator)[rows].to(batch.latents.device)
-        return plan, noise
+        shape = (plan.copies, self.config.num_tokens, self.config.token_dim)
+        return plan, global_randn(batch, shape, generator, batch.latents.device)
 
     def plan_loss(self, latents, labels, plan, noise, model=None):
         """The loss of one plan given final labels: ``noise`` ``(N, K, L, d)`` in generation
@@ -75,7 +75,7 @@ class CausalFusion:
     def predict(self, x_start, x_t, t, labels, plan, model=None) -> torch.Tensor:
         """The network output ``(N, K, L, d)`` for the inputs ``noised`` gives, at diffusion
         timesteps ``t`` ``(N, K, L)``."""
-        network_t = self.diffusion.timestep_map.to(t.device)[t]
+        network_t = self.diffusion_loss.network_t(t)
         return (self.model if model is None else model)(x_start, x_t, network_t, labels, plan)
 
     @torch.no_grad()
@@ -93,19 +93,13 @@ class CausalFusion:
         t = plan.t_per_token().to(latents.device)  # (N, K, L)
         order = plan.order.to(latents.device)
         x_ordered = torch.gather(x_start, 1, order[..., None].expand(-1, -1, x_start.shape[-1]))
-        x_ordered = x_ordered.unsqueeze(1)
-        x_t = self.diffusion.q_sample(x_ordered, t, noise)
-        return x_start, x_t, t, self.diffusion.target(self.prediction, x_ordered, t, noise)
+        x_t, target = self.diffusion_loss.corrupt(x_ordered.unsqueeze(1), t, noise)
+        return x_start, x_t, t, target
 
     def weighted_loss(self, out, target, t, plan) -> LossOutput:
         """Squared error of the prediction ``out`` ``(N, K, L, d)``, weighted along the AR and
         the diffusion axes."""
-        per_token = (target - out.float()).pow(2).mean(-1)
-        weights = loss_weights(
-            plan.step_start().unsqueeze(1), t.cpu(), plan.num_tokens, self.diffusion.alphas_cumprod,
-            self.ar_weighting, self.diffusion_weighting,
-        ).to(per_token.device, per_token.dtype)
-        return LossOutput((per_token * weights).mean(), per_token.detach(), plan)
+        return self.diffusion_loss(out, target, t, plan.step_start().unsqueeze(1), plan.num_tokens, plan)
 
 
 def one_step(experiment, **update):

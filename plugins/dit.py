@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cfkit import hookimpl
+from cfkit.loss import DiffusionLoss, global_randn
 from cfkit.methods import Batch, LossOutput, drop_labels
 from cfkit.transformer import (
     Attention,
@@ -28,7 +29,6 @@ from cfkit.transformer import (
     sincos_pos_embed,
     unpatchify,
 )
-from cfkit.weightings import loss_weights
 
 ATTENTION_BACKENDS = ("sdpa", "eager")
 
@@ -209,7 +209,8 @@ class DiTMethod:
         self.model = DiT(self.config)
         self.diffusion = experiment.diffusion.build()
         self.prediction = experiment.diffusion.prediction
-        self.diffusion_weighting = experiment.factorisation.diffusion_weighting.build()
+        self.diffusion_loss = DiffusionLoss(self.diffusion, self.prediction,
+                                            experiment.factorisation.diffusion_weighting.build())
 
     @classmethod
     def check(cls, experiment) -> None:
@@ -219,27 +220,20 @@ class DiTMethod:
              model=None) -> LossOutput:
         """``per_token`` is ``(N, 1, L)`` in raster order (one copy, one AR step). Randomness
         is drawn for the global batch; ``model`` is the module to run (default ``self.model``)."""
-        latents, labels, rows = batch.latents, batch.labels, batch.rows
+        latents, labels = batch.latents, batch.labels
         device = latents.device
         x_start = patchify(latents, self.config.patch_size)  # (N, L, d)
-        length = x_start.shape[1]
-        t = torch.randint(0, self.diffusion.num_timesteps, (batch.total,), generator=generator)[rows]
-        noise = torch.randn((batch.total, *x_start.shape[1:]), generator=generator)[rows].to(device)
+        t = self.diffusion_loss.uniform_t(batch, generator)
+        noise = global_randn(batch, x_start.shape[1:], generator, device)
         if self.model.training:
             embedder = self.model.label_embedder
             labels = drop_labels(labels, batch, embedder.dropout, embedder.num_classes, generator)
         t_device = t.to(device)
-        x_t = self.diffusion.q_sample(x_start, t_device, noise)
-        network_t = self.diffusion.timestep_map.to(device)[t_device]
-        out = (self.model if model is None else model)(x_t, network_t, labels)
-        target = self.diffusion.target(self.prediction, x_start, t_device, noise)
-        per_token = (target - out.float()).pow(2).mean(-1).unsqueeze(1)  # (N, 1, L)
-        t_tokens = t[:, None, None]  # one t for every token of an image
-        weights = loss_weights(
-            torch.zeros_like(t_tokens), t_tokens, length, self.diffusion.alphas_cumprod,
-            None, self.diffusion_weighting,
-        ).to(device, per_token.dtype)
-        return LossOutput((per_token * weights).mean(), per_token.detach())
+        x_t, target = self.diffusion_loss.corrupt(x_start, t_device, noise)
+        out = (self.model if model is None else model)(x_t, self.diffusion_loss.network_t(t_device), labels)
+        t_tokens = t[:, None, None]  # one t for every token of an image, the AR step starting at 0
+        return self.diffusion_loss(out.unsqueeze(1), target.unsqueeze(1), t_tokens,
+                                   torch.zeros_like(t_tokens), x_start.shape[1])
 
     @torch.no_grad()
     def predict_noise(self, latents, labels, plan, noise) -> torch.Tensor:
@@ -255,7 +249,7 @@ class DiTMethod:
         x_start = patchify(latents, self.config.patch_size)[:, None].expand(n, copies, length, dim)
         t = plan.t[:, :, 0].to(device)  # (N, K)
         x_t = self.diffusion.q_sample(x_start, t, raster_noise)
-        network_t = self.diffusion.timestep_map.to(device)[t]
+        network_t = self.diffusion_loss.network_t(t)
         out = self.model(x_t.flatten(0, 1), network_t.flatten(), labels.repeat_interleave(copies))
         _, eps = self.diffusion.xstart_and_eps(self.prediction, x_t, t, out.float().view_as(x_t))
         return torch.gather(eps, 2, order)

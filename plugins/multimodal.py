@@ -126,7 +126,7 @@ class MultimodalCausalFusion(CausalFusion):
         times ``rows_per_caption / N`` (global rows per captioned row; default: this batch's),
         so that averaging over processes gives the global mean."""
         x_start, x_t, t, target = self.noised(latents, plan, noise)
-        network_t = self.diffusion.timestep_map.to(t.device)[t]
+        network_t = self.diffusion_loss.network_t(t)
         network = self.model if model is None else model
         image, logits = network(x_start, x_t, network_t, text, plan, text_first)
         out = self.weighted_loss(image, target, t, plan)

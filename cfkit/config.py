@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from cfkit import diffusion, plugins, weightings
+from cfkit.methods import AR_PLANS, can
 
 
 class ConfigError(ValueError):
@@ -207,7 +208,7 @@ class Experiment(Strict):
     def network_config(self):
         """The method's network config (``.grid``, ``.cond_len``) without building weights."""
         factory = plugins.registry().component("methods", self.method.name).factory
-        if not hasattr(factory, "network_config"):
+        if not can(factory, AR_PLANS):
             raise ConfigError(f"method {self.method.name!r} does not factorise over AR steps")
         return factory.network_config(self)
 

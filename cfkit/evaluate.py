@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from cfkit import checkpoint, plugins
+from cfkit.methods import CAPTIONING, can
 from cfkit.metrics import (
     BETTER,
     NEEDS,
@@ -315,7 +316,7 @@ def _skipped(metric: str, ar_steps: int | None, reason: str) -> dict:
 
 
 def _skip_reason(metric, context) -> str | None:
-    if metric.needs == "captions" and not hasattr(context.method, "caption"):
+    if metric.needs == "captions" and not can(context.method, CAPTIONING):
         return ("scores generated captions against references: use cfkit cider PREDICTIONS.json "
                 "REFERENCES.json (cfkit eval samples class-conditional images)")
     check = getattr(metric, "check", None)

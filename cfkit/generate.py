@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from cfkit import plugins
+from cfkit.methods import CAUSAL_GENERATION, TEXT_CONDITIONING, can
 from cfkit.orderings import check_order
 from cfkit.plan import Plan
 from cfkit.samplers import noise_like, respaced
@@ -147,7 +148,7 @@ class WholeImageContext:
 
 def denoises_whole_image(model) -> bool:
     """Whether ``model`` has no KV cache (no causal mask) and so generates in one AR step."""
-    return not hasattr(model, "push_condition")
+    return not can(model, CAUSAL_GENERATION)
 
 
 def reverse_process(predict: Callable, diffusion, sampler, x: torch.Tensor, prediction: str,
@@ -183,7 +184,7 @@ def equal_split(total: int, parts: int) -> torch.Tensor:
 
 def check_labels(model: CausalTransformer, labels) -> torch.Tensor:
     """Class labels as a LongTensor ``(N,)``, each in ``0..num_classes-1``."""
-    if hasattr(model, "check_text"):
+    if can(model, TEXT_CONDITIONING):
         raise GenerationError(f"{type(model).__name__} generates from captions, not classes: "
                               "use text_to_image (cfkit sample --prompt)")
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
@@ -319,7 +320,7 @@ def text_to_image(model, diffusion, text, *, ar_steps: int | None = None, step_s
     """Text-to-image generation with a ``cfkit.multimodal.MultimodalTransformer``: framed
     caption ids ``text`` ``(N, max_text_len)`` (e.g. ``method.frame(captions)``) go into the KV cache before
     the image, and CFG's unconditional branch is the null caption. Options as ``generate``'s."""
-    if not hasattr(model, "check_text"):
+    if not can(model, TEXT_CONDITIONING):
         raise GenerationError(f"{type(model).__name__} is not text-conditioned: give class labels")
     try:
         text = model.check_text(text)

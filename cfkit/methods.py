@@ -9,9 +9,21 @@ DDP/FSDP/compiled wrapper of ``method.model``). Randomness is drawn for the glob
 (``batch.global_size`` rows) and the batch's rows (from ``batch.offset``) are used, so that
 any number of processes computes the same loss as one.
 
-A method that declares ``predicts_noise = True`` offers ``predict_noise(latents, labels,
-plan, noise)`` (``NoisePredictor``): its noise prediction for given tokens, timesteps and
-noise, which the held-out loss (metric ``heldout-loss``) reads.
+A method and its network declare what they can do as ``capabilities``, a frozenset of the
+names below, on the class (or on the factory function); the core asks ``can(obj, name)``
+instead of probing for attributes:
+
+- ``SAMPLING`` (method): a diffusion network over a token grid, ``method.diffusion`` and
+  ``method.model.config.grid``: ``cfkit.pipeline.Pipeline`` samples it.
+- ``AR_PLANS`` (method): trains on plans drawn by ``method.planner`` (AR-step schedule and
+  ordering); its factory offers ``network_config(experiment)``.
+- ``NOISE_PREDICTION`` (method): offers ``predict_noise(latents, labels, plan, noise)``
+  (``NoisePredictor``), which the held-out loss (metric ``heldout-loss``) reads.
+- ``CAPTIONING`` (method): ``caption(latents)``.
+- ``CAUSAL_GENERATION`` (network): a KV cache and a causal mask (``push_condition``, ...), so it
+  generates in any number of AR steps; a network without it denoises the whole image at once.
+- ``TEXT_CONDITIONING`` (network and method): conditions on framed caption ids
+  (``model.check_text``, ``method.frame(captions)``) instead of class labels.
 """
 
 from __future__ import annotations
@@ -63,8 +75,25 @@ class Method(Protocol):
              model: nn.Module | None = None) -> LossOutput: ...
 
 
+SAMPLING = "sampling"
+AR_PLANS = "ar-plans"
+NOISE_PREDICTION = "noise-prediction"
+CAPTIONING = "captioning"
+CAUSAL_GENERATION = "causal-generation"
+TEXT_CONDITIONING = "text-conditioning"
+CAPABILITIES = (SAMPLING, AR_PLANS, NOISE_PREDICTION, CAPTIONING, CAUSAL_GENERATION, TEXT_CONDITIONING)
+
+
+def can(obj, capability: str) -> bool:
+    """Whether the method, network or factory ``obj`` declares ``capability`` (one of
+    ``CAPABILITIES``); an object that declares nothing can do none of them."""
+    if capability not in CAPABILITIES:
+        raise ValueError(f"unknown capability {capability!r}; allowed: {', '.join(CAPABILITIES)}")
+    return capability in getattr(obj, "capabilities", frozenset())
+
+
 class NoisePredictor(Protocol):
-    predicts_noise: bool  # True: the method offers predict_noise
+    capabilities: frozenset  # holds NOISE_PREDICTION
 
     def predict_noise(self, latents: torch.Tensor, labels: torch.Tensor, plan,
                       noise: torch.Tensor) -> torch.Tensor:

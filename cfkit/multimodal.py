@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cfkit.masks import Layout, multimodal_layout
-from cfkit.methods import Batch
+from cfkit.methods import CAUSAL_GENERATION, TEXT_CONDITIONING, Batch
 from cfkit.tokenizers import frame
 from cfkit.transformer import CausalTransformer, KVCache, TransformerConfig, patchify
 
@@ -63,6 +63,8 @@ class TextHead(nn.Module):
 
 class MultimodalTransformer(CausalTransformer):
     """The causal diffusion transformer with caption tokens in its sequence and a text head."""
+
+    capabilities = frozenset({CAUSAL_GENERATION, TEXT_CONDITIONING})
 
     def __init__(self, config: TransformerConfig, vocab_size: int, max_text_len: int = 35,
                  pad_id: int = 0):

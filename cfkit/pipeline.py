@@ -25,6 +25,7 @@ from cfkit.generate import Generated, GenerationError
 from cfkit.generate import edit as edit_tokens
 from cfkit.generate import generate as generate_tokens
 from cfkit.generate import text_to_image as text_to_image_tokens
+from cfkit.methods import SAMPLING, TEXT_CONDITIONING, can
 from cfkit.tokenizers import from_uint8, to_uint8
 
 
@@ -32,7 +33,7 @@ class Pipeline:
     """Generation with one checkpoint's method (see ``cfkit.generate`` for the options)."""
 
     def __init__(self, method):
-        if not hasattr(method, "diffusion") or not hasattr(getattr(method.model, "config", None), "grid"):
+        if not can(method, SAMPLING):
             raise GenerationError(f"method {type(method).__name__} cannot be sampled: generation "
                                   "needs a diffusion network over a token grid")
         self.method = method
@@ -84,7 +85,7 @@ class Pipeline:
     @property
     def text_conditioned(self) -> bool:
         """Whether the checkpoint's method has text (``text_to_image`` and ``caption``)."""
-        return hasattr(self.method, "frame")
+        return can(self.method, TEXT_CONDITIONING)
 
     def _text_method(self):
         if not self.text_conditioned:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cfkit.masks import CLEAN, NOISY, Layout
+from cfkit.methods import CAUSAL_GENERATION
 from cfkit.plugins import typed
 
 ATTENTION_BACKENDS = ("sdpa", "flex", "eager")
@@ -376,6 +377,8 @@ class CausalTransformer(nn.Module):
     """Decoder-only causal diffusion transformer with in-context class conditioning.
     ``grad_checkpoint``: recompute each block's activations in the backward pass (training
     only; the trainer sets it from ``train.grad_checkpoint``)."""
+
+    capabilities = frozenset({CAUSAL_GENERATION})
 
     def __init__(self, config: TransformerConfig):
         super().__init__()

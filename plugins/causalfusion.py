@@ -7,7 +7,7 @@ import torch
 
 from cfkit import hookimpl
 from cfkit.loss import DiffusionLoss, global_randn
-from cfkit.methods import Batch, LossOutput, drop_labels
+from cfkit.methods import AR_PLANS, NOISE_PREDICTION, SAMPLING, Batch, LossOutput, drop_labels
 from cfkit.plan import Plan
 from cfkit.transformer import PRESETS, CausalTransformer, TransformerConfig, grid_config, patchify
 
@@ -25,7 +25,7 @@ class CausalFusion:
     weight the squared error by the AR-axis and diffusion-axis weights.
     """
 
-    predicts_noise = True  # cfkit.methods.NoisePredictor
+    capabilities = frozenset({SAMPLING, AR_PLANS, NOISE_PREDICTION})
 
     def __init__(self, experiment):
         self.experiment = experiment
@@ -122,6 +122,7 @@ def incontext_dit(experiment):
 
 
 incontext_dit.check = incontext_dit.network_config = CausalFusion.network_config
+incontext_dit.capabilities = CausalFusion.capabilities
 
 
 @hookimpl

@@ -17,7 +17,7 @@ from torch import nn
 
 from cfkit import hookimpl
 from cfkit.loss import DiffusionLoss, global_randn
-from cfkit.methods import Batch, LossOutput, drop_labels
+from cfkit.methods import NOISE_PREDICTION, SAMPLING, Batch, LossOutput, drop_labels
 from cfkit.transformer import (
     Attention,
     ClassEmbedder,
@@ -122,6 +122,8 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion transformer over patch tokens, conditioned on t + class through adaLN-Zero."""
 
+    capabilities = frozenset()  # no KV cache: it denoises the whole image at once
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config = config.check()
@@ -201,7 +203,7 @@ class DiTMethod:
     """The DiT loss: one uniform t per image, all tokens noised, MSE to the diffusion target,
     weighted along the diffusion axis only."""
 
-    predicts_noise = True  # cfkit.methods.NoisePredictor (one AR step)
+    capabilities = frozenset({SAMPLING, NOISE_PREDICTION})  # NOISE_PREDICTION: of one AR step
 
     def __init__(self, experiment):
         self.experiment = experiment

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cfkit import hookimpl, plugins
+from cfkit.methods import NOISE_PREDICTION, TEXT_CONDITIONING, can
 from cfkit.metrics import (
     Extracted,
     HeldOutInputs,
@@ -483,15 +484,13 @@ class HeldOutLoss:
         self.ordering = plugins.build("orderings", order)
 
     def check(self, context) -> None:
-        from cfkit.pipeline import Pipeline
-
         method = context.method
-        if Pipeline(method).text_conditioned:
+        if can(method, TEXT_CONDITIONING):
             raise MetricSkipped(f"method {context.experiment.method.name} conditions on captions; the "
                                 "held-out loss conditions on class labels")
-        if not getattr(method, "predicts_noise", False):
-            raise MetricSkipped(f"method {context.experiment.method.name} does not declare "
-                                "predict_noise (cfkit.methods.NoisePredictor)")
+        if not can(method, NOISE_PREDICTION):
+            raise MetricSkipped(f"method {context.experiment.method.name} does not declare the "
+                                "noise-prediction capability (cfkit.methods.NoisePredictor)")
         context.dataset  # noqa: B018 (the loss needs the run's validation split)
 
     def inputs(self, context) -> tuple[torch.Tensor, torch.Tensor, HeldOutInputs]:

@@ -21,7 +21,7 @@ from cfkit_plugins.causalfusion import CausalFusion, network_config, one_step
 
 from cfkit import hookimpl
 from cfkit.masks import multimodal_layout
-from cfkit.methods import Batch, LossOutput
+from cfkit.methods import AR_PLANS, CAPTIONING, SAMPLING, TEXT_CONDITIONING, Batch, LossOutput
 from cfkit.multimodal import (
     MultimodalTransformer,
     caption_loss,
@@ -69,6 +69,7 @@ class MultimodalCausalFusion(CausalFusion):
 
     network_class = MultimodalTransformer
     options = MIX
+    capabilities = frozenset({SAMPLING, AR_PLANS, CAPTIONING, TEXT_CONDITIONING})
 
     def __init__(self, experiment):
         self.mix = training_mix(experiment.method.options, self.options,
@@ -204,6 +205,7 @@ def transfusion(experiment):
 
 transfusion.check = Transfusion.check
 transfusion.network_config = Transfusion.network_config
+transfusion.capabilities = Transfusion.capabilities
 
 
 @hookimpl

@@ -222,3 +222,34 @@ def test_a_plugin_adds_a_subcommand_through_register_commands(monkeypatch, capsy
     assert "hello" in cli.parser().format_help()
     assert cli.main(["hello", "--name", "world"]) == 3
     assert capsys.readouterr().out == "hello world\n"
+
+
+def test_every_method_declares_known_capabilities():
+    from cfkit.methods import CAPABILITIES
+
+    for name in registry().names("methods"):
+        declared = getattr(registry().component("methods", name).factory, "capabilities", None)
+        assert isinstance(declared, frozenset), f"method {name!r} declares no capabilities"
+        assert declared <= set(CAPABILITIES), (name, declared)
+
+
+def test_built_in_methods_declare_what_they_can_do():
+    from cfkit.methods import AR_PLANS, CAPTIONING, NOISE_PREDICTION, SAMPLING, TEXT_CONDITIONING
+
+    def declared(name):
+        return registry().component("methods", name).factory.capabilities
+
+    assert declared("causalfusion") == declared("incontext-dit") == {SAMPLING, AR_PLANS, NOISE_PREDICTION}
+    assert declared("dit") == {SAMPLING, NOISE_PREDICTION}
+    for name in ("causalfusion-multimodal", "transfusion"):
+        assert declared(name) == {SAMPLING, AR_PLANS, CAPTIONING, TEXT_CONDITIONING}
+
+
+def test_can_asks_the_declaration_and_refuses_unknown_capabilities():
+    from cfkit.methods import CAUSAL_GENERATION, can
+    from cfkit.transformer import CausalTransformer
+
+    assert can(CausalTransformer, CAUSAL_GENERATION)
+    assert not can(object(), CAUSAL_GENERATION)  # declares nothing: can do nothing
+    with pytest.raises(ValueError, match="unknown capability 'kv-cache'; allowed: sampling"):
+        can(CausalTransformer, "kv-cache")

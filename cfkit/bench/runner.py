@@ -44,6 +44,7 @@ from cfkit.bench.schema import (
 )
 from cfkit.flops import FLOPS_COUNTED, training_flops
 from cfkit.generate import GenerationError, denoises_whole_image
+from cfkit.methods import AR_PLANS, TEXT_CONDITIONING, can
 from cfkit.pipeline import Pipeline
 
 
@@ -261,8 +262,8 @@ def step_size_counts(method, seed: int, draws: int = 2000) -> dict | None:
     """Figure 4's left panel for one run: how many of the AR steps that its training schedule
     draws (``draws`` images) hold each number of tokens |κ_s|; None for a method without AR
     steps. (Its right panel, the held-out loss per AR step, is the heldout-loss records.)"""
-    if (not hasattr(method, "planner") or denoises_whole_image(method.model)
-            or hasattr(method.model, "check_text")):
+    if (not can(method, AR_PLANS) or denoises_whole_image(method.model)
+            or can(method.model, TEXT_CONDITIONING)):
         return None
     from cfkit.schedules import draw_steps
 

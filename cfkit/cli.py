@@ -15,7 +15,7 @@ import torch
 from cfkit import config as configs
 from cfkit import plugins, preflight
 from cfkit.convert import CheckpointError
-from cfkit.generate import KEEP_REGIONS, component
+from cfkit.generate import KEEP_REGIONS, SamplingOptions
 from cfkit.runlock import FolderInUse
 from cfkit.train import TrainingError
 
@@ -289,15 +289,17 @@ def _sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _generation_options(args) -> dict:
+def _sampling_options(args, **fields) -> SamplingOptions:
+    """The ``SamplingOptions`` of the sampling arguments (``fields`` replace some)."""
     steps = int(args.steps) if args.steps.isdigit() else args.steps
-    sampler = args.sampler
-    if args.eta is not None:
-        sampler = component("samplers", args.sampler, eta=args.eta)
-    sizes = None if args.step_sizes is None else [int(v) for v in args.step_sizes.split(",")]
-    return dict(ar_steps=args.ar_steps, step_sizes=sizes, schedule=args.schedule, order=args.order,
-                steps=steps, split_steps=args.split_steps, cfg=args.cfg,
-                cfg_interval=tuple(args.cfg_interval), sampler=sampler, seed=args.seed)
+    step_sizes = getattr(args, "step_sizes", None)
+    sizes = None if step_sizes is None else [int(v) for v in step_sizes.split(",")]
+    options = dict(ar_steps=getattr(args, "ar_steps", None), step_sizes=sizes,
+                   schedule=getattr(args, "schedule", None), order=args.order, steps=steps,
+                   split_steps=args.split_steps, cfg=args.cfg, cfg_interval=tuple(args.cfg_interval),
+                   sampler=args.sampler, sampler_options={} if args.eta is None else {"eta": args.eta},
+                   seed=args.seed, batch_size=getattr(args, "batch_size", 250))
+    return SamplingOptions.of(**{**options, **fields})
 
 
 def _write_samples(pipe, result, labels, out) -> None:
@@ -359,8 +361,7 @@ def cmd_sample(args) -> int:
         raise ValueError(f"--num must be >= 1, got {num}")
     repeated = (given * math.ceil(num / len(given)))[:num]
     condition = {"prompts": repeated} if args.prompts else {"classes": repeated}
-    pipe.write_samples(args.out, **condition, batch_size=args.batch_size, progress=_progress_bar(args),
-                       **_generation_options(args))
+    pipe.write_samples(args.out, _sampling_options(args), **condition, progress=_progress_bar(args))
     _say_written(pipe, num, args.out)
     return 0
 
@@ -426,8 +427,8 @@ def cmd_edit(args) -> int:
     pipe, read = _pipeline_reading_images(args, "editing")
     image = read(args.image)
     labels = torch.tensor([args.class_])
-    result = pipe.edit_latents(image, args.keep, labels, progress=_progress_bar(args),
-                               **_generation_options(args))
+    result = pipe.edit_latents(image, args.keep, labels, _sampling_options(args),
+                               progress=_progress_bar(args))
     _write_samples(pipe, result, labels, args.out)
     return 0
 
@@ -462,9 +463,8 @@ def add_eval_command(sub) -> None:
 def cmd_eval(args) -> int:
     from cfkit import evaluate, runlock
 
-    generation = _generation_options(args)
-    for key in ("ar_steps", "step_sizes", "schedule"):  # --ar-steps lists the S_eval values
-        generation.pop(key)
+    # --ar-steps lists the S_eval values
+    generation = _sampling_options(args, ar_steps=None, step_sizes=None, schedule=None)
     metric_options: dict[str, dict] = {}
     for key, value in _options(args.metric_option).items():
         metric, _, option = key.partition(".")

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from cfkit import checkpoint, plugins
+from cfkit.generate import SamplingOptions
 from cfkit.methods import CAPTIONING, can
 from cfkit.metrics import (
     BETTER,
@@ -198,15 +199,17 @@ def build_metrics(names, options: dict[str, dict] | None = None) -> dict:
     return metrics
 
 
-def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,), generation: dict | None = None,
+def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,),
+             generation: SamplingOptions | dict | None = None,
              metric_options: dict[str, dict] | None = None, features: str | None = None,
              feature_options: dict | None = None, reference_split: str = "train",
              batch_size: int = 250, device: str = "cpu", progress: bool = True,
              samples_out=None) -> dict:
-    """Evaluate a run or checkpoint: the report (see ``write_report``). ``generation`` holds
-    ``Pipeline.generate_latents`` options but the AR steps (order, steps, cfg, seed, ...);
-    batch ``b`` of a sample set is drawn with seed ``seed + b``. With ``samples_out``, each
-    sample set is saved as ``samples-S{S}.npz`` there (readable by ``cfkit fid``)."""
+    """Evaluate a run or checkpoint: the report (see ``write_report``). ``generation``: the
+    ``SamplingOptions`` (or a dict of its fields) but the AR steps, which ``ar_steps`` lists;
+    ``batch_size`` images at a time, batch ``b`` of a sample set drawn with seed ``seed + b``.
+    With ``samples_out``, each sample set is saved as ``samples-S{S}.npz`` there (readable by
+    ``cfkit fid``)."""
     started = time.perf_counter()
     directory = checkpoint.resolve(checkpoint_dir)
     built = build_metrics(list(metrics), metric_options)
@@ -221,7 +224,9 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,), generat
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}", file=sys.stderr)
 
-    generation = dict(generation or {})
+    if not isinstance(generation, SamplingOptions):
+        generation = SamplingOptions.of(**dict(generation or {}))
+    generation = SamplingOptions.of(generation, batch_size=batch_size)
     ar_steps = sorted(set(int(s) for s in ar_steps))
     report = {"format": FORMAT, "checkpoint": str(directory), "method": method.experiment.method.name,
               "dataset": None, "feature_network": None, "reference": None,
@@ -234,7 +239,7 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,), generat
     _evaluate_model(report, context, on_model, ar_steps)
     if on_captions:
         tick = time.perf_counter()
-        predictions, references = caption_held_out(context, num, batch_size, generation.get("seed", 0))
+        predictions, references = caption_held_out(context, num, batch_size, generation.seed)
         report["captioning"] = {"num": len(predictions), "decoding": "greedy"}
         for name, metric in on_captions.items():
             report["results"] += _records(name, metric.score(predictions, references), ar_steps=None)
@@ -244,15 +249,15 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,), generat
 
 
 def _evaluate_samples(report: dict, context: EvalContext, metrics: dict, *, num: int, ar_steps,
-                      generation: dict, samples_out) -> None:
+                      generation: SamplingOptions, samples_out) -> None:
     """Sample ``num`` images at each S_eval of ``ar_steps`` and add the sample metrics' records
     (and the reference, feature network and generation settings) to ``report``."""
     pipe = _pipeline(context.method)
     reference = context.reference()  # fails early when the network does not take the dataset
     report["feature_network"] = context.network.identity()
     report["reference"] = {"split": context.reference_split, "num": len(reference)}
-    report["generation"] = {"num": num, "ar_steps": ar_steps, "batch_size": context.batch_size,
-                            **{k: _jsonable(v) for k, v in generation.items()}}
+    given = {k: v for k, v in generation.fields().items() if k not in ("ar_steps", "step_sizes", "schedule")}
+    report["generation"] = {"num": num, "ar_steps": ar_steps, **{k: _jsonable(v) for k, v in given.items()}}
     prompts = labels = None
     if pipe.text_conditioned:
         captions, labels = context.held_out_captions(num)
@@ -260,7 +265,7 @@ def _evaluate_samples(report: dict, context: EvalContext, metrics: dict, *, num:
         report["generation"]["condition"] = "held-out captions"
     for s in ar_steps:
         tick = time.perf_counter()
-        samples = sample(pipe, num, s, generation, context.batch_size,
+        samples = sample(pipe, num, SamplingOptions.of(generation, ar_steps=s),
                          context.progress(num, f"sampling S={s}"), prompts, labels)
         report["seconds"][f"sampling S={s}"] = round(time.perf_counter() - tick, 2)
         if samples_out is not None:
@@ -349,32 +354,32 @@ def _jsonable(value):
         return str(value)
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
-def sample(pipe, num: int, ar_steps: int, generation: dict, batch_size: int, progress=None,
+def sample(pipe, num: int, options: SamplingOptions, progress=None,
            prompts: list[str] | None = None, labels: torch.Tensor | None = None) -> SampleSet:
-    """``num`` images in ``ar_steps`` AR steps for the classes ``0, 1, ..., K-1, 0, ...`` or,
-    text-to-image, for ``prompts`` (with their images' ``labels``); batch ``b`` drawn with
-    seed ``generation["seed"] + b``."""
+    """``num`` images sampled with ``options`` for the classes ``0, 1, ..., K-1, 0, ...`` or,
+    text-to-image, for ``prompts`` (with their images' ``labels``); ``options.batch_size`` at a
+    time, batch ``b`` drawn with seed ``options.seed + b``."""
     if num < 2:
         raise MetricError(f"--num must be >= 2 (statistics of one image are undefined), got {num}")
-    options = dict(generation)
-    seed = options.pop("seed", 0)
+    batch_size, seed = options.batch_size, options.seed
     if prompts is None:
         labels = torch.arange(num) % pipe.model.config.num_classes
     images = []
     for b, start in enumerate(range(0, num, batch_size)):
         chunk = labels[start:start + batch_size]
         if prompts is None:
-            decoded = pipe.generate(chunk, ar_steps=ar_steps, seed=seed + b, **options)
+            decoded = pipe.generate(chunk, options, seed=seed + b)
         else:
-            decoded = pipe.text_to_image(prompts[start:start + batch_size], ar_steps=ar_steps,
-                                         seed=seed + b, **options)
+            decoded = pipe.text_to_image(prompts[start:start + batch_size], options, seed=seed + b)
         images.append(torch.from_numpy(to_uint8(decoded)).permute(0, 3, 1, 2))
         if progress is not None:
             progress(len(chunk))
-    return SampleSet(torch.cat(images), labels, ar_steps)
+    return SampleSet(torch.cat(images), labels, options.ar_steps)
 
 
 def caption_held_out(context, num: int, batch_size: int, seed: int = 0) -> tuple[dict, dict]:

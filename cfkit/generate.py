@@ -13,9 +13,11 @@ step and generates the others after it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,6 +35,62 @@ Progress = Callable[[int, int], None]  # (diffusion steps done, total)
 
 class GenerationError(ValueError):
     """Generation options that cannot work; the message says what is wrong and what is allowed."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How images are sampled, passed whole from the CLI, the bench's ``[evaluation]``,
+    ``cfkit.evaluate`` and the ``Pipeline`` down to ``generate``, ``edit`` and ``text_to_image``.
+
+    The AR steps are ``ar_steps`` equal steps, explicit ``step_sizes`` or one draw of a
+    ``schedule`` (one AR step if none), generated in ``order`` (a registered ordering or an
+    object); each AR step runs ``steps`` diffusion steps (N, ``ddimN`` or a comma list), shared
+    across the AR steps with ``split_steps``. ``cfg`` is the guidance scale (1 = none) applied at
+    network timesteps ``cfg_interval[0] <= t < cfg_interval[1]``; ``sampler`` a registered
+    sampler (built with ``sampler_options``) or an object. A ``Pipeline`` draws with ``seed``
+    (batch ``b`` of a sample set with ``seed + b``), ``batch_size`` images at a time.
+    ``cached=False`` recomputes the context at every diffusion step (the KV cache's oracle)."""
+
+    ar_steps: int | None = None
+    step_sizes: Any = None
+    schedule: Any = None
+    order: Any = "random"
+    steps: int | str = 250
+    split_steps: bool = False
+    cfg: float = 1.0
+    cfg_interval: tuple[float, float] = (0.0, math.inf)
+    sampler: Any = "ddpm"
+    sampler_options: dict = dataclasses.field(default_factory=dict)
+    batch_size: int = 250
+    seed: int = 0
+    cached: bool = True
+
+    def __post_init__(self):
+        for name, least in (("batch_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise GenerationError(f"{name} must be an integer >= {least}, got {value!r}")
+        if not isinstance(self.sampler_options, dict):
+            raise GenerationError(f"sampler_options must be a dict of the sampler's options, got "
+                                  f"{self.sampler_options!r}")
+
+    @classmethod
+    def of(cls, options: SamplingOptions | None = None, **fields) -> SamplingOptions:
+        """``options`` (default: the defaults) with ``fields`` replaced; an unknown field is
+        an error naming the allowed ones."""
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            allowed = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise GenerationError(f"unknown sampling option {unknown[0]!r}; allowed: {allowed}")
+        return dataclasses.replace(options or cls(), **fields)
+
+    def built_sampler(self):
+        """The sampler object: the registered ``sampler`` built with ``sampler_options``."""
+        return component("samplers", self.sampler, **self.sampler_options)
+
+    def fields(self) -> dict:
+        """Every option by name (objects as they are)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclass(frozen=True)
@@ -293,70 +351,64 @@ def keep_mask(keep, grid: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model: CausalTransformer, diffusion, labels, *, ar_steps: int | None = None,
-             step_sizes=None, schedule=None, order="random", steps=250, split_steps: bool = False,
-             cfg: float = 1.0, cfg_interval=(0.0, math.inf), sampler="ddpm", prediction: str = "eps",
-             generator: torch.Generator | None = None, progress: Progress | None = None,
-             cached: bool = True) -> Generated:
-    """Class-conditional generation of ``len(labels)`` images' tokens.
+def generate(model: CausalTransformer, diffusion, labels, options: SamplingOptions | None = None, *,
+             prediction: str = "eps", generator: torch.Generator | None = None,
+             progress: Progress | None = None, **fields) -> Generated:
+    """Class-conditional generation of ``len(labels)`` images' tokens with the
+    ``SamplingOptions`` ``options`` (any of its fields may also be given as keywords).
 
-    ``diffusion`` is the model's (unrespaced) diffusion; ``steps`` its respacing for each AR
-    step (split across them with ``split_steps``). The AR steps are ``ar_steps`` equal steps,
-    explicit ``step_sizes`` or a ``schedule``; ``order`` and ``schedule`` are registered names
-    or objects, ``sampler`` a registered name or a sampler. ``cfg_interval`` is in network
-    timesteps (0..1000). ``cached=False`` recomputes the context at every diffusion step.
+    ``diffusion`` is the model's (unrespaced) diffusion, respaced to ``options.steps`` for
+    each AR step; ``prediction`` the network's parameterisation.
     """
-    return _from_noise(model, diffusion, check_labels(model, labels), ar_steps, step_sizes, schedule,
-                       order, steps, split_steps, cfg, cfg_interval, sampler, prediction, generator,
-                       progress, cached)
+    options = SamplingOptions.of(options, **fields)
+    return _from_noise(model, diffusion, check_labels(model, labels), options, prediction, generator,
+                       progress)
 
 
 @torch.no_grad()
-def text_to_image(model, diffusion, text, *, ar_steps: int | None = None, step_sizes=None,
-                  schedule=None, order="random", steps=250, split_steps: bool = False,
-                  cfg: float = 1.0, cfg_interval=(0.0, math.inf), sampler="ddpm",
+def text_to_image(model, diffusion, text, options: SamplingOptions | None = None, *,
                   prediction: str = "eps", generator: torch.Generator | None = None,
-                  progress: Progress | None = None) -> Generated:
+                  progress: Progress | None = None, **fields) -> Generated:
     """Text-to-image generation with a ``cfkit.multimodal.MultimodalTransformer``: framed
     caption ids ``text`` ``(N, max_text_len)`` (e.g. ``method.frame(captions)``) go into the KV cache before
-    the image, and CFG's unconditional branch is the null caption. Options as ``generate``'s."""
+    the image, and CFG's unconditional branch is the null caption. Options as ``generate``'s
+    (always KV-cached)."""
     if not can(model, TEXT_CONDITIONING):
         raise GenerationError(f"{type(model).__name__} is not text-conditioned: give class labels")
     try:
         text = model.check_text(text)
     except ValueError as error:
         raise GenerationError(str(error)) from None
-    return _from_noise(model, diffusion, text, ar_steps, step_sizes, schedule, order, steps,
-                       split_steps, cfg, cfg_interval, sampler, prediction, generator, progress,
-                       cached=True)
+    options = SamplingOptions.of(options, **{**fields, "cached": True})
+    return _from_noise(model, diffusion, text, options, prediction, generator, progress)
 
 
-def _from_noise(model, diffusion, condition, ar_steps, step_sizes, schedule, order, steps,
-                split_steps, cfg, cfg_interval, sampler, prediction, generator, progress,
-                cached) -> Generated:
+def _from_noise(model, diffusion, condition, options: SamplingOptions, prediction, generator,
+                progress) -> Generated:
     """Every token generated for the checked ``condition`` (class labels or caption ids)."""
-    guidance = guidance_for(model, cfg, cfg_interval)
+    guidance = guidance_for(model, options.cfg, options.cfg_interval)
     config = model.config
     device = model.patch_embed.weight.device
-    order = generation_order(order, len(condition), config.grid, generator).to(device)
-    sizes = ar_step_sizes(config.num_tokens, ar_steps, step_sizes, schedule, generator)
+    order = generation_order(options.order, len(condition), config.grid, generator).to(device)
+    sizes = ar_step_sizes(config.num_tokens, options.ar_steps, options.step_sizes, options.schedule,
+                          generator)
     given = torch.zeros(len(condition), 0, config.token_dim, device=device,
                         dtype=model.patch_embed.weight.dtype)
-    return _generate(model, diffusion, condition.to(device), order, given, sizes, guidance, steps,
-                     split_steps, sampler, prediction, generator, progress, cached)
+    return _generate(model, diffusion, condition.to(device), order, given, sizes, guidance, options,
+                     prediction, generator, progress)
 
 
 @torch.no_grad()
-def edit(model: CausalTransformer, diffusion, image_latents: torch.Tensor, keep, labels, *,
-         ar_steps: int | None = None, step_sizes=None, schedule=None, order="random", steps=250,
-         split_steps: bool = False, cfg: float = 1.0, cfg_interval=(0.0, math.inf),
-         sampler="ddpm", prediction: str = "eps", generator: torch.Generator | None = None,
-         progress: Progress | None = None, cached: bool = True) -> Generated:
+def edit(model: CausalTransformer, diffusion, image_latents: torch.Tensor, keep, labels,
+         options: SamplingOptions | None = None, *, prediction: str = "eps",
+         generator: torch.Generator | None = None, progress: Progress | None = None,
+         **fields) -> Generated:
     """Zero-shot editing: the ``keep`` tokens of ``image_latents`` ``(N, C, H, W)`` (a bool
     ``(h, w)`` grid or one of ``KEEP_REGIONS``) are the first AR step's clean context; the
     others are generated in ``order`` after them, for the (new) class ``labels``. The AR
     steps (``ar_steps``, ``step_sizes`` or ``schedule``) split the generated tokens only;
     the other options are those of ``generate``."""
+    options = SamplingOptions.of(options, **fields)
     config = model.config
     expected = (config.latent_channels, config.input_size, config.input_size)
     if image_latents.dim() != 4 or tuple(image_latents.shape[1:]) != expected:
@@ -368,9 +420,9 @@ def edit(model: CausalTransformer, diffusion, image_latents: torch.Tensor, keep,
     labels = labels.expand(n) if labels.numel() == 1 else labels
     if labels.numel() != n:
         raise GenerationError(f"give one class or one per image ({n}), got {labels.numel()}")
-    guidance = guidance_for(model, cfg, cfg_interval)
+    guidance = guidance_for(model, options.cfg, options.cfg_interval)
     kept = keep_mask(keep, config.grid).to(weight.device)
-    free = generation_order(order, n, config.grid, generator).to(weight.device)
+    free = generation_order(options.order, n, config.grid, generator).to(weight.device)
     free = free[~kept[free]].reshape(n, -1)  # the ordering's order of the tokens to generate
     order = torch.cat([kept.nonzero()[:, 0].expand(n, -1), free], dim=1)
     tokens = patchify(image_latents.to(weight), config.patch_size)
@@ -379,17 +431,17 @@ def edit(model: CausalTransformer, diffusion, image_latents: torch.Tensor, keep,
     if num_kept == config.num_tokens:
         return Generated(tokens, order, torch.zeros(0, dtype=torch.long), config.patch_size,
                          config.latent_channels)
-    sizes = ar_step_sizes(free.shape[1], ar_steps, step_sizes, schedule, generator)
+    sizes = ar_step_sizes(free.shape[1], options.ar_steps, options.step_sizes, options.schedule, generator)
     return _generate(model, diffusion, labels.to(weight.device), order, given, sizes, guidance,
-                     steps, split_steps, sampler, prediction, generator, progress, cached)
+                     options, prediction, generator, progress)
 
 
-def _generate(model, diffusion, labels, order, given, sizes, guidance, steps, split_steps,
-              sampler, prediction, generator, progress, cached) -> Generated:
+def _generate(model, diffusion, labels, order, given, sizes, guidance, options: SamplingOptions,
+              prediction, generator, progress) -> Generated:
     """Generate the AR steps ``sizes`` after the ``given`` clean tokens ``(N, K, d)`` at the
     first K positions of ``order``; returns every token in raster order."""
-    sampler = component("samplers", sampler)
-    diffusions = step_diffusions(diffusion, steps, len(sizes), split_steps)
+    sampler = options.built_sampler()
+    diffusions = step_diffusions(diffusion, options.steps, len(sizes), options.split_steps)
     num_given = given.shape[1]
     if denoises_whole_image(model):
         if len(sizes) > 1 or num_given:
@@ -398,7 +450,7 @@ def _generate(model, diffusion, labels, order, given, sizes, guidance, steps, sp
                 f"generates in 1 AR step from nothing given, got {len(sizes)} AR steps and "
                 f"{num_given} given tokens (editing needs a causal model)")
         context = WholeImageContext(model, labels, order, guidance)
-    elif cached:
+    elif options.cached:
         context = CachedContext(model, labels, order, guidance)
     else:
         all_sizes = torch.cat([torch.tensor([num_given]), sizes]) if num_given else sizes

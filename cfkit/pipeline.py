@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cfkit import checkpoint
-from cfkit.generate import Generated, GenerationError
+from cfkit.generate import Generated, GenerationError, SamplingOptions
 from cfkit.generate import edit as edit_tokens
 from cfkit.generate import generate as generate_tokens
 from cfkit.generate import text_to_image as text_to_image_tokens
@@ -60,27 +60,34 @@ class Pipeline:
             return None
         return self.model.config.input_size * self.tokenizer.downsample
 
-    def generate_latents(self, classes, *, seed: int = 0, **options) -> Generated:
-        """Tokens and latents for ``classes`` (an int or one per image); ``options`` are those
-        of ``cfkit.generate.generate`` (ar_steps, order, steps, cfg, cfg_interval, ...)."""
-        generator = torch.Generator().manual_seed(seed)
-        return generate_tokens(self.model, self.diffusion, classes, prediction=self.prediction,
-                               generator=generator, **options)
+    def generate_latents(self, classes, options: SamplingOptions | None = None, *, progress=None,
+                         **fields) -> Generated:
+        """Tokens and latents for ``classes`` (an int or one per image) with the
+        ``SamplingOptions`` ``options`` (or its fields as keywords: ar_steps, order, steps,
+        cfg, cfg_interval, seed, ...)."""
+        options = SamplingOptions.of(options, **fields)
+        generator = torch.Generator().manual_seed(options.seed)
+        return generate_tokens(self.model, self.diffusion, classes, options, prediction=self.prediction,
+                               generator=generator, progress=progress)
 
-    def generate(self, classes, *, seed: int = 0, **options) -> torch.Tensor:
+    def generate(self, classes, options: SamplingOptions | None = None, *, progress=None,
+                 **fields) -> torch.Tensor:
         """Images ``(N, C, H, W)`` in [-1, 1], or latents when there is no image tokenizer."""
-        return self.decode(self.generate_latents(classes, seed=seed, **options).latents)
+        return self.decode(self.generate_latents(classes, options, progress=progress, **fields).latents)
 
-    def edit_latents(self, images: torch.Tensor, keep, classes, *, seed: int = 0,
-                     **options) -> Generated:
+    def edit_latents(self, images: torch.Tensor, keep, classes, options: SamplingOptions | None = None,
+                     *, progress=None, **fields) -> Generated:
         """Edit ``images`` (latents when there is no image tokenizer): keep the ``keep``
-        tokens and generate the others for ``classes``; ``options`` as ``edit``'s."""
-        generator = torch.Generator().manual_seed(seed)
-        return edit_tokens(self.model, self.diffusion, self.encode(images), keep, classes,
-                           prediction=self.prediction, generator=generator, **options)
+        tokens and generate the others for ``classes``; options as ``generate_latents``'."""
+        options = SamplingOptions.of(options, **fields)
+        generator = torch.Generator().manual_seed(options.seed)
+        return edit_tokens(self.model, self.diffusion, self.encode(images), keep, classes, options,
+                           prediction=self.prediction, generator=generator, progress=progress)
 
-    def edit(self, images: torch.Tensor, keep, classes, *, seed: int = 0, **options) -> torch.Tensor:
-        return self.decode(self.edit_latents(images, keep, classes, seed=seed, **options).latents)
+    def edit(self, images: torch.Tensor, keep, classes, options: SamplingOptions | None = None, *,
+             progress=None, **fields) -> torch.Tensor:
+        return self.decode(self.edit_latents(images, keep, classes, options, progress=progress,
+                                             **fields).latents)
 
     @property
     def text_conditioned(self) -> bool:
@@ -93,36 +100,41 @@ class Pipeline:
                                   "text-to-image and captioning need a multimodal checkpoint")
         return self.method
 
-    def text_to_image_latents(self, prompts, *, seed: int = 0, **options) -> Generated:
+    def text_to_image_latents(self, prompts, options: SamplingOptions | None = None, *,
+                              progress=None, **fields) -> Generated:
         """Tokens and latents of one image per caption of ``prompts`` (a string or a list);
-        ``options`` are those of ``cfkit.generate.text_to_image`` (ar_steps, cfg, ...)."""
+        options as ``generate_latents``'."""
+        options = SamplingOptions.of(options, **fields)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         text = self._text_method().frame(prompts).to(self.model.pos_embed.device)
-        generator = torch.Generator().manual_seed(seed)
-        return text_to_image_tokens(self.model, self.diffusion, text, prediction=self.prediction,
-                                    generator=generator, **options)
+        generator = torch.Generator().manual_seed(options.seed)
+        return text_to_image_tokens(self.model, self.diffusion, text, options, prediction=self.prediction,
+                                    generator=generator, progress=progress)
 
-    def text_to_image(self, prompts, *, seed: int = 0, **options) -> torch.Tensor:
+    def text_to_image(self, prompts, options: SamplingOptions | None = None, *, progress=None,
+                      **fields) -> torch.Tensor:
         """Images ``(N, C, H, W)`` in [-1, 1] (or latents) for the captions ``prompts``."""
-        return self.decode(self.text_to_image_latents(prompts, seed=seed, **options).latents)
+        return self.decode(self.text_to_image_latents(prompts, options, progress=progress, **fields).latents)
 
-    def write_samples(self, out, *, classes=None, prompts: list[str] | None = None,
-                      batch_size: int = 250, seed: int = 0, progress=None, **options) -> list[Path]:
+    def write_samples(self, out, options: SamplingOptions | None = None, *, classes=None,
+                      prompts: list[str] | None = None, progress=None, **fields) -> list[Path]:
         """Generate one image per class of ``classes`` (or caption of ``prompts``),
-        ``batch_size`` at a time with seed ``seed + b`` for batch ``b``, and write each batch
-        into the folder ``out`` as it comes (``SampleWriter``); returns the paths written.
-        ``progress(done, total)`` counts the diffusion steps of every batch."""
-        if batch_size < 1:
-            raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
+        ``options.batch_size`` at a time with seed ``options.seed + b`` for batch ``b``, and
+        write each batch into the folder ``out`` as it comes (``SampleWriter``); returns the
+        paths written. ``progress(done, total)`` counts the diffusion steps of every batch."""
+        options = SamplingOptions.of(options, **fields)
+        batch_size = options.batch_size
         labels = torch.full((len(prompts),), -1) if prompts is not None else torch.as_tensor(classes)
         batches = math.ceil(len(labels) / batch_size)
         with SampleWriter(out, labels.reshape(-1), prompts) as writer:
             for b in range(batches):
                 rows = slice(b * batch_size, (b + 1) * batch_size)
                 done = None if progress is None else functools.partial(_of_batches, progress, b, batches)
-                batch = dict(seed=seed + b, progress=done, **options)
-                result = (self.text_to_image_latents(prompts[rows], **batch) if prompts is not None
-                          else self.generate_latents(labels[rows], **batch))
+                batch = SamplingOptions.of(options, seed=options.seed + b)
+                if prompts is not None:
+                    result = self.text_to_image_latents(prompts[rows], batch, progress=done)
+                else:
+                    result = self.generate_latents(labels[rows], batch, progress=done)
                 writer.add(result.latents, None if self.tokenizer is None else self.decode(result.latents))
         return writer.written
 

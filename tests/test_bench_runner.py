@@ -62,10 +62,10 @@ dit = ["method.name=dit", "model.preset=DiT-tiny"]
         patch.setattr(evaluate, "evaluate", spy)
         assert main(["bench", str(path), "--out", str(out), "--no-progress",
                      "--set", "evaluation.seed=3"]) == 0
-    assert {options["generation"]["seed"] for _, options in calls} == {3}  # the same for every run
+    assert {options["generation"].seed for _, options in calls} == {3}  # the same for every run
     assert {options["reference_split"] for _, options in calls} == {"val"}
-    assert {options["generation"]["split_steps"] for _, options in calls} == {False}
-    assert {options["generation"]["sampler"].variance for metrics, options in calls
+    assert {options["generation"].split_steps for _, options in calls} == {False}
+    assert {options["generation"].sampler.variance for metrics, options in calls
             if "fid" in metrics} == {"fixed-small"}
     assert [options["ar_steps"] for metrics, options in calls if "probe" in metrics] == [[1, 4]] * 4
     printed = capsys.readouterr()

@@ -8,7 +8,7 @@ from generation_plugins import install_third_party
 
 from cfkit import plugins
 from cfkit.diffusion import GaussianDiffusion
-from cfkit.generate import GenerationError, ar_step_sizes, edit, generate, keep_mask
+from cfkit.generate import GenerationError, SamplingOptions, ar_step_sizes, edit, generate, keep_mask
 from cfkit.transformer import CausalTransformer, TransformerConfig, patchify
 
 DIFFUSION = GaussianDiffusion.named("linear", 1000)
@@ -228,3 +228,30 @@ def test_third_party_orderings_and_schedules_are_resolved_by_name(model, third_p
     result = run(model, order="reverse-raster", schedule="halves")
     assert result.order.tolist() == [list(range(15, -1, -1))] * 2
     assert result.step_sizes.tolist() == [8, 8]
+
+
+def test_sampling_options_passed_whole_equal_the_same_fields_as_keywords(model):
+    options = SamplingOptions(ar_steps=2, order="raster", steps=4, cfg=2.0, cfg_interval=(0, 600))
+    whole = generate(model, DIFFUSION, [0, 3], options, generator=torch.Generator().manual_seed(1))
+    fields = run(model, seed=1, ar_steps=2, order="raster", cfg=2.0, cfg_interval=(0, 600))
+    assert torch.equal(whole.tokens, fields.tokens)
+    # keywords replace fields of the options given
+    replaced = generate(model, DIFFUSION, [0, 3], options, generator=torch.Generator().manual_seed(1),
+                        ar_steps=1)
+    assert torch.equal(replaced.tokens, run(model, seed=1, ar_steps=1, order="raster", cfg=2.0,
+                                            cfg_interval=(0, 600)).tokens)
+    assert not torch.equal(replaced.tokens, whole.tokens)
+
+
+def test_sampling_options_are_frozen_and_name_what_is_allowed():
+    options = SamplingOptions()
+    with pytest.raises(AttributeError):
+        options.cfg = 2.0
+    with pytest.raises(GenerationError, match="unknown sampling option 'guidance'; allowed: ar_steps, "):
+        SamplingOptions.of(guidance=2.0)
+    with pytest.raises(GenerationError, match="batch_size must be an integer >= 1, got 0"):
+        SamplingOptions(batch_size=0)
+    with pytest.raises(GenerationError, match="seed must be an integer >= 0, got 1.5"):
+        SamplingOptions.of(options, seed=1.5)
+    with pytest.raises(GenerationError, match="samplers 'ddim' with options {'eta': 'x'}"):
+        SamplingOptions(sampler="ddim", sampler_options={"eta": "x"}).built_sampler()

@@ -43,7 +43,7 @@ from cfkit.bench.schema import (
     load,
 )
 from cfkit.flops import FLOPS_COUNTED, training_flops
-from cfkit.generate import GenerationError, denoises_whole_image
+from cfkit.generate import GenerationError, SamplingOptions, denoises_whole_image
 from cfkit.methods import AR_PLANS, TEXT_CONDITIONING, can
 from cfkit.pipeline import Pipeline
 
@@ -233,8 +233,7 @@ def evaluate_run(run: Run, folder: Path, spec: Evaluation, progress: bool, devic
         if not on_samples:
             break
         say(f"  evaluating S_eval={s}, cfg={cfg}")
-        generation = dict(order=spec.order, steps=spec.steps, split_steps=spec.split_steps, cfg=cfg,
-                          seed=spec.seed, sampler=spec.sampler.build())
+        generation = spec.sampling_options(cfg)
         try:
             found = evaluate.evaluate(folder, on_samples, ar_steps=[s], generation=generation,
                                       samples_out=folder_out / f"cfg{cfg:g}", **common)
@@ -247,8 +246,8 @@ def evaluate_run(run: Run, folder: Path, spec: Evaluation, progress: bool, devic
         records += [{**r, "cfg": cfg} for r in found["results"]]
     if others:
         say(f"  evaluating {', '.join(others)}")
-        generation = dict(order=spec.order, steps=spec.steps, split_steps=spec.split_steps, seed=spec.seed)
-        found = evaluate.evaluate(folder, others, ar_steps=spec.model_s, generation=generation, **common)
+        found = evaluate.evaluate(folder, others, ar_steps=spec.model_s, generation=spec.sampling_options(),
+                                  **common)
         records += [{**r, "cfg": None} for r in found["results"]]
         records += [{"metric": m, "name": None, "value": None, "ar_steps": None, "cfg": None,
                      "skipped": why} for m, why in found["skipped"].items()]
@@ -293,9 +292,9 @@ def editing_example(method, folder: Path, spec: Evaluation, num: int = 8) -> Non
     images, labels = evaluate.EvalContext(method, show_progress=False).dataset_images("val")
     images, labels = images[:num].float() / 127.5 - 1, labels[:num]
     new = (labels + 1) % pipe.model.config.num_classes
-    options = dict(steps=spec.steps, order=spec.order, cfg=max(spec.cfg), seed=spec.seed)
-    rows = [images] + [pipe.edit(images, keep, new, **options) for keep in ("top", "centre")]
-    rows.append(pipe.generate(new, **options))
+    options = SamplingOptions(steps=spec.steps, order=spec.order, cfg=max(spec.cfg), seed=spec.seed)
+    rows = [images] + [pipe.edit(images, keep, new, options) for keep in ("top", "centre")]
+    rows.append(pipe.generate(new, options))
     arrays = {name: ((r.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
               for name, r in zip(EDIT_ROWS, rows, strict=True)}
 

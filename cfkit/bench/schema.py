@@ -26,6 +26,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from cfkit import config as configs
 from cfkit import paper
+from cfkit.generate import SamplingOptions
 
 EVALUATION_PREFIX = "evaluation."
 # The rows of an editing example (editing.npz), top to bottom.
@@ -113,6 +114,12 @@ class Evaluation(configs.Strict):
     batch_size: int = Field(250, ge=1)
     grid_images: int = Field(20, ge=1)  # per sample grid PNG
     figure4_steps: int | None = Field(None, ge=1)
+
+    def sampling_options(self, cfg: float = 1.0) -> SamplingOptions:
+        """The ``SamplingOptions`` every run is sampled with at CFG scale ``cfg`` (the AR
+        steps are set per S_eval)."""
+        return SamplingOptions(order=self.order, steps=self.steps, split_steps=self.split_steps, cfg=cfg,
+                               sampler=self.sampler.build(), batch_size=self.batch_size, seed=self.seed)
 
     @field_validator("baselines")
     @classmethod

@@ -40,18 +40,18 @@ def run_setting(name: str, overrides: list[str], args: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    from cfkit import checkpoint, evaluate, plugins
     from cfkit import config as configs
-    from cfkit import evaluate, plugins
     from cfkit import train as training
 
     folder = Path(args["out"]) / name
     experiment = configs.load(BASE, [*args["set"], *overrides, f"train.ckpt_every={args['every']}",
                                      f"train.max_steps={args['steps']}", "train.keep_last=1000"])
-    done = training.checkpoints(folder)
+    done = checkpoint.checkpoints(folder)
     if not done or int(done[-1].name.split("-")[-1]) < args["steps"]:
         training.train(experiment, folder, resume=bool(done), progress=False)
     rows = []
-    for ckpt in training.checkpoints(folder):
+    for ckpt in checkpoint.checkpoints(folder):
         cache = folder / "pilot-eval" / f"{ckpt.name}.json"
         if not cache.exists():
             records = []

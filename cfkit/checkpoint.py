@@ -5,10 +5,16 @@ the weights and, for training runs, ``ema.safetensors`` the EMA weights (preferr
 loading for inference). Every file is written to a temporary name and renamed, so a crash
 never leaves a half-written checkpoint; a file damaged later (truncated, or a config that
 does not fit the weights) is a ``CheckpointError`` naming the file and what is wrong.
+
+A training run keeps its checkpoints in ``checkpoints/step-NNNNNNN/``, each also holding
+``optimizer.safetensors`` and ``state.json`` (step, scheduler, optimizer settings); a new
+one is written to a temp folder renamed when complete, then all but the last ``keep_last``
+are removed. One that resume found corrupt is set aside as ``corrupt-step-NNNNNNN``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -148,3 +154,91 @@ def load(directory, prefer_ema: bool = True, device="cpu"):
     method.model.load_state_dict(state)
     method.model.to(device).eval()
     return method
+
+
+# -- a training run's checkpoints --------------------------------------------------------------
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run folder (those with a ``state.json``), oldest first."""
+    folder = run_dir / "checkpoints"
+    found = [p for p in folder.glob("step-*") if (p / "state.json").exists()] if folder.is_dir() else []
+    return sorted(found)
+
+
+def _name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def is_last(run_dir: Path, step: int) -> bool:
+    """Whether the last checkpoint of the run in ``run_dir`` is that of ``step``."""
+    found = checkpoints(run_dir)
+    return bool(found) and found[-1].name == _name(step)
+
+
+def write_step(run_dir: Path, step: int, experiment, model: dict, ema: dict, optimizer: dict,
+               state: dict) -> Path:
+    """Write ``checkpoints/step-N`` of a run (a temp folder renamed when complete, replacing
+    one of the same step): the weights, the ``optimizer`` tensors and ``state.json``."""
+    final = run_dir / "checkpoints" / _name(step)
+    with temp_folder(final.with_name(f".{final.name}.tmp")) as tmp:
+        save(tmp, experiment, model, ema)
+        write_weights(tmp / "optimizer.safetensors", optimizer)
+        write_json(tmp / "state.json", state)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    return final
+
+
+def keep_last(run_dir: Path, count: int) -> None:
+    """Remove all but the last ``count`` checkpoints of a run."""
+    for old in checkpoints(run_dir)[:-count]:
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def temp_folder(tmp: Path):
+    """``tmp``, emptied, for a block that fills it and renames it into place; removed again
+    when the block fails (a full disk leaves no half-written folder behind)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a checkpoint to ``corrupt-step-N`` (``-2``, ``-3`` when taken), kept to look at
+    where neither resume nor sampling picks it; returns the new path."""
+    target, count = folder.with_name(f"corrupt-{folder.name}"), 1
+    while target.exists():
+        count += 1
+        target = folder.with_name(f"corrupt-{folder.name}-{count}")
+    folder.rename(target)
+    return target
+
+
+def optimizer_tensors(state: dict, names: list[str] | None = None) -> tuple[dict, dict]:
+    """An optimizer state dict as flat tensors plus a JSON part (param groups, non-tensor
+    values), keyed by parameter index. ``names`` maps index -> name where the state dict is
+    keyed by parameter names (FSDP's full state dict), so every run writes the same format."""
+    index = {name: i for i, name in enumerate(names)} if names else {}
+    tensors, scalars = {}, {}
+    for param, values in state["state"].items():
+        for name, value in values.items():
+            target = tensors if torch.is_tensor(value) else scalars
+            target[f"{index.get(param, param)}.{name}"] = value
+    groups = [{**g, "params": [index.get(p, p) for p in g["params"]]} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_state(tensors: dict, meta: dict, names: list[str] | None = None) -> dict:
+    """The optimizer state dict of ``optimizer_tensors``' output, keyed by parameter index
+    or, given ``names``, by parameter name."""
+    key = (lambda i: names[i]) if names else (lambda i: i)
+    state: dict = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = flat.split(".", 1)
+        state.setdefault(key(int(index)), {})[name] = value
+    groups = [{**g, "params": [key(i) for i in g["params"]]} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}

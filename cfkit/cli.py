@@ -163,7 +163,7 @@ def add_train_command(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from cfkit import data, runlock, train
+    from cfkit import checkpoint, data, runlock, train
 
     if args.allow_remote_shards:  # the environment reaches DataLoader workers and subprocesses
         os.environ[data.ALLOW_REMOTE_SHARDS] = "1"
@@ -176,7 +176,7 @@ def cmd_train(args) -> int:
         raise configs.ConfigError("cfkit train needs CONFIG and --out RUN_DIR (or --resume RUN_DIR)")
     experiment = configs.load(args.config, args.set)
     with runlock.hold(args.out):  # first: the checkpoints of a live run are not to resume
-        if train.checkpoints(Path(args.out)):
+        if checkpoint.checkpoints(Path(args.out)):
             raise configs.ConfigError(
                 f"{args.out} already holds checkpoints; continue it with --resume {args.out} "
                 "or choose another --out"

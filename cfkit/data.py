@@ -4,7 +4,8 @@ A dataset plugin is built as ``factory(**options)`` and has ``num_classes``, ``c
 ``image_size`` and ``samples(split)`` yielding ``Sample``s. ``write_shards`` turns it into tar
 shards readable by plain ``webdataset.WebDataset`` (``png``, ``cls``, ``json`` captions,
 ``__key__``), or, with a tokenizer, pre-encoded fp16 latents (``latent.npy`` and the
-horizontally flipped ``latent_flip.npy``) so training skips the VAE.
+horizontally flipped ``latent_flip.npy``) so training skips the VAE. A config that names a
+dataset but no shards trains on its shards cached in ``$CFKIT_CACHE/shards/`` (``dataset_shards``).
 
 The loader streams shards as global batches: every global batch is the same whatever the
 number of processes and workers (each process takes its block of rows, each worker whole
@@ -48,7 +49,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from cfkit import config as configs
 from cfkit.checkpoint import atomic_write
+from cfkit.distributed import barrier
 from cfkit.tokenizers import from_uint8
 
 log = logging.getLogger(__name__)
@@ -243,6 +246,42 @@ def _encode(samples: list[Sample], tokenizer, batch_size: int) -> tuple[np.ndarr
                          f"its latents of these {images.shape[1]}-channel images have {channels}; give "
                          f"it options that match the dataset (pixels: channels = {images.shape[1]})")
     return np.concatenate(plain), np.concatenate(flipped)
+
+
+def cache_dir() -> Path:
+    """cfkit's cache: ``$CFKIT_CACHE``, by default ``~/.cache/cfkit``."""
+    return Path(os.environ.get("CFKIT_CACHE", "~/.cache/cfkit")).expanduser()
+
+
+def digest(value) -> str:
+    """A short stable hash of a JSON value (it names a cached shard set, seeds a training step)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def dataset_shards(experiment: configs.Experiment, split: str = "train", is_main: bool = True) -> str:
+    """The shards of ``split``: the configured ones, or the dataset's cached shards, built on
+    first use into ``$CFKIT_CACHE/shards/`` (a temp folder renamed when complete)."""
+    spec = experiment.data
+    given = spec.shards if split == "train" else spec.val_shards
+    if given:
+        return given
+    if spec.dataset is None:
+        raise configs.ConfigError(f"data: no {split} shards and no dataset to build them from")
+    identity = {"dataset": spec.dataset.model_dump(), "shard_size": spec.shard_size}
+    if spec.encoded:
+        identity["tokenizer"] = spec.tokenizer.model_dump()
+    folder = cache_dir() / "shards" / f"{spec.dataset.name}-{digest(identity)}" / split
+    if is_main and not folder.is_dir():
+        tokenizer = spec.tokenizer.build() if spec.encoded else None
+        try:  # write_shards writes the set beside the folder and renames it into place
+            write_shards(spec.dataset.build(), folder, split, spec.shard_size, tokenizer,
+                         prefix=spec.dataset.name)
+        except ValueError:
+            if not folder.is_dir():
+                raise
+            # else another process finished the same set first
+    barrier()
+    return str(folder)
 
 
 BLOCK = 512

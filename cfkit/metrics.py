@@ -461,7 +461,7 @@ def file_digest(path) -> str:
 
 
 def cache_root() -> Path:
-    from cfkit.train import cache_dir
+    from cfkit.data import cache_dir
 
     return cache_dir()
 

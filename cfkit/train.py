@@ -8,126 +8,41 @@ resumed run continues exactly as if it had never stopped.
 Run folder: ``config.json``, ``metrics.csv``, ``loss.png``, ``checkpoints/step-NNNNNNN/``
 (each a cfkit checkpoint: ``config.json``, ``model.safetensors``, ``ema.safetensors``,
 ``optimizer.safetensors`` and ``state.json``).
+
+The trainer holds the parts it runs: the process group (``cfkit.distributed``), the
+checkpoint files and their rotation (``cfkit.checkpoint``), the metrics log (``cfkit.runlog``)
+and the cached dataset shards (``cfkit.data``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import csv
-import datetime
-import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from cfkit import checkpoint, data, runlock
 from cfkit import config as configs
+from cfkit.distributed import Distributed, barrier
 from cfkit.methods import Batch
+from cfkit.runlog import RunLog
 
 log = logging.getLogger(__name__)
-
-METRICS = ("step", "loss", "lr", "grad_norm", "images_per_s")
 
 
 class TrainingError(RuntimeError):
     """Training stopped (e.g. a non-finite loss); the last good checkpoint is intact."""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CFKIT_CACHE", "~/.cache/cfkit")).expanduser()
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def dataset_shards(experiment: configs.Experiment, split: str = "train", is_main: bool = True) -> str:
-    """The shards of ``split``: the configured ones, or the dataset's cached shards, built on
-    first use into ``$CFKIT_CACHE/shards/`` (a temp folder renamed when complete)."""
-    spec = experiment.data
-    given = spec.shards if split == "train" else spec.val_shards
-    if given:
-        return given
-    if spec.dataset is None:
-        raise configs.ConfigError(f"data: no {split} shards and no dataset to build them from")
-    identity = {"dataset": spec.dataset.model_dump(), "shard_size": spec.shard_size}
-    if spec.encoded:
-        identity["tokenizer"] = spec.tokenizer.model_dump()
-    folder = cache_dir() / "shards" / f"{spec.dataset.name}-{_digest(identity)}" / split
-    if is_main and not folder.is_dir():
-        tokenizer = spec.tokenizer.build() if spec.encoded else None
-        try:  # write_shards writes the set beside the folder and renames it into place
-            data.write_shards(spec.dataset.build(), folder, split, spec.shard_size, tokenizer,
-                              prefix=spec.dataset.name)
-        except ValueError:
-            if not folder.is_dir():
-                raise
-            # else another process finished the same set first
-    barrier()
-    return str(folder)
-
-
-def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def temp_folder(tmp: Path):
-    """``tmp``, emptied, for a block that fills it and renames it into place; removed again
-    when the block fails (a full disk leaves no half-written folder behind)."""
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-class Distributed:
-    """The process group from torchrun's environment (or a single process)."""
-
-    def __init__(self, timeout: datetime.timedelta | None = None):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
-        # a group made by a caller (cfkit bench around its runs) outlives this object
-        self.owned = self.world_size > 1 and not dist.is_initialized()
-        if self.owned:
-            if cuda:
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, value: float) -> float:
-        if self.world_size == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.item() / self.world_size
-
-    def close(self):
-        if self.owned and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(_digest([seed, step]), 16))
+    """The generator of step ``step``'s randomness (plans, noise, label dropout)."""
+    return torch.Generator().manual_seed(int(data.digest([seed, step]), 16))
 
 
 def lr_factor(cfg) -> Callable[[int], float]:
@@ -149,38 +64,6 @@ def lr_factor(cfg) -> Callable[[int], float]:
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for target, source in zip(ema.parameters(), model.parameters(), strict=True):
         target.mul_(decay).add_(source.detach(), alpha=1 - decay)
-
-
-def optimizer_tensors(state: dict, names: list[str] | None = None) -> tuple[dict, dict]:
-    """An optimizer state dict as flat tensors plus a JSON part (param groups, non-tensor
-    values), keyed by parameter index. ``names`` maps index -> name where the state dict is
-    keyed by parameter names (FSDP's full state dict), so every run writes the same format."""
-    index = {name: i for i, name in enumerate(names)} if names else {}
-    tensors, scalars = {}, {}
-    for param, values in state["state"].items():
-        for name, value in values.items():
-            target = tensors if torch.is_tensor(value) else scalars
-            target[f"{index.get(param, param)}.{name}"] = value
-    groups = [{**g, "params": [index.get(p, p) for p in g["params"]]} for g in state["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def optimizer_state(tensors: dict, meta: dict, names: list[str] | None = None) -> dict:
-    """The optimizer state dict of ``optimizer_tensors``' output, keyed by parameter index
-    or, given ``names``, by parameter name."""
-    key = (lambda i: names[i]) if names else (lambda i: i)
-    state: dict = {}
-    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
-        index, name = flat.split(".", 1)
-        state.setdefault(key(int(index)), {})[name] = value
-    groups = [{**g, "params": [key(i) for i in g["params"]]} for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    folder = run_dir / "checkpoints"
-    found = [p for p in folder.glob("step-*") if (p / "state.json").exists()] if folder.is_dir() else []
-    return sorted(found)
 
 
 class Trainer:
@@ -209,6 +92,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(self.settings)
         )
+        self.runlog = RunLog(self.run_dir, self.settings.tensorboard)
         self.step = 0
         self.corrupt: list[Path] = []  # checkpoints resume skipped, set aside at the next save
         if resume:
@@ -235,7 +119,7 @@ class Trainer:
     def _resume(self):
         """Load the last checkpoint; a corrupt one is named in a warning, set aside at the next
         save, and the one before it loaded instead."""
-        found = checkpoints(self.run_dir)
+        found = checkpoint.checkpoints(self.run_dir)
         if not found:
             raise TrainingError(f"nothing to resume: no checkpoint in {self.run_dir / 'checkpoints'}")
         for last in reversed(found):
@@ -270,7 +154,7 @@ class Trainer:
             else:
                 self.net.load_state_dict(model)
                 self.ema.load_state_dict(ema)
-                self.optimizer.load_state_dict(optimizer_state(optimizer, state["optimizer"]))
+                self.optimizer.load_state_dict(checkpoint.optimizer_state(optimizer, state["optimizer"]))
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
         except (KeyError, TypeError, ValueError) as error:
@@ -305,7 +189,7 @@ class Trainer:
         set_model_state_dict(self.net, model, options=options)
         set_model_state_dict(self.ema, ema, options=options)
         names = [name for name, _ in self.net.named_parameters()]
-        set_optimizer_state_dict(self.net, self.optimizer, optimizer_state(tensors, meta, names),
+        set_optimizer_state_dict(self.net, self.optimizer, checkpoint.optimizer_state(tensors, meta, names),
                                  options=options)
 
     def stream(self) -> data.ShardStream:
@@ -315,7 +199,7 @@ class Trainer:
             raise configs.ConfigError(
                 f"train.batch_size {self.settings.batch_size} is not divisible by {world} processes"
             )
-        shards = dataset_shards(self.experiment, "train", self.dist.is_main)
+        shards = data.dataset_shards(self.experiment, "train", self.dist.is_main)
         return data.ShardStream(
             shards, self.settings.batch_size // world, seed=self.experiment.seed, rank=self.dist.rank,
             world_size=world, shuffle_buffer=spec.shuffle_buffer, flip=spec.flip,
@@ -371,7 +255,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.write_json(self.run_dir / "config.json",
                                   {"experiment": self.experiment.model_dump(mode="json")})
-            _truncate_metrics(self.run_dir / "metrics.csv", self.step)
+            self.runlog.start(self.step)
         batches = iter(data.loader(stream, self.experiment.data.num_workers))
         errors = data.LoaderErrors()
         previous = signal.signal(signal.SIGTERM, self._request_stop)
@@ -399,7 +283,7 @@ class Trainer:
                 if stop:
                     log.warning("SIGTERM: saved step %d, exiting", self.step)
                     break
-            if not checkpoints(self.run_dir) or checkpoints(self.run_dir)[-1].name != _name(self.step):
+            if not checkpoint.is_last(self.run_dir, self.step):
                 self.save()
             if errors.shards or errors.samples:
                 log.warning("skipped %d corrupt shard(s) and %d corrupt sample(s)",
@@ -409,7 +293,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
         if self.dist.is_main:
-            plot_loss(self.run_dir / "metrics.csv", self.run_dir / "loss.png")
+            self.runlog.plot()
         return self.run_dir
 
     def _request_stop(self, signum, frame):
@@ -423,26 +307,8 @@ class Trainer:
         return tqdm(total=self.settings.max_steps, initial=self.step, desc="train", unit="step")
 
     def _log_metrics(self, loss: float, grad_norm: float, rate: float) -> None:
-        if not self.dist.is_main:
-            return
-        path = self.run_dir / "metrics.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as handle:
-            writer = csv.writer(handle)
-            if new:
-                writer.writerow(METRICS)
-            writer.writerow([self.step, f"{loss:.6f}", f"{self.optimizer.param_groups[0]['lr']:.3e}",
-                             f"{grad_norm:.4f}", f"{rate:.2f}"])
-        if self.settings.tensorboard:
-            self._tensorboard(loss, grad_norm, rate)
-
-    def _tensorboard(self, loss, grad_norm, rate):
-        if not hasattr(self, "_writer"):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(self.run_dir / "tensorboard")
-        for name, value in (("loss", loss), ("grad_norm", grad_norm), ("images_per_s", rate)):
-            self._writer.add_scalar(name, value, self.step)
+        if self.dist.is_main:
+            self.runlog.write(self.step, loss, self.optimizer.param_groups[0]["lr"], grad_norm, rate)
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -454,22 +320,14 @@ class Trainer:
             return None
         for corrupt in self.corrupt:
             if corrupt.exists():
-                log.warning("moved the corrupt checkpoint %s to %s", corrupt, _set_aside(corrupt))
+                log.warning("moved the corrupt checkpoint %s to %s", corrupt, checkpoint.set_aside(corrupt))
         self.corrupt = []
-        final = self.run_dir / "checkpoints" / _name(self.step)
         model_state, ema_state, (opt_tensors, opt_meta) = full_state
-        with temp_folder(final.with_name(f".{final.name}.tmp")) as tmp:
-            checkpoint.save(tmp, self.experiment, model_state, ema_state)
-            checkpoint.write_weights(tmp / "optimizer.safetensors", opt_tensors)
-            checkpoint.write_json(tmp / "state.json", {
-                "step": self.step, "scheduler": self.scheduler.state_dict(), "optimizer": opt_meta,
-                "seed": self.experiment.seed, "world_size": self.dist.world_size,
-            })
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        for old in checkpoints(self.run_dir)[: -self.settings.keep_last]:
-            shutil.rmtree(old)
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "optimizer": opt_meta,
+                 "seed": self.experiment.seed, "world_size": self.dist.world_size}
+        final = checkpoint.write_step(self.run_dir, self.step, self.experiment, model_state,
+                                      ema_state, opt_tensors, state)
+        checkpoint.keep_last(self.run_dir, self.settings.keep_last)
         barrier()
         return final
 
@@ -486,68 +344,13 @@ class Trainer:
             opt_state = get_optimizer_state_dict(self.net, self.optimizer, options=options)
             return (get_model_state_dict(self.net, options=options),
                     get_model_state_dict(self.ema, options=options),
-                    optimizer_tensors(opt_state, names) if self.dist.is_main else None)  # rank 0's
+                    checkpoint.optimizer_tensors(opt_state, names) if self.dist.is_main else None)  # rank 0's
         return (self.net.state_dict(), self.ema.state_dict(),
-                optimizer_tensors(self.optimizer.state_dict()))
+                checkpoint.optimizer_tensors(self.optimizer.state_dict()))
 
     def _last_checkpoint_text(self) -> str:
-        found = checkpoints(self.run_dir)
+        found = checkpoint.checkpoints(self.run_dir)
         return str(found[-1]) if found else "none yet"
-
-
-def _name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
-def _set_aside(folder: Path) -> Path:
-    """Rename a checkpoint to ``corrupt-step-N`` (``-2``, ``-3`` when taken), kept to look at
-    where neither resume nor sampling picks it; returns the new path."""
-    target, count = folder.with_name(f"corrupt-{folder.name}"), 1
-    while target.exists():
-        count += 1
-        target = folder.with_name(f"corrupt-{folder.name}-{count}")
-    folder.rename(target)
-    return target
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows after ``step`` (a resumed run rewrites them), atomically."""
-    if not path.exists():
-        return
-    with path.open(newline="") as handle:
-        rows = list(csv.reader(handle))
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as handle:
-            csv.writer(handle).writerows(kept)
-
-    checkpoint.atomic_write(path, write)
-
-
-def read_metrics(path) -> list[dict]:
-    with Path(path).open(newline="") as handle:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-
-
-def plot_loss(metrics_path: Path, out: Path) -> None:
-    if not metrics_path.exists():
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    checkpoint.atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
 
 
 def train(experiment: configs.Experiment, run_dir, resume: bool = False, progress: bool = True) -> Path:

@@ -19,7 +19,7 @@ import torch
 from conftest import perturbed_checkpoint
 from refdata import reference_files
 
-from cfkit import checkpoint, plugins, runlock, train
+from cfkit import checkpoint, plugins, runlock, runlog
 from cfkit import config as configs
 from cfkit import data as cfdata
 from cfkit.cli import main
@@ -110,7 +110,7 @@ def test_train_into_a_live_runs_folder_exits_2_naming_its_pid_and_takes_over_a_k
     assert main(train_args(run, shards, "train.max_steps=2")) == 0
     assert f"taking over the lock of a process that ended without releasing it (killed?): pid {first.pid}" \
         in caplog.text
-    assert [row["step"] for row in train.read_metrics(run / "metrics.csv")] == [1, 2]  # its own only
+    assert [row["step"] for row in runlog.read_metrics(run / "metrics.csv")] == [1, 2]  # its own only
 
 
 def test_eval_and_bench_into_a_held_folder_exit_2_naming_the_holder(processes, tmp_path,
@@ -242,9 +242,9 @@ def test_resume_warns_of_a_corrupt_last_checkpoint_and_continues_bitwise_from_th
         assert all(torch.equal(again[key], value) for key, value in before.items())
     kept = run / "checkpoints" / "corrupt-step-0000004"  # set aside, not deleted
     assert (kept / "optimizer.safetensors").stat().st_size < (last / "optimizer.safetensors").stat().st_size
-    assert [p.name for p in train.checkpoints(run)] == ["step-0000002", "step-0000004"]
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["step-0000002", "step-0000004"]
 
-    for folder in train.checkpoints(run):
+    for folder in checkpoint.checkpoints(run):
         truncate(folder / "ema.safetensors")
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
     assert "nothing to resume: every checkpoint in" in error_line(capsys)

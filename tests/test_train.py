@@ -28,7 +28,7 @@ import torch
 from conftest import free_port
 from safetensors.torch import load_file
 
-from cfkit import checkpoint, plugins, train
+from cfkit import checkpoint, plugins, runlog, train
 from cfkit import config as configs
 from cfkit import data as cfdata
 from cfkit.cli import main
@@ -121,7 +121,7 @@ def test_resumed_10_plus_10_steps_equal_20_steps_bitwise(capsys, tmp_path, shard
     run = tmp_path / "run"
     rc, err = cli_train(capsys, str(CONFIG), "--out", str(run), *sets(shards, "train.max_steps=10"))
     assert rc == 0, err
-    assert step_of(train.checkpoints(run)[-1]) == 10
+    assert step_of(checkpoint.checkpoints(run)[-1]) == 10
     rc, err = cli_train(capsys, "--resume", str(run), "--set", "train.max_steps=20")
     assert rc == 0, err
     assert losses(run) == losses(reference)
@@ -166,7 +166,7 @@ def test_non_finite_step_stops_naming_it_and_keeps_the_last_good_checkpoint(
     found = re.search(r"error: (loss|gradient norm) is (nan|inf|-inf) at step (\d+)", err)
     assert found, err
     step = int(found[3])
-    last = train.checkpoints(run)[-1]
+    last = checkpoint.checkpoints(run)[-1]
     assert (last.name, step_of(last)) == (f"step-{step:07d}", step)
     assert f"Last good checkpoint: {last}" in err
     assert all_finite(run, step)
@@ -259,7 +259,7 @@ def workers(launcher: subprocess.Popen) -> dict[int, int]:
 def assert_stopped_with_one_checkpoint(run: Path, world_size: int) -> None:
     """One checkpoint, at the last logged step (no step trained after it), loadable."""
     assert re.search(r"SIGTERM: saved step \d+, exiting", output(run)), output(run)
-    found = train.checkpoints(run)
+    found = checkpoint.checkpoints(run)
     assert len(found) == 1, output(run)
     step = step_of(found[0])
     assert 1 <= step < 1000
@@ -273,10 +273,10 @@ def assert_stopped_with_one_checkpoint(run: Path, world_size: int) -> None:
 def test_sigkilled_run_resumes_onto_the_uninterrupted_curve(capsys, tmp_path, shards, reference):
     run = tmp_path / "run"
     process = start(run, shards)
-    wait_until(lambda: bool(train.checkpoints(run)), process, run)
+    wait_until(lambda: bool(checkpoint.checkpoints(run)), process, run)
     process.send_signal(signal.SIGKILL)
     assert finish(process, run) == -signal.SIGKILL
-    killed_at = step_of(train.checkpoints(run)[-1])
+    killed_at = step_of(checkpoint.checkpoints(run)[-1])
     assert killed_at < 20, "the run finished before it was killed"
     rc, err = cli_train(capsys, "--resume", str(run))
     assert rc == 0, err
@@ -294,7 +294,7 @@ def test_two_processes_with_half_batches_follow_the_one_process_curve(
     assert [s for s, _ in losses(run)] == [s for s, _ in losses(reference)]
     np.testing.assert_allclose([float(v) for _, v in losses(run)],
                                [float(v) for _, v in losses(reference)], rtol=LOSS_RTOL, atol=0)
-    last = train.checkpoints(run)[-1]
+    last = checkpoint.checkpoints(run)[-1]
     assert (last.name, json.loads((last / "state.json").read_text())["world_size"]) == (
         "step-0000020", 2)
     assert max_weight_difference(run, reference, 20) <= WEIGHT_ATOL
@@ -320,7 +320,7 @@ def test_fsdp_resumes_a_one_process_checkpoint_onto_its_curve(tmp_path, shards, 
 def test_run_folder_has_metrics_columns_a_loss_plot_and_the_last_n_checkpoints(reference):
     with (reference / "metrics.csv").open() as handle:
         assert handle.readline().strip() == "step,loss,lr,grad_norm,images_per_s"
-    rows = train.read_metrics(reference / "metrics.csv")
+    rows = runlog.read_metrics(reference / "metrics.csv")
     assert [r["step"] for r in rows] == list(range(1, 21))
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["images_per_s"] > 0
                for r in rows)
@@ -347,7 +347,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_last(
     with pytest.raises(OSError, match="disk full"):
         train.train(experiment, run, progress=False)
     assert not (run / "checkpoints" / "step-0000010").exists()
-    assert [step_of(p) for p in train.checkpoints(run)] == [5]
+    assert [step_of(p) for p in checkpoint.checkpoints(run)] == [5]
     assert checkpoint.resolve(run).name == "step-0000005"  # what `cfkit sample RUN` would load
     monkeypatch.setattr(checkpoint, "write_json", write_json)
     train.train(experiment, run, resume=True, progress=False)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfkit import checkpoint, evaluate, runlock
+from cfkit import checkpoint, distributed, evaluate, runlock
 from cfkit import train as training
 from cfkit.bench import report as reporting
 from cfkit.bench.schema import (
@@ -71,7 +71,7 @@ def run_bench(path, out, overrides=(), progress: bool = True, report_only: bool 
     out = Path(out)
     # Under torchrun every process trains each run (DDP or FSDP as configured); rank 0 alone
     # evaluates and reports while the others wait, for as long as evaluation takes.
-    group = training.Distributed(timeout=datetime.timedelta(days=1))
+    group = distributed.Distributed(timeout=datetime.timedelta(days=1))
     main = group.is_main
     if jobs > 1 and group.world_size > 1:
         group.close()
@@ -105,7 +105,7 @@ def run_bench(path, out, overrides=(), progress: bool = True, report_only: bool 
 
 
 def run_here(bench: Bench, runs: list[Run], keys: list[str], out: Path, progress: bool,
-             group: training.Distributed) -> None:
+             group: distributed.Distributed) -> None:
     """Train and evaluate the runs of ``keys`` in this process (every rank trains, rank 0
     evaluates)."""
     main = group.is_main
@@ -117,7 +117,7 @@ def run_here(bench: Bench, runs: list[Run], keys: list[str], out: Path, progress
         train_run(run, run.folder(out), progress and main, main, str(group.device))
         if main:
             evaluate_run(run, run.folder(out), bench.evaluation, progress, str(group.device))
-        training.barrier()
+        distributed.barrier()
 
 
 def lock_file(shard: tuple[int, int]) -> str:
@@ -185,7 +185,7 @@ def train_run(run: Run, folder: Path, progress: bool, main: bool = True, device:
     0) alone changes files outside the trainer."""
     record = folder / "bench-run.json"
     target = run.experiment.train.max_steps
-    done = training.checkpoints(folder)
+    done = checkpoint.checkpoints(folder)
     if done and int(done[-1].name.split("-")[-1]) >= target and record.exists():
         if main:
             say("  trained already")
@@ -199,7 +199,7 @@ def train_run(run: Run, folder: Path, progress: bool, main: bool = True, device:
             shutil.rmtree(folder)  # an attempt that never reached a checkpoint holds nothing to keep
         shutil.rmtree(folder / "bench-eval", ignore_errors=True)  # of weights about to change
         say(f"  training {target} steps" + (f" from {done[-1].name}" if done else ""))
-    training.barrier()
+    distributed.barrier()
     tick = time.perf_counter()
     training.train(run.experiment, folder, resume=bool(done), progress=progress)
     seconds = round(time.perf_counter() - tick, 1)

@@ -1,0 +1,53 @@
+"""The process group: torchrun's processes (DDP / FSDP) or a single process.
+
+Every process of a torchrun reads ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; rank 0 is the
+main process, which alone writes the files that all processes share.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def barrier():
+    """Wait for every process of the group (nothing to wait for in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class Distributed:
+    """The process group from torchrun's environment (or a single process)."""
+
+    def __init__(self, timeout: datetime.timedelta | None = None):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        # a group made by a caller (cfkit bench around its runs) outlives this object
+        self.owned = self.world_size > 1 and not dist.is_initialized()
+        if self.owned:
+            if cuda:
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        """The mean of ``value`` over the processes."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item() / self.world_size
+
+    def close(self):
+        """Leave the group, if this object made it."""
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from cfkit import plugins
 from cfkit.evaluate import SampleSet
 from cfkit.metrics import dataset_images
-from cfkit.schedules import step_index
+from cfkit.orderings import random_order
+from cfkit.schedules import equal_split, step_index
 from cfkit.transformer import patchify, unpatchify
 
 BASELINES = ("real-train", "independent-pixels", "context-blind-ar")
@@ -97,15 +97,15 @@ def context_blind_ar(train: torch.Tensor, members: ClassMembers, labels: torch.T
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """uint8 images ``(N, C, H, W)``, the AR step of each raster token ``(N, L)`` and the
     train image each step is copied from ``(N, ar_steps)``: the ``patch_size`` token grid
-    split by the ``fixed`` schedule in a ``random`` order, each step a different train image
-    of the class."""
+    split into ``ar_steps`` equal steps in a random order, each step a different train image of
+    the class."""
     channels, height, width = train.shape[1:]
     if height % patch_size or width % patch_size:
         raise ValueError(f"patch_size {patch_size} does not divide the {height}x{width} images")
     grid = (height // patch_size, width // patch_size)
     length = grid[0] * grid[1]
-    order = plugins.build("orderings", "random")(len(labels), grid, generator)  # (N, L)
-    position_step = step_index(plugins.build("schedules", "fixed", steps=ar_steps)(length))
+    order = random_order(len(labels), length, generator)  # (N, L)
+    position_step = step_index(equal_split(length, ar_steps))
     step = torch.empty_like(order).scatter_(1, order, position_step.expand_as(order).contiguous())
     sources = members.draw_distinct(labels, ar_steps, generator)  # (N, S)
     tokens = patchify(train, patch_size)  # (M, L, d)

@@ -37,7 +37,7 @@ def cmd_plugins(args) -> int:
     widths = [max(len(r[i]) for r in rows + [("kind", "name", "plugin", "")]) for i in range(4)]
     for row in [("kind", "name", "plugin", "")] + rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-    if registry.conflicts:
+    if registry.clashing:
         print(f"warning: {registry.conflict_message()}", file=sys.stderr)
     return 0
 
@@ -277,16 +277,25 @@ def _generation_arguments(p: argparse.ArgumentParser) -> None:
 
 def _sampling_arguments(p: argparse.ArgumentParser) -> None:
     """How each AR step is sampled (``cfkit sample``, ``edit`` and ``eval``)."""
-    p.add_argument("--order", default="random", help="a registered ordering (default random)")
+    p.add_argument("--order", help=f"a registered ordering (default {_shown_default('sampling.order')})")
     p.add_argument("--steps", default="250", help="diffusion steps: N, ddimN or a comma list")
     p.add_argument("--split-steps", action="store_true",
                    help="split the --steps across the AR steps instead of --steps per AR step")
     p.add_argument("--cfg", type=float, default=1.0, metavar="SCALE", help="CFG scale (1 = none)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, float("inf")),
                    metavar=("LO", "HI"), help="guide only at network timesteps LO <= t < HI")
-    p.add_argument("--sampler", default="ddpm", help="a registered sampler (default ddpm)")
+    p.add_argument("--sampler", help=f"a registered sampler (default {_shown_default('sampling.sampler')})")
     p.add_argument("--eta", type=float, help="the sampler's eta option (ddim)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _shown_default(key: str) -> str:
+    """The default a plugin sets for ``key``, for help text: never an error, so that help works
+    whatever the plugins do (a clash is reported when a command runs)."""
+    try:
+        return str(plugins.default(key))
+    except (plugins.NoDefaultError, plugins.DuplicateComponentError):
+        return "none: required"
 
 
 def _sampling_options(args, **fields) -> SamplingOptions:

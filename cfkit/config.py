@@ -3,10 +3,13 @@
 A component is written as a table with its registered ``name`` and its options, e.g.
 ``schedule = { name = "exp-decay", gamma = 0.9 }``. Names are checked against the plugin
 registry and options by building the component, so a bad config fails when it is read.
+Defaults that name a component come from the plugins (``register_defaults``), read when a
+config is validated: a key no plugin sets a default for is required.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import tomllib
 from pathlib import Path
@@ -68,6 +71,25 @@ def _component(kind: str, axis: str | None = None, build: bool = True):
     return BeforeValidator(check)
 
 
+def plugin_default(key: str):
+    """A field default read from the plugins (``plugins.default(key)``) when a model is built
+    without the field, never at import."""
+    return Field(default_factory=functools.partial(plugins.default, key))
+
+
+def registered_component(kind: str, key: str) -> Component:
+    """The component of ``kind`` a plugin sets as the default of ``key``, as a name or a table
+    ``{"name": ..., option: value}`` (not validated, like any default)."""
+    value = plugins.default(key)
+    return Component(**{**({"name": value} if isinstance(value, str) else value), "kind": kind})
+
+
+def component_default(kind: str, key: str):
+    """A component field's default: ``registered_component(kind, key)`` when a model is built
+    without the field, never at import."""
+    return Field(default_factory=functools.partial(registered_component, kind, key))
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -75,22 +97,17 @@ class Strict(BaseModel):
 class Factorisation(Strict):
     """How a batch is factorised: AR schedule, token order, loss weights, timesteps."""
 
-    schedule: Annotated[Component, _component("schedules")] = Component(
-        kind="schedules", name="exp-decay", gamma=0.9
-    )
-    ordering: Annotated[Component, _component("orderings")] = Component(
-        kind="orderings", name="random"
-    )
+    schedule: Annotated[Component, _component("schedules")] = component_default(
+        "schedules", "factorisation.schedule")
+    ordering: Annotated[Component, _component("orderings")] = component_default(
+        "orderings", "factorisation.ordering")
     per_sample: bool = False
-    ar_weighting: Annotated[Component, _component("weightings", "ar")] = Component(
-        kind="weightings", name="linear", w_max=2.0, w_min=1.0
-    )
-    diffusion_weighting: Annotated[Component, _component("weightings", "diffusion")] = Component(
-        kind="weightings", name="constant"
-    )
-    timesteps: Annotated[Component, _component("timestep_samplers")] = Component(
-        kind="timestep_samplers", name="shared"
-    )
+    ar_weighting: Annotated[Component, _component("weightings", "ar")] = component_default(
+        "weightings", "factorisation.ar_weighting")
+    diffusion_weighting: Annotated[Component, _component("weightings", "diffusion")] = component_default(
+        "weightings", "factorisation.diffusion_weighting")
+    timesteps: Annotated[Component, _component("timestep_samplers")] = component_default(
+        "timestep_samplers", "factorisation.timesteps")
     copies: int = Field(1, ge=1)
 
     def planner(self):
@@ -105,7 +122,7 @@ class Factorisation(Strict):
 class Diffusion(Strict):
     """The noise axis: β schedule, its length, the prediction target and respacing."""
 
-    beta_schedule: Literal["linear", "cosine"] = "linear"
+    beta_schedule: Literal[diffusion.BETA_SCHEDULES] = "linear"
     num_timesteps: int = Field(1000, ge=2)
     prediction: Literal["eps", "x0", "v"] = "eps"
 
@@ -126,9 +143,8 @@ class Data(Strict):
     dataset: Annotated[Component, _component("datasets", build=False)] | None = None
     shards: str | None = None  # a folder, glob or brace pattern of train shards
     val_shards: str | None = None
-    tokenizer: Annotated[Component, _component("image_tokenizers")] = Component(
-        kind="image_tokenizers", name="pixels"
-    )
+    tokenizer: Annotated[Component, _component("image_tokenizers")] = component_default(
+        "image_tokenizers", "data.tokenizer")
     # captions -> ids, for methods with text (e.g. { name = "bytes" })
     text_tokenizer: Annotated[Component, _component("text_tokenizers")] | None = None
     encoded: bool = False  # shards hold pre-encoded latents (latent caching)
@@ -140,11 +156,12 @@ class Data(Strict):
     @model_validator(mode="after")
     def _check_source(self):
         if self.dataset is None and self.shards is None:
-            raise ValueError("data: give a dataset (e.g. { name = \"digits\" }) or shards")
+            raise ValueError("data: give a dataset ({ name = NAME }, see `cfkit plugins`) or shards")
         return self
 
 
 Beta = Annotated[float, Field(ge=0, lt=1)]  # an Adam moment's decay
+LR_SCHEDULES = ("constant", "cosine")  # the learning rate after the warmup (cfkit.train.lr_factor)
 
 
 class Train(Strict):
@@ -157,7 +174,7 @@ class Train(Strict):
     lr: float | None = Field(None, gt=0)  # absolute; overrides base_lr scaling
     warmup_steps: int = Field(0, ge=0)
     # after the warmup: "constant" (the reference) or "cosine" (a half cosine to 0 at max_steps)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal[LR_SCHEDULES] = "constant"
     betas: tuple[Beta, Beta] = (0.9, 0.95)
     eps: float = Field(1e-15, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -177,20 +194,25 @@ class Train(Strict):
         return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
 
 
+def default_data() -> Data:
+    """The data of an experiment that gives none: the dataset a plugin sets as ``data.dataset``
+    (not validated, like any default)."""
+    return Data.model_construct(dataset=registered_component("datasets", "data.dataset"))
+
+
 class Experiment(Strict):
     """A whole experiment config."""
 
     name: str = "experiment"
     seed: int = 0
-    method: Annotated[Component, _component("methods", build=False)] = Component(
-        kind="methods", name="causalfusion"
-    )
+    method: Annotated[Component, _component("methods", build=False)] = component_default(
+        "methods", "method")
     model: dict[str, Any] = {}
-    factorisation: Factorisation = Factorisation()
-    diffusion: Diffusion = Diffusion()
-    # not validated at import: importing cfkit.config (as `cfkit --help` does) loads no plugin
-    data: Data = Data.model_construct(dataset=Component(kind="datasets", name="digits"))
-    train: Train = Train()
+    # built when an experiment is: importing cfkit.config (as `cfkit --help` does) loads no plugin
+    factorisation: Factorisation = Field(default_factory=Factorisation)
+    diffusion: Diffusion = Field(default_factory=Diffusion)
+    data: Data = Field(default_factory=default_data)
+    train: Train = Field(default_factory=Train)
 
     @model_validator(mode="after")
     def _check_method(self):
@@ -272,6 +294,8 @@ def validate(data: dict, model: type[BaseModel] = Experiment):
         return model.model_validate(data)
     except ValidationError as error:
         raise ConfigError(format_errors(error, model)) from None
+    except plugins.NoDefaultError as error:  # a required key, given no default by any plugin
+        raise ConfigError(str(error)) from None
 
 
 def load(path, overrides: list[str] = (), model: type[BaseModel] = Experiment):

@@ -15,6 +15,7 @@ import torch
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed-large", "fixed-small")
 BETA_SCHEDULES = ("linear", "cosine")
+STRIDED = "ddim"  # ADM's respacing "ddimN": exactly N equally strided steps
 
 
 def beta_schedule(name: str, num_timesteps: int = 1000) -> np.ndarray:
@@ -43,8 +44,8 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
     such as ``"10,15,20"`` (that many evenly spaced steps in each equal section), an int, or a
     list of ints.
     """
-    if isinstance(section_counts, str) and section_counts.startswith("ddim"):
-        desired = int(section_counts[len("ddim"):])
+    if isinstance(section_counts, str) and section_counts.startswith(STRIDED):
+        desired = int(section_counts[len(STRIDED):])
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == desired:
                 return list(range(0, num_timesteps, stride))

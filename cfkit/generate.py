@@ -26,7 +26,7 @@ from cfkit.methods import CAUSAL_GENERATION, TEXT_CONDITIONING, can
 from cfkit.orderings import check_order
 from cfkit.plan import Plan
 from cfkit.samplers import noise_like, respaced
-from cfkit.schedules import check_step_sizes, step_index
+from cfkit.schedules import check_step_sizes, equal_split, step_index
 from cfkit.transformer import CausalTransformer, guide, patchify, unpatchify
 
 KEEP_REGIONS = ("centre", "top", "bottom")
@@ -49,23 +49,28 @@ class SamplingOptions:
     network timesteps ``cfg_interval[0] <= t < cfg_interval[1]``; ``sampler`` a registered
     sampler (built with ``sampler_options``) or an object. A ``Pipeline`` draws with ``seed``
     (batch ``b`` of a sample set with ``seed + b``), ``batch_size`` images at a time.
-    ``cached=False`` recomputes the context at every diffusion step (the KV cache's oracle)."""
+    ``cached=False`` recomputes the context at every diffusion step (the KV cache's oracle).
+    An ``order`` or ``sampler`` not given is the one a plugin sets (``sampling.order``,
+    ``sampling.sampler``), read when the options are built."""
 
     ar_steps: int | None = None
     step_sizes: Any = None
     schedule: Any = None
-    order: Any = "random"
+    order: Any = None
     steps: int | str = 250
     split_steps: bool = False
     cfg: float = 1.0
     cfg_interval: tuple[float, float] = (0.0, math.inf)
-    sampler: Any = "ddpm"
+    sampler: Any = None
     sampler_options: dict = dataclasses.field(default_factory=dict)
     batch_size: int = 250
     seed: int = 0
     cached: bool = True
 
     def __post_init__(self):
+        for name in ("order", "sampler"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, _plugin_default(f"sampling.{name}"))
         for name, least in (("batch_size", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -225,6 +230,14 @@ def reverse_process(predict: Callable, diffusion, sampler, x: torch.Tensor, pred
     return x
 
 
+def _plugin_default(key: str):
+    """The default a plugin sets for ``key`` (``plugins.default``), or a GenerationError."""
+    try:
+        return plugins.default(key)
+    except plugins.NoDefaultError as error:
+        raise GenerationError(str(error)) from None
+
+
 def component(kind: str, spec, **options):
     """A registered component by name (built with ``options``), or ``spec`` itself."""
     if not isinstance(spec, str):
@@ -233,11 +246,6 @@ def component(kind: str, spec, **options):
         return plugins.build(kind, spec, **options)
     except (TypeError, ValueError) as error:
         raise GenerationError(f"{kind} {spec!r} with options {options}: {error}") from None
-
-
-def equal_split(total: int, parts: int) -> torch.Tensor:
-    """``total`` as ``parts`` sizes ``(parts,)`` as equal as possible: the ``fixed`` schedule."""
-    return plugins.build("schedules", "fixed", steps=parts)(total)
 
 
 def check_labels(model: CausalTransformer, labels) -> torch.Tensor:

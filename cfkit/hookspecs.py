@@ -1,8 +1,9 @@
 """The hooks a cfkit plugin implements.
 
 Every component hook is ``register_<kind>(register)`` where ``register(name, factory)`` adds one
-component. ``factory(**options)`` builds the component from its config options. One more hook,
-``register_commands(subparsers)``, adds subcommands to ``cfkit``. Built-in and third-party
+component. ``factory(**options)`` builds the component from its config options. Two more hooks:
+``register_defaults(register)`` sets config defaults, so that the core names no component, and
+``register_commands(subparsers)`` adds subcommands to ``cfkit``. Built-in and third-party
 plugins use exactly these hooks.
 """
 
@@ -79,6 +80,14 @@ def register_metrics(register):
 @hookspec
 def register_feature_networks(register):
     """Image feature networks for FID and its kin (see cfkit.metrics.FeatureNetwork)."""
+
+
+@hookspec
+def register_defaults(register):
+    """Config defaults: ``register(key, value)`` sets the default of the config key path ``key``,
+    e.g. ``register("factorisation.ordering", "random")`` or, for a component with options,
+    ``register("factorisation.schedule", {"name": "exp-decay", "gamma": 0.9})``. A key no plugin
+    sets is required; two plugins setting one key clash (see ``cfkit.plugins.Registry``)."""
 
 
 @hookspec

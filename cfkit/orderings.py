@@ -38,6 +38,12 @@ def check_order(order, batch_size: int, grid: tuple[int, int], name) -> torch.Te
     return result.long()
 
 
+def random_order(batch_size: int, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """An independent uniformly random permutation of ``0..length-1`` per row ``(batch_size,
+    length)``: the argsort of uniform noise, as the reference draws ``ids_shuffle``."""
+    return torch.argsort(torch.rand(batch_size, length, generator=generator), dim=1)
+
+
 def fixed_order(order: torch.Tensor, batch_size: int) -> torch.Tensor:
     """One deterministic order ``(L,)`` repeated for a batch: ``(batch_size, L)``."""
     return order.to(torch.long).unsqueeze(0).expand(batch_size, -1).contiguous()

@@ -1,11 +1,13 @@
-"""Plugin discovery and the component registry.
+"""Plugin discovery, the component registry and the config defaults.
 
 Plugins are modules listed in the ``cfkit`` entry-point group; the built-ins in ``plugins/``
-are listed there by cfkit's own package metadata, so the core never names them.
+are listed there by cfkit's own package metadata, and set the config defaults that name their
+components, so the core never names them.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections.abc import Callable
@@ -27,9 +29,13 @@ class UnknownComponentError(KeyError):
         return str(self.args[0])
 
 
+class NoDefaultError(UnknownComponentError):
+    """A config key that no plugin sets a default for (``register_defaults``): it is required."""
+
+
 class DuplicateComponentError(Exception):
-    """Two plugins registered one name for one kind: an installation problem, so not a
-    ValueError that a config check would report as a bad field."""
+    """Two plugins registered one name for one kind, or set one default: an installation
+    problem, so not a ValueError that a config check would report as a bad field."""
 
 
 @dataclass(frozen=True)
@@ -40,20 +46,36 @@ class Component:
     provider: str
 
 
+@dataclass(frozen=True)
+class Default:
+    """The default ``value`` of the config key path ``key`` (e.g. ``"sampling.order"``)."""
+
+    key: str
+    value: Any
+    provider: str
+
+
 class Registry:
-    """Every registered component, by kind and name. A name registered again (``conflicts``:
-    the later registrations, unused) is a DuplicateComponentError unless ``allow_conflicts``."""
+    """Every registered component, by kind and name, and every config default, by key. A name
+    registered again or a key set again (``conflicts``, ``default_conflicts``: the later ones,
+    unused) is a DuplicateComponentError unless ``allow_conflicts``."""
 
     def __init__(self, manager: pluggy.PluginManager, allow_conflicts: bool = False):
         self.manager = manager
         self._components: dict[str, dict[str, Component]] = {kind: {} for kind in hookspecs.KINDS}
+        self._defaults: dict[str, Default] = {}
         self.conflicts: list[Component] = []
+        self.default_conflicts: list[Default] = []
         for kind in hookspecs.KINDS:
-            hook = getattr(manager.hook, f"register_{kind}")
-            for impl in hook.get_hookimpls():  # registration order
-                impl.function(register=functools.partial(self._add, kind, impl.plugin_name))
+            self._collect(f"register_{kind}", functools.partial(self._add, kind))
+        self._collect("register_defaults", self._set_default)
         if not allow_conflicts:
             self.check_conflicts()
+
+    def _collect(self, hook: str, add: Callable[..., None]) -> None:
+        """Call every plugin's ``hook`` with a ``register`` that passes its plugin name to ``add``."""
+        for impl in getattr(self.manager.hook, hook).get_hookimpls():  # registration order
+            impl.function(register=functools.partial(add, impl.plugin_name))
 
     def _add(self, kind: str, provider: str, name: str, factory: Callable[..., Any]) -> None:
         known = self._components[kind]
@@ -62,22 +84,52 @@ class Registry:
         else:
             known[name] = Component(kind, name, factory, provider)
 
+    def _set_default(self, provider: str, key: str, value: Any) -> None:
+        if key in self._defaults:
+            self.default_conflicts.append(Default(key, value, provider))
+        else:
+            self._defaults[key] = Default(key, value, provider)
+
+    @property
+    def clashing(self) -> bool:
+        """Whether two plugins register one name or set one default."""
+        return bool(self.conflicts or self.default_conflicts)
+
     def check_conflicts(self) -> None:
         """A DuplicateComponentError (``conflict_message``) when two plugins clash."""
-        if self.conflicts:
+        if self.clashing:
             raise DuplicateComponentError(self.conflict_message())
 
     def conflict_message(self) -> str:
-        """One line: the first clash, its two plugins and the fix."""
-        later = self.conflicts[0]
-        first = self._components[later.kind][later.name]
+        """One line: the first clash (of a component, else of a default), its two plugins and
+        the fix."""
+        if self.conflicts:
+            later = self.conflicts[0]
+            first = self._components[later.kind][later.name]
+            what, rename = f"{later.kind} name {later.name!r}", "rename the component in one of them"
+        else:
+            later = self.default_conflicts[0]
+            first = self._defaults[later.key]
+            what, rename = f"the default of {later.key!r}", "drop the default from one of them"
         dists = sorted({p.split(":")[0] for p in (first.provider, later.provider) if ":" in p} - {"cfkit"})
         fix = f"pip uninstall {' or '.join(dists)}" if dists else "remove one of the two plugins"
-        more = len(self.conflicts) - 1
-        return (f"{later.kind} name {later.name!r} is registered twice: by {first.provider!r} and "
-                f"by {later.provider!r}; {fix}, or rename the component in one of them"
+        more = len(self.conflicts) + len(self.default_conflicts) - 1
+        return (f"{what} is registered twice: by {first.provider!r} and "
+                f"by {later.provider!r}; {fix}, or {rename}"
                 + (f" ({more} more clash{'es' if more > 1 else ''})" if more else "")
                 + "; `cfkit plugins` lists every component")
+
+    def default(self, key: str) -> Any:
+        """The default a plugin sets for the config key path ``key`` (a copy, free to change);
+        a NoDefaultError, naming the key, when none does."""
+        if key not in self._defaults:
+            raise NoDefaultError(f"{key}: required, as no installed plugin sets a default for it "
+                                 "(register_defaults); give a value")
+        return copy.deepcopy(self._defaults[key].value)
+
+    def defaults(self) -> list[Default]:
+        """Every config default, in registration order."""
+        return list(self._defaults.values())
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._kind(kind))
@@ -209,6 +261,12 @@ def _installed() -> Registry:
 def build(kind: str, name: str, **options: Any) -> Any:
     """Shorthand for ``registry().build(kind, name, **options)``."""
     return registry().build(kind, name, **options)
+
+
+def default(key: str) -> Any:
+    """Shorthand for ``registry().default(key)``: the default a plugin sets for a config key
+    path, read when a config or an options object is built, never at import."""
+    return registry().default(key)
 
 
 def add_commands(subparsers) -> None:

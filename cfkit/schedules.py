@@ -27,6 +27,15 @@ def check_step_sizes(sizes, num_tokens: int) -> torch.Tensor:
     return sizes
 
 
+def equal_split(total: int, parts: int) -> torch.Tensor:
+    """``total`` as ``parts`` sizes ``(parts,)`` as equal as possible, the larger ones first;
+    a ValueError unless ``1 <= parts <= total``."""
+    if not 1 <= parts <= total:
+        raise ValueError(f"{parts} steps cannot split L={total} tokens")
+    base, extra = divmod(total, parts)
+    return base + (torch.arange(parts) < extra).long()
+
+
 def sizes_from_cuts(cuts: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Step sizes from sorted interior cut points in ``1..num_tokens-1``."""
     bounds = torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.tensor([num_tokens])])

@@ -129,3 +129,15 @@ incontext_dit.capabilities = CausalFusion.capabilities
 def register_methods(register):
     register("causalfusion", CausalFusion)
     register("incontext-dit", incontext_dit)
+
+
+@hookimpl
+def register_defaults(register):
+    """CausalFusion and the paper's factorisation: S ~ exp-decay (γ 0.9) in a random order, AR
+    loss weights linear from 2 to 1, constant along the diffusion axis, t shared by the steps."""
+    register("method", "causalfusion")
+    register("factorisation.schedule", {"name": "exp-decay", "gamma": 0.9})
+    register("factorisation.ordering", "random")
+    register("factorisation.ar_weighting", {"name": "linear", "w_max": 2.0, "w_min": 1.0})
+    register("factorisation.diffusion_weighting", "constant")
+    register("factorisation.timesteps", "shared")

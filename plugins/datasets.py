@@ -244,3 +244,9 @@ def register_datasets(register):
     register("digits", Digits)
     register("shapes", Shapes)
     register("imagefolder", ImageFolder)
+
+
+@hookimpl
+def register_defaults(register):
+    """The quickest demo's dataset, for an experiment that gives no data."""
+    register("data.dataset", "digits")

@@ -617,3 +617,9 @@ def register_metrics(register):
     register("heldout-loss", HeldOutLoss)
     register("clip-score", ClipScore)
     register("cider", CiderD)
+
+
+@hookimpl
+def register_defaults(register):
+    """A bench evaluates FID and the class accuracy of a classifier on its samples."""
+    register("evaluation.metrics", ["fid", "class-accuracy"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cfkit import hookimpl
-from cfkit.orderings import check_grid, fixed_order
+from cfkit.orderings import check_grid, fixed_order, random_order
 
 
 class Raster:
@@ -21,9 +21,7 @@ class Random:
 
     def __call__(self, batch_size, grid, generator=None):
         h, w = check_grid(grid)
-        # argsort of uniform noise, as the reference draws ids_shuffle.
-        noise = torch.rand(batch_size, h * w, generator=generator)
-        return torch.argsort(noise, dim=1)
+        return random_order(batch_size, h * w, generator)
 
 
 class BlockRaster:
@@ -72,3 +70,9 @@ def register_orderings(register):
     register("random", Random)
     register("block-raster", BlockRaster)
     register("dilated", Dilated)
+
+
+@hookimpl
+def register_defaults(register):
+    """Generation goes in a random order (``cfkit sample``, the bench), as training does."""
+    register("sampling.order", "random")

@@ -41,3 +41,9 @@ class DDIM:
 def register_samplers(register):
     register("ddpm", DDPM)
     register("ddim", DDIM)
+
+
+@hookimpl
+def register_defaults(register):
+    """Generation samples with DDPM, the reference sampler (``cfkit sample``, the bench)."""
+    register("sampling.sampler", "ddpm")

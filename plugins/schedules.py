@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cfkit import hookimpl
-from cfkit.schedules import check_step_sizes, random_cuts, sizes_from_cuts
+from cfkit.schedules import check_step_sizes, equal_split, random_cuts, sizes_from_cuts
 
 
 class Fixed:
@@ -19,8 +19,7 @@ class Fixed:
     def __call__(self, num_tokens, generator=None):
         if self.steps > num_tokens:
             raise ValueError(f"fixed: {self.steps} steps cannot split L={num_tokens} tokens")
-        base, extra = divmod(num_tokens, self.steps)
-        return base + (torch.arange(self.steps) < extra).long()
+        return equal_split(num_tokens, self.steps)
 
 
 class ExpDecay:

@@ -27,3 +27,9 @@ class Pixels:
 @hookimpl
 def register_image_tokenizers(register):
     register("pixels", Pixels)
+
+
+@hookimpl
+def register_defaults(register):
+    """Images are their own tokens unless a config names a tokenizer."""
+    register("data.tokenizer", "pixels")

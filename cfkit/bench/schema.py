@@ -94,19 +94,20 @@ class Evaluation(configs.Strict):
     variance = "fixed-small" }``). ``baseline_ar_steps``: the number of AR steps of the
     context-blind-ar baseline at every S_eval (at S_eval 1 it would copy one real image).
     ``figure4_steps``: the S_eval whose held-out loss per AR step figure 4 plots
-    (default: the largest)."""
+    (default: the largest). ``metrics``, ``sampler`` and ``order`` default to those the plugins
+    set (``evaluation.metrics``, ``sampling.sampler``, ``sampling.order``)."""
 
-    metrics: list[str] = ["fid", "class-accuracy"]
+    metrics: list[str] = configs.plugin_default("evaluation.metrics")
     num: int = Field(500, ge=2)
     ar_steps: list[int] = Field([1], min_length=1)
     model_ar_steps: list[int] | None = Field(None, min_length=1)
-    sampler: Annotated[configs.Component, configs._component("samplers")] = configs.Component(
-        kind="samplers", name="ddpm")
+    sampler: Annotated[configs.Component, configs._component("samplers")] = configs.component_default(
+        "samplers", "sampling.sampler")
     baseline_ar_steps: int = Field(8, ge=1)
     cfg: list[float] = Field([1.0], min_length=1)
     steps: int | str = 50
     split_steps: bool = False
-    order: str = "random"
+    order: str = configs.plugin_default("sampling.order")
     seed: int = 0
     features: str | None = None
     reference_split: Literal["train", "val"] = "val"
@@ -164,7 +165,7 @@ class Bench(configs.Strict):
     base: str  # the experiment TOML every run starts from, relative to the bench file
     set: list[str] = []
     seeds: list[int] = Field([0], min_length=1)
-    evaluation: Evaluation = Evaluation()
+    evaluation: Evaluation = Field(default_factory=Evaluation)
     grids: list[Grid] = Field(min_length=1)
 
 

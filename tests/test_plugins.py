@@ -352,10 +352,11 @@ def test_a_default_is_a_copy_free_to_change():
 
 
 def test_a_plugin_default_reaches_the_config_and_the_sampling_options(monkeypatch):
+    from cfkit_plugins import orderings, schedules, timestep_samplers, weightings
+
     from cfkit import config
     from cfkit import plugins as cfplugins
     from cfkit.generate import SamplingOptions
-    from cfkit_plugins import orderings, schedules, timestep_samplers, weightings
 
     built_ins = (orderings, schedules, weightings, timestep_samplers)
     only = bare_registry(*map(components_of, built_ins), RasterDefaults)

@@ -1,7 +1,8 @@
 """The hooks a cfkit plugin implements.
 
 Every component hook is ``register_<kind>(register)`` where ``register(name, factory)`` adds one
-component. ``factory(**options)`` builds the component from its config options. One more hook,
+component. ``factory(**options)`` builds the component from its config options (a checkpoint
+converter is the exception: it is the conversion itself, see ``register_converters``). One more hook,
 ``register_commands(subparsers)``, adds subcommands to ``cfkit``. Built-in and third-party
 plugins use exactly these hooks.
 """
@@ -23,6 +24,8 @@ KINDS = (
     "datasets",
     "metrics",
     "feature_networks",
+    "paper_tables",
+    "converters",
 )
 
 
@@ -79,6 +82,20 @@ def register_metrics(register):
 @hookspec
 def register_feature_networks(register):
     """Image feature networks for FID and its kin (see cfkit.metrics.FeatureNetwork)."""
+
+
+@hookspec
+def register_paper_tables(register):
+    """The paper's tables that ``cfkit bench`` reports beside its own (a grid's ``table``):
+    ``register(KEY, factory)`` where ``factory()`` returns a ``cfkit.paper.PaperTable``."""
+
+
+@hookspec
+def register_converters(register):
+    """Checkpoint converters (``cfkit convert SOURCE PATH --out DIR``): ``register(SOURCE,
+    convert)`` where ``convert(path, out, kwargs)`` writes a cfkit checkpoint folder ``out``
+    from the checkpoint file ``path`` (``kwargs``: constructor kwargs the file lacks, or None)
+    and returns the folder."""
 
 
 @hookspec

@@ -120,7 +120,8 @@ def cmd_plan(args) -> int:
 def add_convert_command(sub) -> None:
     """``cfkit convert``: its arguments, beside its function."""
     p = sub.add_parser("convert", help="import a checkpoint from another implementation")
-    p.add_argument("source", choices=["official"], help="official: the reference trainer's .pt")
+    p.add_argument("source", help="where the checkpoint comes from: a converter a plugin registers "
+                   "(`cfkit plugins` lists them), e.g. official: the reference trainer's .pt")
     p.add_argument("path")
     p.add_argument("--out", required=True, help="cfkit checkpoint folder to write")
     p.add_argument("--kwargs", help="JSON of the official constructor kwargs (default: the "
@@ -143,7 +144,7 @@ def cmd_convert(args) -> int:
             kwargs["patch_size"] = args.patch_size
         if args.latent_channels is not None:
             kwargs["latent_channels"] = args.latent_channels
-    out = convert.convert_official(args.path, args.out, kwargs)
+    out = convert.converter(args.source)(args.path, args.out, kwargs)
     print(f"wrote {out}")
     return 0
 
@@ -456,7 +457,8 @@ def add_eval_command(sub) -> None:
     p.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE",
                    help="a metric's option, e.g. probe.t=100 or precision-recall.k=5")
     p.add_argument("--features", metavar="NAME",
-                   help="feature network (default: <dataset>-cnn when registered, else inception)")
+                   help="feature network (default: the dataset's own classifier when a plugin declares "
+                   "one, e.g. digits-cnn, else the declared default, e.g. inception)")
     p.add_argument("--feature-option", action="append", default=[], metavar="KEY=VALUE",
                    help="feature network option, e.g. weights=pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--reference-split", default="train", choices=["train", "val"],
@@ -500,8 +502,8 @@ def add_fid_command(sub) -> None:
     p = sub.add_parser("fid", help="FID between two folders of images or .npz files")
     p.add_argument("path_a", help="a folder of images, an .npz of arr_0 images or of mu/sigma")
     p.add_argument("path_b", help="the same; with --save-stats, the .npz to write")
-    p.add_argument("--features", default="inception",
-                   help="feature network (default inception: needs its weights, see README)")
+    p.add_argument("--features", help="feature network (default: the one a plugin declares the "
+                   "default; the built-in inception needs its weights, see README)")
     p.add_argument("--feature-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--save-stats", action="store_true",
                    help="write the statistics of PATH_A to PATH_B (mu, sigma) instead")
@@ -514,36 +516,17 @@ def add_fid_command(sub) -> None:
 
 def cmd_fid(args) -> int:
     from cfkit import evaluate
+    from cfkit.metrics import default_feature_network
 
-    options = dict(features=args.features, feature_options=_options(args.feature_option),
+    features = default_feature_network() if args.features is None else args.features
+    options = dict(features=features, feature_options=_options(args.feature_option),
                    batch_size=args.batch_size, show_progress=not args.no_progress, device=args.device)
     if args.save_stats:
         statistics = evaluate.save_statistics(args.path_a, args.path_b, **options)
-        print(f"wrote {args.path_b}: statistics of {statistics.num} images ({args.features})")
+        print(f"wrote {args.path_b}: statistics of {statistics.num} images ({features})")
         return 0
     result = evaluate.fid_between(args.path_a, args.path_b, **options)
     print(json.dumps(result) if args.json else f"{result['name']}: {result['value']:.4f}")
-    return 0
-
-
-def add_cider_command(sub) -> None:
-    """``cfkit cider``: its arguments, beside its function."""
-    p = sub.add_parser("cider", help="CIDEr-D of COCO caption results against COCO annotations")
-    p.add_argument("predictions", help="COCO results JSON: [{image_id, caption}, ...]")
-    p.add_argument("references", help="COCO captions JSON: {annotations: [{image_id, caption}, ...]}")
-    p.add_argument("--tokenizer", default="auto", choices=["auto", "ptb", "simple"],
-                   help="ptb: pycocoevalcap's (java); simple: its pure-Python approximation; "
-                   "auto: ptb when java is present")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=cmd_cider)
-
-
-def cmd_cider(args) -> int:
-    from cfkit import evaluate
-
-    result = evaluate.cider(args.predictions, args.references, args.tokenizer)
-    print(json.dumps(result) if args.json else
-          f"{result['name']}: {result['value']:.2f} over {result['images']} images")
     return 0
 
 
@@ -564,8 +547,7 @@ def parser() -> argparse.ArgumentParser:
                 add_caption_command,
                 add_eval_command,
                 add_bench_command,
-                add_fid_command,
-                add_cider_command):
+                add_fid_command):
         add(sub)
     plugins.add_commands(sub)
     return root

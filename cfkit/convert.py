@@ -1,4 +1,6 @@
-"""Import of official CausalFusion checkpoints (the reference trainer's ``.pt`` layout).
+"""Import of official CausalFusion checkpoints (the reference trainer's ``.pt`` layout), and
+the lookup of the checkpoint converters plugins register (``register_converters``): the
+causalfusion plugin registers the one for this layout, ``official``.
 
 The file is read with ``torch.load(weights_only=True)``; the only non-tensor type allowed is
 ``argparse.Namespace`` (the trainer's ``args``), so a file carrying any other pickled object
@@ -11,10 +13,12 @@ import argparse
 import math
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from cfkit import plugins
 from cfkit.checkpoint import CheckpointError, check_fits, read_json
 from cfkit.transformer import PRESETS, CausalTransformer, TransformerConfig, sincos_pos_embed
 
@@ -34,6 +38,8 @@ KEY_MAP = [
     (r"final_layer\.1\.(weight|bias)", r"final_layer.linear.\1"),
 ]
 
+# The converter source of the reference trainer's checkpoints: the layout this module reads.
+OFFICIAL = "official"
 # The reference's model names -> cfkit presets (they fix patch size and latent channels).
 OFFICIAL_MODELS = {"CausalFusion-L", "CausalFusion-XL", "CausalFusion-H"}
 
@@ -148,16 +154,28 @@ def load_official(path, kwargs: dict | None = None, prefer_ema: bool = True):
     return model.eval(), config
 
 
-def convert_official(path, out, kwargs: dict | None = None) -> Path:
-    """Write a cfkit checkpoint folder from an official checkpoint; returns the folder."""
+def save_converted(path, out, method: str, model: CausalTransformer, config: TransformerConfig,
+                   source: str) -> Path:
+    """Write ``model`` (of ``config``, read from the file ``path``) as a cfkit checkpoint folder
+    ``out`` of the training method ``method``; ``source`` names the converter; returns ``out``."""
     from dataclasses import asdict
 
     from cfkit import checkpoint
     from cfkit import config as configs
 
-    model, config = load_official(path, kwargs)
-    options = asdict(config)
     experiment = configs.validate({
-        "name": Path(path).stem, "method": {"name": "causalfusion"}, "model": options,
+        "name": Path(path).stem, "method": {"name": method}, "model": asdict(config),
     })
-    return checkpoint.save(out, experiment, model, extra={"source": f"official:{Path(path).name}"})
+    return checkpoint.save(out, experiment, model, extra={"source": f"{source}:{Path(path).name}"})
+
+
+def converter(source: str) -> Callable[[Path | str, Path | str, dict | None], Path]:
+    """The converter a plugin registers for checkpoints from ``source``
+    (``register_converters``); an UnknownComponentError lists the known sources."""
+    return plugins.registry().component("converters", source).factory
+
+
+def convert_official(path, out, kwargs: dict | None = None) -> Path:
+    """Write a cfkit checkpoint folder from an official checkpoint (the reference trainer's
+    layout, read by ``load_official``) with the converter registered for it; returns the folder."""
+    return converter(OFFICIAL)(path, out, kwargs)

@@ -1,4 +1,4 @@
-"""The evaluation harness behind ``cfkit eval``, ``cfkit fid`` and ``cfkit cider``.
+"""The evaluation harness behind ``cfkit eval`` and ``cfkit fid``.
 
 ``evaluate`` loads a run or checkpoint, samples ``num`` class-balanced images (a text-to-image
 checkpoint: one image per held-out caption, the first caption of each validation image) for
@@ -10,8 +10,8 @@ e.g. CIDEr, on greedy captions of ``num`` validation images) and returns a repor
 elsewhere (``cfkit.baselines``) the same way, with a context that has no model. Sample
 and reference features are extracted once and shared by the metrics; reference features are
 cached per dataset, split and feature network. The feature network defaults to the
-classifier ``<dataset>-cnn`` when one is registered for the run's dataset (built with the
-dataset's options), else ``inception``.
+dataset's own classifier when a plugin declares one (built with the dataset's options), else
+to the one declared the default (``cfkit.metrics.default_feature_network``).
 """
 
 from __future__ import annotations
@@ -38,12 +38,11 @@ from cfkit.metrics import (
     Statistics,
     cached_features,
     dataset_images,
+    default_feature_network,
     extract,
     frechet_distance,
     is_statistics_file,
-    paired_captions,
-    read_caption_annotations,
-    read_caption_results,
+    own_classifier,
     read_images,
 )
 from cfkit.tokenizers import from_uint8, to_uint8
@@ -127,11 +126,13 @@ class EvalContext:
 
     @functools.cached_property
     def network(self):
-        name, options = self.feature_name, dict(self.feature_options)
-        own = f"{self.dataset_name}-cnn"
+        """The feature network (default: the one declared for the dataset); the dataset's own
+        classifier is built with the dataset's options."""
+        name = self.feature_name
         if name is None:
-            name = own if own in plugins.registry().names("feature_networks") else "inception"
-        if name == own:
+            name = default_feature_network(self.dataset_name)
+        options = dict(self.feature_options)
+        if own_classifier(name) == self.dataset_name:
             options = {**self.dataset_spec.options, **options}
         return plugins.build("feature_networks", name, **options).to(self.device)
 
@@ -473,7 +474,13 @@ def _number(value) -> str:
     return "-" if value is None else value if isinstance(value, str) else f"{value:.4g}"
 
 
-# -- cfkit fid / cfkit cider -----------------------------------------------------------------
+# -- cfkit fid -------------------------------------------------------------------------------
+def feature_network(features: str | None, feature_options: dict | None, device: str):
+    """The feature network ``features`` (default: the one declared the default) on ``device``."""
+    name = default_feature_network() if features is None else features
+    return plugins.build("feature_networks", name, **dict(feature_options or {})).to(device)
+
+
 def set_statistics(path, network, batch_size: int = 250, show_progress: bool = True):
     """``(Statistics, description)`` of a folder of images, an image ``.npz`` or a statistics
     ``.npz`` (``mu``, ``sigma``: must come from ``network``); images are checked by it."""
@@ -492,10 +499,11 @@ def set_statistics(path, network, batch_size: int = 250, show_progress: bool = T
     return Statistics.of(extract(network, images, batch_size, bar).features), tuple(images.shape)
 
 
-def fid_between(path_a, path_b, features: str = "inception", feature_options: dict | None = None,
+def fid_between(path_a, path_b, features: str | None = None, feature_options: dict | None = None,
                 batch_size: int = 250, show_progress: bool = True, device: str = "cpu") -> dict:
-    """FID between two sets (folders of images, image or statistics ``.npz`` files)."""
-    network = plugins.build("feature_networks", features, **dict(feature_options or {})).to(device)
+    """FID between two sets (folders of images, image or statistics ``.npz`` files) on the
+    feature network ``features`` (default: the one declared the default)."""
+    network = feature_network(features, feature_options, device)
     a, shape_a = set_statistics(path_a, network, batch_size, show_progress)
     b, shape_b = set_statistics(path_b, network, batch_size, show_progress)
     if isinstance(shape_a, tuple) and isinstance(shape_b, tuple) and shape_a[1:] != shape_b[1:]:
@@ -505,20 +513,11 @@ def fid_between(path_a, path_b, features: str = "inception", feature_options: di
             "feature_network": network.identity(), "num": [a.num, b.num]}
 
 
-def save_statistics(path, out, features: str = "inception", feature_options: dict | None = None,
+def save_statistics(path, out, features: str | None = None, feature_options: dict | None = None,
                     batch_size: int = 250, show_progress: bool = True, device: str = "cpu") -> Statistics:
     """Write the statistics of a set as ``out`` (``mu``, ``sigma``, pytorch-fid's keys)."""
-    network = plugins.build("feature_networks", features, **dict(feature_options or {})).to(device)
+    network = feature_network(features, feature_options, device)
     statistics, _ = set_statistics(path, network, batch_size, show_progress)
     statistics.save(out, feature_network=network.name,
                     feature_identity=json.dumps(network.identity(), sort_keys=True))
     return statistics
-
-
-def cider(predictions_path, references_path, tokenizer: str = "auto") -> dict:
-    """CIDEr-D of COCO caption results against COCO caption annotations."""
-    metric = plugins.build("metrics", "cider", tokenizer=tokenizer)
-    predictions, references = paired_captions(read_caption_results(predictions_path),
-                                              read_caption_annotations(references_path))
-    (name, value), = metric.score(predictions, references).items()
-    return {"name": name, "value": value, "images": len(predictions)}

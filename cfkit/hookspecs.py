@@ -1,9 +1,10 @@
 """The hooks a cfkit plugin implements.
 
 Every component hook is ``register_<kind>(register)`` where ``register(name, factory)`` adds one
-component. ``factory(**options)`` builds the component from its config options. Two more hooks:
-``register_defaults(register)`` sets config defaults, so that the core names no component, and
-``register_commands(subparsers)`` adds subcommands to ``cfkit``. Built-in and third-party
+component. ``factory(**options)`` builds the component from its config options (a checkpoint
+converter is the exception: it is the conversion itself, see ``register_converters``). Two
+more hooks: ``register_defaults(register)`` sets config defaults, so that the core names no
+component, and ``register_commands(subparsers)`` adds subcommands to ``cfkit``. Built-in and third-party
 plugins use exactly these hooks.
 """
 
@@ -24,6 +25,8 @@ KINDS = (
     "datasets",
     "metrics",
     "feature_networks",
+    "paper_tables",
+    "converters",
 )
 
 
@@ -88,6 +91,20 @@ def register_defaults(register):
     e.g. ``register("factorisation.ordering", "random")`` or, for a component with options,
     ``register("factorisation.schedule", {"name": "exp-decay", "gamma": 0.9})``. A key no plugin
     sets is required; two plugins setting one key clash (see ``cfkit.plugins.Registry``)."""
+
+
+@hookspec
+def register_paper_tables(register):
+    """The paper's tables that ``cfkit bench`` reports beside its own (a grid's ``table``):
+    ``register(KEY, factory)`` where ``factory()`` returns a ``cfkit.paper.PaperTable``."""
+
+
+@hookspec
+def register_converters(register):
+    """Checkpoint converters (``cfkit convert SOURCE PATH --out DIR``): ``register(SOURCE,
+    convert)`` where ``convert(path, out, kwargs)`` writes a cfkit checkpoint folder ``out``
+    from the checkpoint file ``path`` (``kwargs``: constructor kwargs the file lacks, or None)
+    and returns the folder."""
 
 
 @hookspec

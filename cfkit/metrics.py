@@ -22,7 +22,12 @@ set; ``"model"``: once per evaluation, or once per S_eval as ``metric(context, a
 when it declares ``per_ar_steps = True``; ``"captions"``: scores captions with ``score``),
 ``better`` (``"lower"`` or ``"higher"``: which values are better) and ``__call__(context,
 samples=None) -> {label: value}`` (see ``cfkit.evaluate``). A metric that does not apply
-raises ``MetricSkipped`` with the reason, which reports record.
+raises ``MetricSkipped`` with the reason, which reports record. One metric may declare
+``headline = True``: the headline of an image table (``headline_metric``).
+
+A feature network factory may declare ``classifier_of = DATASET``: it is that dataset's own classifier,
+the default feature network of its evaluations (built with the dataset's options); one may
+declare ``default = True``: the feature network of any other images (``default_feature_network``).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cfkit import checkpoint
+from cfkit import checkpoint, plugins
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 NEEDS = ("samples", "model", "captions")
@@ -92,6 +97,39 @@ class Metric(Protocol):
     better: str  # one of BETTER
 
     def __call__(self, context, samples=None) -> dict[str, float]: ...
+
+
+def declaring(kind: str, attribute: str, value) -> list[str]:
+    """The names of the ``kind`` components whose factory declares ``attribute = value``."""
+    registry = plugins.registry()
+    return [name for name in registry.names(kind)
+            if getattr(registry.component(kind, name).factory, attribute, None) == value]
+
+
+def headline_metric() -> str | None:
+    """The metric a plugin declares the headline of image tables (``headline = True``): the one
+    a trained row must beat the baselines on and that the bench plots against S_eval; the
+    first by name when several do, None when none does."""
+    return next(iter(declaring("metrics", "headline", True)), None)
+
+
+def default_feature_network(dataset: str | None = None) -> str:
+    """The feature network for images of ``dataset`` when none is given: the dataset's own
+    classifier (a network declaring ``classifier_of``), else the one declared ``default`` (the first
+    by name); an UnknownComponentError when no plugin declares one."""
+    own = declaring("feature_networks", "classifier_of", dataset) if dataset is not None else []
+    found = own or declaring("feature_networks", "default", True)
+    if not found:
+        known = ", ".join(plugins.registry().names("feature_networks")) or "(none)"
+        raise plugins.UnknownComponentError(
+            f"no feature network declares itself the default; give one of: {known}")
+    return found[0]
+
+
+def own_classifier(network: str) -> str | None:
+    """The dataset whose own classifier the feature network ``network`` is, if any."""
+    factory = plugins.registry().component("feature_networks", network).factory
+    return getattr(factory, "classifier_of", None)
 
 
 # -- images ---------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """CausalFusion and In-context DiT: the dual-factorised diffusion loss on the causal
-transformer. In-context DiT is the S = 1 case of the same code, set by configuration."""
+transformer. In-context DiT is the S = 1 case of the same code, set by configuration. The
+plugin also brings the paper's tables (``cfkit_plugins.paper``) and the converter of the
+official CausalFusion checkpoints (``cfkit convert official``)."""
 
 from __future__ import annotations
 
 import torch
+from cfkit_plugins import paper
 
-from cfkit import hookimpl
+from cfkit import convert, hookimpl
 from cfkit.loss import DiffusionLoss, global_randn
 from cfkit.methods import AR_PLANS, NOISE_PREDICTION, SAMPLING, Batch, LossOutput, drop_labels
 from cfkit.plan import Plan
@@ -141,3 +144,21 @@ def register_defaults(register):
     register("factorisation.ar_weighting", {"name": "linear", "w_max": 2.0, "w_min": 1.0})
     register("factorisation.diffusion_weighting", "constant")
     register("factorisation.timesteps", "shared")
+
+
+def official_checkpoint(path, out, kwargs: dict | None = None):
+    """An official CausalFusion checkpoint (the reference trainer's ``.pt``, EMA weights when
+    present) as a cfkit checkpoint folder ``out`` of the causalfusion method."""
+    model, config = convert.load_official(path, kwargs)
+    return convert.save_converted(path, out, "causalfusion", model, config, source=convert.OFFICIAL)
+
+
+@hookimpl
+def register_converters(register):
+    register(convert.OFFICIAL, official_checkpoint)
+
+
+@hookimpl
+def register_paper_tables(register):
+    for key, table in paper.TABLES.items():
+        register(key, paper.constant(table))

@@ -1,11 +1,13 @@
 """Built-in metrics (fid, kid, is, precision-recall, class-accuracy, probe, heldout-loss,
 clip-score, cider) and
 feature networks (mnist-cnn, digits-cnn, shapes-cnn: classifiers cfkit trains on its embedded datasets
-and caches, so that FID works offline; inception: the FID Inception from a local file)."""
+and caches, so that FID works offline; inception: the FID Inception from a local file), and the
+``cfkit cider`` command."""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -39,7 +41,10 @@ from cfkit.metrics import (
     heldout_summary,
     inception_score,
     kernel_inception_distance,
+    paired_captions,
     precision_recall,
+    read_caption_annotations,
+    read_caption_results,
     to_signed,
 )
 
@@ -121,8 +126,6 @@ class DatasetClassifier:
                 "held_out_accuracy": self.held_out_accuracy}
 
     def _load(self) -> dict:
-        import json
-
         from safetensors.torch import load_file
 
         self.model.load_state_dict(load_file(self.folder / "weights.safetensors"))
@@ -185,6 +188,14 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     return padded[..., dy:dy + h, dx:dx + w]
 
 
+def dataset_classifier(dataset: str):
+    """The factory of ``dataset``'s own classifier, declared as such (``classifier_of``): the
+    default feature network of that dataset's evaluations."""
+    factory = functools.partial(DatasetClassifier, dataset)
+    factory.classifier_of = dataset
+    return factory
+
+
 class Inception:
     """The FID Inception v3 (pool3 features, 2048; unbiased logits, 1008) from a local weights
     file: the option ``weights`` or ``$CFKIT_INCEPTION_WEIGHTS`` (``.pth`` read with
@@ -192,6 +203,7 @@ class Inception:
     uint8 images of any size, grey (repeated to RGB) or RGB; resizes them to 299x299."""
 
     name, num_features, classes = "inception", 2048, None
+    default = True  # the feature network of images without their own classifier
 
     def __init__(self, weights: str | None = None):
         from cfkit_plugins.inception import NUM_LOGITS, FIDInceptionV3
@@ -266,6 +278,7 @@ class Fid:
     """FID of the samples against the dataset's reference features (see cfkit.metrics)."""
 
     needs, better = "samples", "lower"
+    headline = True  # of an image table: plotted against S_eval, the baselines' yardstick
 
     def __call__(self, context, samples=None) -> dict[str, float]:
         real = Statistics.of(context.reference().features)
@@ -598,11 +611,39 @@ def simple_tokenize(text: str) -> list[str]:
     return [PTB_BRACKETS.get(t, t) for t in tokens if t not in dropped]
 
 
+# -- cfkit cider ----------------------------------------------------------------------------
+def cider(predictions_path, references_path, tokenizer: str = "auto") -> dict:
+    """CIDEr-D of COCO caption results against COCO caption annotations."""
+    predictions, references = paired_captions(read_caption_results(predictions_path),
+                                              read_caption_annotations(references_path))
+    (name, value), = CiderD(tokenizer=tokenizer).score(predictions, references).items()
+    return {"name": name, "value": value, "images": len(predictions)}
+
+
+def cmd_cider(args) -> int:
+    result = cider(args.predictions, args.references, args.tokenizer)
+    print(json.dumps(result) if args.json else
+          f"{result['name']}: {result['value']:.2f} over {result['images']} images")
+    return 0
+
+
+@hookimpl
+def register_commands(subparsers):
+    """``cfkit cider``: its arguments, beside its function."""
+    p = subparsers.add_parser("cider", help="CIDEr-D of COCO caption results against COCO annotations")
+    p.add_argument("predictions", help="COCO results JSON: [{image_id, caption}, ...]")
+    p.add_argument("references", help="COCO captions JSON: {annotations: [{image_id, caption}, ...]}")
+    p.add_argument("--tokenizer", default="auto", choices=["auto", "ptb", "simple"],
+                   help="ptb: pycocoevalcap's (java); simple: its pure-Python approximation; "
+                   "auto: ptb when java is present")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_cider)
+
+
 @hookimpl
 def register_feature_networks(register):
-    register("mnist-cnn", functools.partial(DatasetClassifier, "mnist"))
-    register("digits-cnn", functools.partial(DatasetClassifier, "digits"))
-    register("shapes-cnn", functools.partial(DatasetClassifier, "shapes"))
+    for dataset in ("mnist", "digits", "shapes"):
+        register(f"{dataset}-cnn", dataset_classifier(dataset))
     register("inception", Inception)
 
 

@@ -1,6 +1,7 @@
 """The bench report's PNGs, drawn from what the runs left (the report's ``results`` and
-typed tables): training loss curves, the paper's figure 4, FID against S_eval, sample grids
-labelled by class and editing examples labelled by row. Fonts are 8 pt or larger."""
+typed tables): training loss curves, the paper's figure 4, the headline metric (the one a
+plugin declares so, e.g. FID) against S_eval, sample grids labelled by class and editing
+examples labelled by row. Fonts are 8 pt or larger."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import numpy as np
 
 from cfkit.bench import stats
 from cfkit.bench.schema import EDIT_ROWS, Evaluation
-from cfkit.bench.stats import Table
+from cfkit.bench.stats import ARROWS, Table
+from cfkit.metrics import headline_metric
 
 FONT = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
         "xtick.labelsize": 8, "ytick.labelsize": 8}
@@ -41,8 +43,9 @@ def plots(report: dict, tables: list[Table], spec: Evaluation, out: Path,
     with plt.rc_context(FONT):
         loss_curves(plt, report, out, save)
         figure4(plt, report, spec, save)
+        headline = headline_metric()
         for k, table in enumerate(tables):
-            fid_against_s_eval(plt, table, k, save)
+            headline_against_s_eval(plt, table, k, save, headline)
         sample_grids(plt, report, spec, out, save)
     return figures
 
@@ -122,31 +125,33 @@ def figure4(plt, report: dict, spec: Evaluation, save) -> None:
     save(fig, "figure4.png", "report")
 
 
-def fid_against_s_eval(plt, table: Table, k: int, save) -> None:
-    fid = [(j, c) for j, c in enumerate(table.columns) if c.metric == "fid" and c.ar_steps is not None]
-    if len({c.ar_steps for _, c in fid}) < 2:
+def headline_against_s_eval(plt, table: Table, k: int, save, metric: str | None) -> None:
+    """The headline ``metric`` of table ``k`` (e.g. FID) of each row against S_eval, a panel
+    per CFG scale (± 95% CI); nothing when it is measured at fewer than two S_eval."""
+    found = [(j, c) for j, c in enumerate(table.columns) if c.metric == metric and c.ar_steps is not None]
+    if len({c.ar_steps for _, c in found}) < 2:
         return
-    scales = sorted({c.cfg for _, c in fid if c.cfg is not None})
+    scales = sorted({c.cfg for _, c in found if c.cfg is not None})
     fig, axes = plt.subplots(1, len(scales), figsize=(5.5 * len(scales), 4), squeeze=False)
     for ax, cfg in zip(axes[0], scales, strict=True):
         baseline_styles = iter(BASELINE_STYLES * len(table.rows))
         for row in table.rows:
-            points = [(c.ar_steps, row.cells[j].mean, row.cells[j].ci95 or 0.0) for j, c in fid
+            points = [(c.ar_steps, row.cells[j].mean, row.cells[j].ci95 or 0.0) for j, c in found
                       if c.cfg == cfg and row.cells[j].mean is not None]
             if points:
                 x, y, e = zip(*points, strict=True)
                 style = next(baseline_styles) if row.kind == "baseline" else {}
                 name = f"{row.label} (baseline)" if row.kind == "baseline" else row.label
                 ax.errorbar(x, y, yerr=e, capsize=3, label=name, **({"marker": "o"} | style))
-        ticks = sorted({c.ar_steps for _, c in fid})
+        ticks = sorted({c.ar_steps for _, c in found})
         ax.set(xlabel="S_eval: AR steps at sampling (log scale)", xscale="log",
-               ylabel=f"{fid[0][1].name} ↓ (lower is better)",
-               title=f"FID against S_eval, cfg {cfg:g} (± 95% CI)")
+               ylabel=f"{found[0][1].name} {ARROWS[found[0][1].better]} ({found[0][1].better} is better)",
+               title=f"{metric.upper()} against S_eval, cfg {cfg:g} (± 95% CI)")
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend()
-    save(fig, f"fid_vs_s_eval-{k}.png", f"table{k}")
+    save(fig, f"{metric}_vs_s_eval-{k}.png", f"table{k}")
 
 
 def _slug(text: str) -> str:

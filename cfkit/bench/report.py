@@ -50,16 +50,14 @@ LOCK = ".report.lock"
 
 
 def better(metric: str) -> stats.Better:
-    """Which values of ``metric`` are better, as its plugin declares (``better``); metrics
-    that declare nothing: ``cfkit.paper.LOWER_IS_BETTER``."""
+    """Which values of ``metric`` are better, as its plugin declares (``better``); higher for
+    a metric that declares nothing or that no installed plugin registers."""
     try:
         factory = plugins.registry().component("metrics", metric).factory
     except plugins.UnknownComponentError:
         factory = None
     declared = getattr(factory, "better", None)
-    if declared in ("lower", "higher"):
-        return declared
-    return "lower" if metric in paper.LOWER_IS_BETTER else "higher"
+    return declared if declared in ("lower", "higher") else "higher"
 
 
 # -- reading what the runs left -----------------------------------------------------------
@@ -105,7 +103,7 @@ def grid_table(index: int, bench: Bench, runs: list[Run], results: dict[str, dic
                  for names, members in grid_runs(index, grid, runs)]
     columns = stats.columns_of([r for _, _, found in rows_runs for res in found for r in res["records"]],
                                better)
-    reference = paper.TABLES.get(grid.table) if grid.table else None
+    reference = paper.table(grid.table) if grid.table else None
     variants = next(iter(grid.axes.values()))
     rows = []
     for names, members, found in rows_runs:
@@ -141,7 +139,7 @@ def grid_table(index: int, bench: Bench, runs: list[Run], results: dict[str, dic
     if reference is not None:
         paper_columns = stats.paper_columns(columns, reference.columns, better, spec.cfg[0])
     return stats.make_table(title, tuple(grid.axes), columns, rows, grid.table, paper_columns,
-                            reference.note if reference else "", note, "fid", MUST_BEAT)
+                            reference.note if reference else "", note, must_beat=MUST_BEAT)
 
 
 def table_json(table: Table) -> dict:

@@ -47,7 +47,7 @@ class Variant(configs.Strict):
 
 class Grid(configs.Strict):
     """Runs over the product of ``axes`` (axis -> variant name -> variant); ``table`` the
-    paper table they reproduce (``cfkit.paper.TABLES``; its rows need a single axis).
+    paper table they reproduce (a key of ``cfkit.paper.table_keys()``; its rows need a single axis).
     ``equal_compute``: every row but ``compute_reference`` (default: the axis's first
     variant) trains for the steps whose counted FLOPs (``cfkit.flops``) match the
     reference row's, instead of the same steps."""
@@ -61,9 +61,9 @@ class Grid(configs.Strict):
     @model_validator(mode="after")
     def _check(self):
         if self.table is not None:
-            if self.table not in paper.TABLES:
+            if self.table not in paper.table_keys():
                 raise ValueError(f"table: {self.table!r} is not a paper table; allowed: "
-                                 f"{', '.join(paper.TABLES)}")
+                                 f"{', '.join(paper.table_keys())}")
             if len(self.axes) != 1:
                 raise ValueError(f"table {self.table!r}: a paper table's rows are one axis, got "
                                  f"axes {', '.join(self.axes)}")

@@ -419,8 +419,13 @@ def paper_columns(columns: Sequence[Column], paper_columns_: Sequence[tuple[str,
 
 def make_table(title: str, axes: Sequence[str], columns: Sequence[Column], rows: Sequence[Row],
                paper_table: str | None = None, paper: Sequence[PaperColumn] = (), paper_note: str = "",
-               note: str = "", warn_metric: str = "fid", must_beat: Sequence[str] = ()) -> Table:
-    """The table with its trends (one per paper column) and baseline warnings."""
+               note: str = "", warn_metric: str | None = None, must_beat: Sequence[str] = ()) -> Table:
+    """The table with its trends (one per paper column) and the baseline warnings on
+    ``warn_metric`` (default: the metric a plugin declares the headline, ``headline_metric``)."""
+    if warn_metric is None:
+        from cfkit.metrics import headline_metric  # not at import: the statistics need no torch
+
+        warn_metric = headline_metric()
     table = Table(title, tuple(axes), tuple(columns), tuple(rows), paper_table, tuple(paper), paper_note,
                   note=note)
     trends = tuple(trend(table, j, must_beat) for j in range(len(table.paper_columns)))

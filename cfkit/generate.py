@@ -91,7 +91,7 @@ class SamplingOptions:
 
     def built_sampler(self):
         """The sampler object: the registered ``sampler`` built with ``sampler_options``."""
-        return component("samplers", self.sampler, **self.sampler_options)
+        return build_component("samplers", self.sampler, **self.sampler_options)
 
     def fields(self) -> dict:
         """Every option by name (objects as they are)."""
@@ -238,7 +238,7 @@ def _plugin_default(key: str):
         raise GenerationError(str(error)) from None
 
 
-def component(kind: str, spec, **options):
+def build_component(kind: str, spec, **options):
     """A registered component by name (built with ``options``), or ``spec`` itself."""
     if not isinstance(spec, str):
         return spec
@@ -282,7 +282,7 @@ def guidance_for(model: CausalTransformer, scale: float, interval) -> Guidance:
 def generation_order(order, batch_size: int, grid: tuple[int, int],
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """``(N, L)`` raster indices in generation order from an ordering (name or object)."""
-    result = component("orderings", order)(batch_size, grid, generator)
+    result = build_component("orderings", order)(batch_size, grid, generator)
     try:
         return check_order(result, batch_size, grid, order)
     except ValueError as error:
@@ -300,7 +300,7 @@ def ar_step_sizes(num_tokens: int, ar_steps: int | None = None, step_sizes=None,
     if step_sizes is not None:
         sizes = step_sizes
     elif schedule is not None:
-        sizes = component("schedules", schedule)(num_tokens, generator)
+        sizes = build_component("schedules", schedule)(num_tokens, generator)
     else:
         steps = 1 if ar_steps is None else int(ar_steps)
         if not 1 <= steps <= num_tokens:

@@ -39,7 +39,11 @@ class DuplicateComponentError(Exception):
 
 
 @dataclass(frozen=True)
-class Component:
+class Registration:
+    """One registered component: its ``kind`` and ``name``, the ``factory`` that builds it and
+    the plugin (``provider``) that registered it. A config names one with
+    ``cfkit.config.Component`` (kind, name, options)."""
+
     kind: str
     name: str
     factory: Callable[..., Any]
@@ -62,9 +66,9 @@ class Registry:
 
     def __init__(self, manager: pluggy.PluginManager, allow_conflicts: bool = False):
         self.manager = manager
-        self._components: dict[str, dict[str, Component]] = {kind: {} for kind in hookspecs.KINDS}
+        self._components: dict[str, dict[str, Registration]] = {kind: {} for kind in hookspecs.KINDS}
         self._defaults: dict[str, Default] = {}
-        self.conflicts: list[Component] = []
+        self.conflicts: list[Registration] = []
         self.default_conflicts: list[Default] = []
         for kind in hookspecs.KINDS:
             self._collect(f"register_{kind}", functools.partial(self._add, kind))
@@ -80,9 +84,9 @@ class Registry:
     def _add(self, kind: str, provider: str, name: str, factory: Callable[..., Any]) -> None:
         known = self._components[kind]
         if name in known:
-            self.conflicts.append(Component(kind, name, factory, provider))
+            self.conflicts.append(Registration(kind, name, factory, provider))
         else:
-            known[name] = Component(kind, name, factory, provider)
+            known[name] = Registration(kind, name, factory, provider)
 
     def _set_default(self, provider: str, key: str, value: Any) -> None:
         if key in self._defaults:
@@ -134,7 +138,7 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(self._kind(kind))
 
-    def component(self, kind: str, name: str) -> Component:
+    def component(self, kind: str, name: str) -> Registration:
         known = self._kind(kind)
         if name not in known:
             raise UnknownComponentError(
@@ -149,10 +153,10 @@ class Registry:
         check_options(f"{kind} {name!r}", factory, options)
         return factory(**options)
 
-    def components(self) -> list[Component]:
+    def components(self) -> list[Registration]:
         return [c for kind in hookspecs.KINDS for c in self._components[kind].values()]
 
-    def _kind(self, kind: str) -> dict[str, Component]:
+    def _kind(self, kind: str) -> dict[str, Registration]:
         if kind not in self._components:
             raise UnknownComponentError(
                 f"unknown component kind {kind!r}; known: {', '.join(hookspecs.KINDS)}"

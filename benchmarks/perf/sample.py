@@ -36,7 +36,7 @@ from cfkit.generate import (
     CachedContext,
     RecomputedContext,
     ar_step_sizes,
-    component,
+    build_component,
     generation_order,
     guidance_for,
     reverse_process,
@@ -87,7 +87,7 @@ def measure(args, ar_steps: int, cached: bool, attention: str | None, dtype: str
     order = generation_order("random", args.batch, config.grid, generator).to(device)
     sizes = ar_step_sizes(config.num_tokens, ar_steps)
     diffusion = respaced(method.diffusion, args.steps)
-    sampler = component("samplers", args.sampler)
+    sampler = build_component("samplers", args.sampler)
     step = len(sizes) // 2
     start, size = int(sizes[:step].sum()), int(sizes[step])
     span = slice(start, start + size)

@@ -1,12 +1,13 @@
 """CausalFusion and In-context DiT: the dual-factorised diffusion loss on the causal
 transformer. In-context DiT is the S = 1 case of the same code, set by configuration. The
-plugin also brings the paper's tables (``cfkit_plugins.paper``) and the converter of the
-official CausalFusion checkpoints (``cfkit convert official``)."""
+plugin also brings the paper's tables (``cfkit_plugins.causalfusion.paper``), its multimodal
+methods (``cfkit_plugins.causalfusion.multimodal``, an entry point of its own) and the
+converter of the official CausalFusion checkpoints (``cfkit convert official``)."""
 
 from __future__ import annotations
 
 import torch
-from cfkit_plugins import paper
+from cfkit_plugins.causalfusion import paper
 
 from cfkit import convert, hookimpl
 from cfkit.loss import DiffusionLoss, global_randn

@@ -569,7 +569,7 @@ def add_bench_command(sub) -> None:
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: report the runs finished so far")
     p.add_argument("--perf", action="store_true",
-                   help="instead: run every benchmark in benchmarks/perf and write one table")
+                   help="instead: run every benchmark of cfkit.perf and write one table")
     p.add_argument("--size", default="small", choices=["tiny", "small", "issue"],
                    help="--perf model sizes (default small)")
     p.add_argument("--no-progress", action="store_true")
@@ -578,13 +578,9 @@ def add_bench_command(sub) -> None:
 
 def cmd_bench(args) -> int:
     if args.perf:
-        import runpy
+        from cfkit.perf import report
 
-        script = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "run_all.py"
-        if not script.exists():
-            raise FileNotFoundError(f"{script}: the perf report comes with a source checkout of cfkit")
-        perf = runpy.run_path(str(script))
-        return perf["main"](["--size", args.size] + (["--out", args.out] if args.out else []))
+        return report.main(["--size", args.size] + (["--out", args.out] if args.out else []))
     if not (args.config and args.out):
         raise configs.ConfigError("cfkit bench needs CONFIG and --out DIR (or --perf)")
     from cfkit import bench

@@ -1,4 +1,4 @@
-"""Counted training FLOPs: the matmuls of the transformer blocks, as ``benchmarks/perf`` and
+"""Counted training FLOPs: the matmuls of the transformer blocks, as ``cfkit.perf`` and
 ``cfkit bench`` count them.
 
 ``step_flops`` is the count of one training step from the sizes of what the blocks ran;

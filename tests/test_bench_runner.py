@@ -211,19 +211,14 @@ def test_cfkit_bench_needs_a_config_and_out_or_perf(capsys):
     assert "needs CONFIG and --out DIR (or --perf)" in capsys.readouterr().err
 
 
-def test_cfkit_bench_perf_runs_the_perf_report_with_its_size_and_folder(monkeypatch, tmp_path):
-    import runpy
+def test_cfkit_bench_perf_runs_the_perf_report_of_the_package_with_its_size_and_folder(
+        monkeypatch, tmp_path):
+    from cfkit.perf import report
 
-    called = {}
-
-    def run_path(path):
-        called["path"] = path
-        return {"main": lambda argv: called.setdefault("argv", argv) and 0}
-
-    monkeypatch.setattr(runpy, "run_path", run_path)
+    called = []
+    monkeypatch.setattr(report, "main", lambda argv: called.append(argv) or 0)
     assert main(["bench", "--perf", "--size", "tiny", "--out", str(tmp_path)]) == 0
-    assert called == {"path": str(ROOT / "benchmarks" / "perf" / "run_all.py"),
-                      "argv": ["--size", "tiny", "--out", str(tmp_path)]}
+    assert called == [["--size", "tiny", "--out", str(tmp_path)]]
 
 
 def test_the_multimodal_table_scores_text_to_image_fid_and_captions(tmp_path, cache, one_thread):

@@ -1,28 +1,28 @@
-"""Smoke tests of benchmarks/perf/run_all.py: the tiny report has every benchmark, and a failed
-sub-benchmark becomes a row with its stderr."""
+"""Smoke tests of cfkit.perf.report: the tiny report has every benchmark, and a failed
+sub-benchmark becomes a row with its stderr. The scripts in benchmarks/perf run the modules."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from cfkit.perf import report
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ALL = ROOT / "benchmarks" / "perf" / "run_all.py"
+MODULES = {"run_all": "report", "train_step": "train_step", "sample": "sample", "masks": "masks",
+           "data": "data"}
 KINDS = {"mask build", "train step", "K copies", "sampling", "loader", "matmul peak", "MFU"}
 TRAINED = {f"{method} {dtype}" for method in ("causalfusion", "incontext-dit", "dit")
            for dtype in ("fp32", "bf16")}
-
-
-def load_run_all():
-    spec = importlib.util.spec_from_file_location("perf_run_all", RUN_ALL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def settings(rows: list[dict], benchmark: str) -> set[str]:
@@ -69,10 +69,16 @@ def test_tiny_report_has_a_positive_figure_for_every_benchmark_and_writes_both_f
 
 
 def test_a_failed_sub_benchmark_becomes_a_row_with_its_stderr():
-    run_all = load_run_all()  # importable by path: nothing runs until main()
-    job = run_all.Job("mask build", "dense mask", "masks.py", ("--tokens", "many"),
-                      (run_all.mask_rows,))
-    outcome = run_all.run_job(job, dict(os.environ), timeout_s=60)
-    [failed] = run_all.job_rows(job, outcome, {})
+    job = report.Job("mask build", "dense mask", "masks", ("--tokens", "many"), (report.mask_rows,))
+    assert job.argv()[1:3] == ["-m", "cfkit.perf.masks"]
+    assert job.command().startswith("python benchmarks/perf/masks.py --tokens many")
+    outcome = report.run_job(job, dict(os.environ), timeout_s=60)
+    [failed] = report.job_rows(job, outcome, {})
     assert failed["benchmark"] == "mask build" and failed["value"] is None
     assert "exit status 2" in failed["error"] and "invalid int value" in failed["error"]
+
+
+@pytest.mark.parametrize("script", sorted(MODULES))
+def test_each_script_in_benchmarks_perf_runs_its_cfkit_perf_module(script):
+    names = runpy.run_path(str(ROOT / "benchmarks" / "perf" / f"{script}.py"))  # not as __main__
+    assert names["main"] is importlib.import_module(f"cfkit.perf.{MODULES[script]}").main

@@ -1,0 +1,460 @@
+"""The performance report: every benchmark of cfkit.perf, run as subprocesses, in one table.
+
+    cfkit bench --perf [--size tiny|small|issue] [--out DIR]
+    python benchmarks/perf/run_all.py [--size tiny|small|issue] [--out DIR] [--threads N] [--json]
+
+Rows (one per measurement): the dense mask build (masks.py); the training step of
+CausalFusion, In-context DiT and DiT in fp32 and bf16 against the reference-style baseline
+(train_step.py); the cost per noised token of CausalFusion with K noised copies against
+In-context DiT (train_step.py --copies K); sampling at several AR step counts S, KV-cached
+against uncached and against the reference-style loop (sample.py); the shard loader against
+the training step it feeds (data.py); the matmul peak of this machine and the model FLOP
+utilisation against it (train_step.py --peak). ``--size issue`` is the issues' network
+(D=384, depth 12, 6 heads, batch 8, 32x32 latents at patch 2); ``small`` (default) is the same
+network on 16x16 latents, about 5 minutes on a 2-core CPU; ``tiny`` is the smoke size of the
+tests, about 30 s. With CUDA, train_step.py and sample.py run on it and in bf16 where the
+CPU runs fp32 (K copies, sampling).
+
+``DIR/perf.json`` holds every sub-benchmark's JSON, the rows, the command lines and the
+machine; ``DIR/perf.md`` the table and the commands. A failed sub-benchmark becomes a row with
+its stderr tail, the others still run, and the exit status is 1. Progress goes to stderr.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import cfkit
+
+# The sub-benchmarks' working folder: the one holding the cfkit package in use, first on the
+# path of ``python -m``, so they import this very copy (a checkout, editable or installed).
+PACKAGE_PARENT = Path(cfkit.__file__).resolve().parents[1]
+STDERR_TAIL = 2000  # characters of a failed sub-benchmark's stderr kept in its row
+
+
+@dataclass(frozen=True)
+class Size:
+    """How large and how long each sub-benchmark runs."""
+
+    network: tuple[str, ...]  # train_step.py and sample.py flags: the model and the batch
+    train_steps: int  # timed training steps (after one untimed)
+    bf16_steps: int  # the same in bf16, emulated (~100x slower than fp32) on CPUs without AMX
+    copies: tuple[int, ...]  # K of the noised-token comparison (K = 1 comes with the fp32 run)
+    ar_steps: tuple[int, ...]  # S of the sampling runs
+    diffusion_steps: int  # timed diffusion steps per sampling variant (after one untimed)
+    peak_size: int  # side of the square matmul of the peak
+    masks: tuple[str, ...]
+    data: tuple[str, ...]
+    # OMP_NUM_THREADS of the sub-benchmarks (None: torch's choice). One thread on the shared
+    # 2-core machine: with other jobs running, two OpenMP threads made a step up to 30x slower.
+    threads: int | None
+    timeout_s: float  # per sub-benchmark
+
+
+SIZES = {
+    "tiny": Size(
+        network=("--hidden", "32", "--depth", "2", "--heads", "2", "--batch", "2",
+                 "--latent", "8", "--patch", "2"),
+        train_steps=1, bf16_steps=1, copies=(2,), ar_steps=(1, 4, 16), diffusion_steps=1,
+        peak_size=256,
+        masks=("--tokens", "256", "--cond", "16", "--steps", "1", "16", "256",
+               "--repeats", "3", "--warmup", "1"),
+        data=("--batch", "8", "--batches", "3", "--warmup", "1", "--repeats", "1",
+              "--train-steps", "1", "--train-warmup", "1"),
+        threads=1, timeout_s=120,
+    ),
+    "small": Size(
+        network=("--hidden", "384", "--depth", "12", "--heads", "6", "--batch", "8",
+                 "--latent", "16", "--patch", "2"),
+        train_steps=3, bf16_steps=1, copies=(2, 4, 8), ar_steps=(1, 4, 16), diffusion_steps=3,
+        peak_size=1024, masks=(), data=(), threads=1, timeout_s=600,
+    ),
+    "issue": Size(
+        network=("--hidden", "384", "--depth", "12", "--heads", "6", "--batch", "8",
+                 "--latent", "32", "--patch", "2"),
+        train_steps=5, bf16_steps=2, copies=(2, 4, 8), ar_steps=(1, 4, 16), diffusion_steps=3,
+        peak_size=2048, masks=(), data=(), threads=None, timeout_s=3600,
+    ),
+}
+
+Row = dict
+# Table order: the benchmarks as the report lists them.
+BENCHMARKS = ("mask build", "train step", "K copies", "sampling", "loader", "matmul peak", "MFU")
+Extract = Callable[[dict, dict[str, float]], list[Row]]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One sub-benchmark run and the rows its JSON gives."""
+
+    benchmark: str
+    setting: str
+    name: str  # the module cfkit.perf.NAME, and the script benchmarks/perf/NAME.py that runs it
+    args: tuple[str, ...]
+    extract: tuple[Extract, ...] = ()
+
+    def argv(self) -> list[str]:
+        """The subprocess: the module of the installed package, run by this interpreter."""
+        return [sys.executable, "-m", f"cfkit.perf.{self.name}", *self.args, "--json"]
+
+    def command(self) -> str:
+        """The same run as the report shows it: the script of a source checkout."""
+        return shlex.join(["python", f"benchmarks/perf/{self.name}.py", *self.args, "--json"])
+
+
+def row(benchmark: str, setting: str, figure: str, value: float | None, unit: str, *,
+        baseline: str | None = None, ratio: float | None = None, ratio_of: str | None = None,
+        target: str | None = None, met: bool | None = None, error: str | None = None) -> Row:
+    """One measurement. ``ratio`` compares ``value`` with ``baseline`` as ``ratio_of`` says."""
+    return {"benchmark": benchmark, "setting": setting, "figure": figure, "value": value,
+            "unit": unit, "baseline": baseline, "ratio": ratio, "ratio_of": ratio_of,
+            "target": target, "met": met, "error": error}
+
+
+# --- rows of each sub-benchmark's JSON ----------------------------------------------------
+
+
+def mask_rows(report: dict, peak: dict) -> list[Row]:
+    target = f"<= {report['target_s'] * 1e3:g} ms"
+    return [
+        row("mask build", f"L={report['num_tokens']} C={report['cond_len']} S={s} "
+            f"(T={r['sequence_length']})", "dense mask build, median", r["ours_s"] * 1e3, "ms",
+            baseline=f"Python loop {r['baseline_s'] * 1e3:.3g} ms", ratio=r["baseline_over_ours"],
+            ratio_of="baseline/value", target=target, met=r["meets_target"])
+        for s, r in report["per_num_steps"].items()
+    ]
+
+
+def train_setting(entry: dict) -> str:
+    return f"{entry['method']} {entry['dtype']}, T={entry['sequence_length']:g}"
+
+
+def train_rows(report: dict, peak: dict) -> list[Row]:
+    """The run's own method; causalfusion against its eager fp32 baseline."""
+    baseline = report.get("baseline")
+    return [row("train step", train_setting(report), "step (fwd+bwd+AdamW), median",
+                report["median_step_s"] * 1e3, "ms",
+                baseline=baseline and f"eager fp32 {baseline['median_step_s'] * 1e3:.4g} ms",
+                ratio=report.get("speedup_vs_reference"),
+                ratio_of=baseline and "baseline/value")]
+
+
+def incontext_rows(report: dict, peak: dict) -> list[Row]:
+    """In-context DiT, timed in the same run (``--compare-incontext``)."""
+    entry = report["incontext"]
+    return [row("train step", train_setting(entry), "step (fwd+bwd+AdamW), median",
+                entry["median_step_s"] * 1e3, "ms")]
+
+
+def per_token_us(entry: dict) -> float:
+    return entry["median_step_s"] / entry["noised_tokens_per_step"] * 1e6
+
+
+def copies_rows(report: dict, peak: dict) -> list[Row]:
+    incontext = report["incontext"]
+    return [row("K copies", f"causalfusion K={report['copies']} {report['dtype']}",
+                "step time per noised token", per_token_us(report), "us",
+                baseline=f"In-context DiT {per_token_us(incontext):.4g} us",
+                ratio=report["cost_per_noised_token_ratio"], ratio_of="value/baseline")]
+
+
+def peak_rows(report: dict, peak: dict) -> list[Row]:
+    size = report["settings"]["peak_size"]
+    fp32, bf16 = report["peak_tflops_fp32"], report["peak_tflops_bf16"]
+    return [
+        row("matmul peak", f"fp32 {size}^3", "best of A@B, A@B^T", fp32, "TFLOP/s"),
+        row("matmul peak", f"bf16 {size}^3", "best of A@B, A@B^T", bf16, "TFLOP/s",
+            baseline=f"fp32 {fp32:.4g} TFLOP/s", ratio=bf16 / fp32, ratio_of="value/baseline"),
+    ]
+
+
+def mfu_rows(report: dict, peak: dict) -> list[Row]:
+    """MFU of the run's method and of In-context DiT if timed: train_step.py's dense FLOP
+    count (``flops_counted``) over the peak of this machine in that dtype."""
+    entries = [report] + ([report["incontext"]] if "incontext" in report else [])
+    return [row("MFU", train_setting(e), "dense FLOPs / matmul peak",
+                e["tflops"] / peak[e["dtype"]] * 100, "%",
+                baseline=f"peak {peak[e['dtype']]:.4g} TFLOP/s")
+            for e in entries]
+
+
+def sample_rows(report: dict, peak: dict) -> list[Row]:
+    setting = f"S={report['ar_steps']} {report['dtype']}, {report['step_tokens']} tokens per AR step"
+    reference = report["reference"]
+    return [
+        row("sampling", setting, "diffusion step, KV-cached, median",
+            report["median_step_s"] * 1e3, "ms",
+            baseline=f"uncached {report['uncached']['median_step_s'] * 1e3:.4g} ms",
+            ratio=report["cached_speedup"], ratio_of="baseline/value"),
+        row("sampling", setting, "images/s, KV-cached", report["images_per_s"], "images/s",
+            baseline=f"reference S=1 eager fp32 {reference['images_per_s']:.4g}",
+            ratio=report["speedup_vs_reference"], ratio_of="value/baseline"),
+    ]
+
+
+def data_rows(report: dict, peak: dict) -> list[Row]:
+    train = report["train"]["samples_per_s"]
+    target = report["target_ratio"]
+    return [
+        row("loader", f"{kind}, batch {report['settings']['batch']}", "shard loader, median",
+            report[f"loader_{kind}"]["samples_per_s"], "samples/s",
+            baseline=f"training step {train:.4g} samples/s", ratio=report[f"ratio_{kind}"],
+            ratio_of="value/baseline", target=f"ratio >= {target:g}",
+            met=report[f"ratio_{kind}"] >= target)
+        for kind in ("pixels", "latents")
+    ]
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+
+def plan(size: Size, device: str) -> list[Job]:
+    """Every sub-benchmark run of the report. The causalfusion fp32 run also times the matmul
+    peak (for every MFU row); the run in the dtype training uses here gives the K = 1 row."""
+    on_device = ("--device", device)
+    fast = "bf16" if device == "cuda" else "fp32"  # the dtype training really uses here
+    train = (*size.network, *on_device, "--warmup", "1")
+
+    def steps(dtype: str) -> tuple[str, ...]:
+        count = size.bf16_steps if dtype == "bf16" and device == "cpu" else size.train_steps
+        return ("--dtype", dtype, "--steps", str(count))
+
+    jobs = []
+    for dtype in ("fp32", "bf16"):
+        peak = ("--peak", "--peak-size", str(size.peak_size)) if dtype == "fp32" else ()
+        extract = ((train_rows, incontext_rows, mfu_rows) + ((peak_rows,) if peak else ())
+                   + ((copies_rows,) if dtype == fast else ()))
+        jobs.append(Job("train step", f"causalfusion {dtype}", "train_step",
+                        (*train, "--method", "causalfusion", *steps(dtype), "--compare-incontext",
+                         *peak), extract))
+    jobs += [Job("train step", f"dit {dtype}", "train_step",
+                 (*train, "--method", "dit", *steps(dtype)), (train_rows, mfu_rows))
+             for dtype in ("fp32", "bf16")]
+    jobs += [Job("K copies", f"causalfusion K={k} {fast}", "train_step",
+                 (*train, "--method", "causalfusion", *steps(fast), "--copies", str(k),
+                  "--no-baseline"), (copies_rows,))
+             for k in size.copies]
+    jobs += [Job("sampling", f"S={s} {fast}", "sample",
+                 (*size.network, *on_device, "--dtype", fast, "--ar-steps", str(s),
+                  "--steps", "250", "--cfg", "4", "--warmup", "1",
+                  "--measure", str(size.diffusion_steps)), (sample_rows,))
+             for s in size.ar_steps]
+    jobs += [Job("mask build", "dense mask", "masks", size.masks, (mask_rows,)),
+             Job("loader", "digits-tiny", "data", size.data, (data_rows,))]
+    return jobs
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_job(job: Job, env: dict[str, str], timeout_s: float) -> dict:
+    """Run one sub-benchmark: ``{"report": its JSON}`` or ``{"error": why}``, and its time."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(job.argv(), capture_output=True, text=True, env=env,
+                              cwd=PACKAGE_PARENT, timeout=timeout_s)
+    except subprocess.TimeoutExpired as timeout:
+        stderr = timeout.stderr or b""  # bytes even with text=True
+        if isinstance(stderr, bytes):
+            stderr = stderr.decode(errors="replace")
+        outcome = {"error": f"timed out after {timeout_s:g} s\n{stderr[-STDERR_TAIL:]}"}
+    else:
+        outcome = parse(done)
+    outcome["wall_s"] = time.perf_counter() - start
+    return outcome
+
+
+def parse(done: subprocess.CompletedProcess) -> dict:
+    if done.returncode != 0:
+        return {"error": f"exit status {done.returncode}\n{done.stderr[-STDERR_TAIL:]}"}
+    try:
+        return {"report": json.loads(done.stdout)}
+    except json.JSONDecodeError as error:
+        return {"error": f"no JSON on stdout ({error})\n{done.stderr[-STDERR_TAIL:]}"}
+
+
+def job_rows(job: Job, outcome: dict, peak: dict[str, float]) -> list[Row]:
+    """The job's rows; a failed run, or a figure missing from its JSON (or a peak missing for
+    the MFU), becomes a row carrying the failure."""
+    if "report" not in outcome:
+        return [row(job.benchmark, job.setting, "failed", None, "", error=outcome["error"])]
+    rows = []
+    for extract in job.extract:
+        try:
+            rows += extract(outcome["report"], peak)
+        except (KeyError, TypeError, ZeroDivisionError) as error:
+            rows.append(row(job.benchmark, job.setting, f"failed: {extract.__name__}", None, "",
+                            error=f"{type(error).__name__}: {error} missing"))
+    return rows
+
+
+def measured_peak(outcomes: list[dict]) -> dict[str, float]:
+    """``{dtype: TFLOP/s}`` from the run that timed the matmul peak; empty if it failed."""
+    for outcome in outcomes:
+        report = outcome.get("report", {})
+        if "peak_tflops_fp32" in report:
+            return {"fp32": report["peak_tflops_fp32"], "bf16": report["peak_tflops_bf16"]}
+    return {}
+
+
+def machine(device: str) -> dict:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+    }
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"  # no 3.2e+04
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(perf: dict) -> str:
+    """The table of ``perf["rows"]`` with the setting, the notes and the commands."""
+    head = ["benchmark", "setting", "figure", "value", "unit", "baseline", "ratio", "target",
+            "met"]
+    lines = [f"# Performance report ({perf['size']}, {perf['device']})", "",
+             *perf["notes"], "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in perf["rows"]:
+        ratio = f"{r['ratio']:.4g} ({r['ratio_of']})" if r["ratio"] is not None else ""
+        value = cell(r["value"]) if r["error"] is None else f"FAILED: {cell(r['error'])[:300]}"
+        cells = [r["benchmark"], r["setting"], r["figure"], value, r["unit"], r["baseline"],
+                 ratio, r["target"], r["met"]]
+        lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
+    threads = perf["omp_num_threads"]
+    lines += ["", "Commands (run from the repository root"
+              + (f", with OMP_NUM_THREADS={threads}" if threads else "") + "):", "", "```"]
+    lines += [job["command"] for job in perf["jobs"]]
+    return "\n".join([*lines, "```", ""])
+
+
+def notes(perf: dict) -> list[str]:
+    m = perf["machine"]
+    lines = [f"{m['cpu']}, {m['cpu_count']} cores ({m['cpu_capability']}), torch {m['torch']}, "
+             f"CUDA {'available: ' + m['gpu'] if m['gpu'] else 'not available'}.",
+             f"Network flags: `{' '.join(perf['network'])}`; sub-benchmark threads: "
+             f"{perf['omp_num_threads'] or 'torch default'}; total {perf['wall_s']:.0f} s."]
+    peak = measured_peak(perf["jobs"])
+    if peak:
+        ratio = peak["bf16"] / peak["fp32"]
+        lines.append(f"Measured bf16/fp32 matmul throughput ratio: {ratio:.3g}"
+                     + (f"; bf16 is emulated on this CPU ({m['cpu_capability']}), so its rows "
+                        "are slow by nature" if perf["device"] == "cpu" and ratio < 1 else "") + ".")
+    loads = [perf["load_average_start"][0], perf["load_average_end"][0]]
+    if max(loads) > 1:
+        lines.append(f"The machine was shared: 1-minute load average {loads[0]:.2f} at the start, "
+                     f"{loads[1]:.2f} at the end (> 1), so timings may be pessimistic.")
+    lines.append("ratio: `baseline/value` > 1 means faster than the baseline, `value/baseline` is "
+                 "the value relative to the baseline. A row's baseline is timed in the same "
+                 "sub-benchmark run.")
+    return [f"- {line}" for line in lines]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file in the same folder and rename it over ``path``."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
+                                     delete=False) as handle:
+        handle.write(text)
+    os.chmod(handle.name, 0o644)  # a temp file is private; the report is not
+    os.replace(handle.name, path)
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=list(SIZES), default="small")
+    p.add_argument("--out", type=Path,
+                   help="output folder (default: benchmarks/results/perf-SIZE-DEVICE in the current "
+                        "folder)")
+    p.add_argument("--threads", type=int,
+                   help="OMP_NUM_THREADS of the sub-benchmarks, 0 = torch's choice (default: "
+                        "the size's: 1 for tiny and small, torch's for issue)")
+    p.add_argument("--json", action="store_true", help="print perf.json on stdout")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    size = SIZES[args.size]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = args.out or Path("benchmarks") / "results" / f"perf-{args.size}-{device}"
+    threads = size.threads if args.threads is None else args.threads or None
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    jobs = plan(size, device)
+    perf = {"size": args.size, "device": device, "machine": machine(device),
+            "network": list(size.network), "omp_num_threads": env.get("OMP_NUM_THREADS"),
+            "python_executable": sys.executable, "load_average_start": list(os.getloadavg())}
+    start = time.perf_counter()
+    outcomes = []
+    for number, job in enumerate(jobs, 1):
+        log(f"[{number}/{len(jobs)}] {job.command()}")
+        outcomes.append(run_job(job, env, size.timeout_s))
+        status = "FAILED" if "error" in outcomes[-1] else "ok"
+        log(f"  {status} in {outcomes[-1]['wall_s']:.1f} s")
+    peak = measured_peak(outcomes)
+    rows = sorted((r for job, outcome in zip(jobs, outcomes, strict=True)
+                   for r in job_rows(job, outcome, peak)),
+                  key=lambda r: BENCHMARKS.index(r["benchmark"]))
+    perf.update(
+        wall_s=time.perf_counter() - start,
+        load_average_end=list(os.getloadavg()),
+        jobs=[{"benchmark": job.benchmark, "setting": job.setting, "command": job.command(),
+               "argv": job.argv(), **outcome} for job, outcome in zip(jobs, outcomes, strict=True)],
+        rows=rows,
+    )
+    perf["notes"] = notes(perf)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(perf, indent=1)
+    write_atomic(out / "perf.json", text + "\n")
+    write_atomic(out / "perf.md", markdown(perf))
+    failed = [r for r in rows if r["error"] is not None]
+    log(f"wrote {out / 'perf.md'} and perf.json in {perf['wall_s']:.0f} s"
+        + (f"; {len(failed)} FAILED" if failed else ""))
+    if args.json:
+        print(text)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

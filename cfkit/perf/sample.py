@@ -1,0 +1,208 @@
+"""Time generation's diffusion steps: the KV-cached sampler against its baselines.
+
+The issue's setting (CausalFusion-S on 32x32x4 latents at patch 2), e.g.
+
+    python benchmarks/perf/sample.py --method causalfusion --hidden 384 --depth 12 --heads 6 \
+        --batch 8 --latent 32 --patch 2 --dtype bf16 --ar-steps 16 --steps 250 --cfg 4 \
+        --measure 3 --json
+
+A diffusion step is one guided network evaluation of one AR step's tokens (conditional and
+unconditional rows in one batch) plus the sampler's update. The run times ``--measure`` steps
+(after ``--warmup`` untimed ones) of AR step S // 2 of a generation with ``--steps`` T per AR
+step, the cache then holding the clean tokens of every step before it (the mean context of
+a whole generation; the cost does not depend on the tokens' values, so they are random).
+``images_per_s`` = batch / (median_step_s * T * S); the one clean-token push per AR step is
+not counted. Baselines in the same run: the reference-style loop (S = 1, eager attention,
+fp32, CFG by the 2N batch) gives ``speedup_vs_reference`` (ratio of images/s), and the
+uncached path at the same S (the context recomputed by the full training forward every
+diffusion step) gives ``cached_speedup``. One JSON object goes to stdout with ``--json``;
+progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+from cfkit import config as configs
+from cfkit.generate import (
+    CachedContext,
+    RecomputedContext,
+    ar_step_sizes,
+    build_component,
+    generation_order,
+    guidance_for,
+    reverse_process,
+)
+from cfkit.samplers import noise_like, respaced
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class Measured(Exception):
+    """Raised by the step callback once every timed step has run: the rest of the
+    generation is not needed."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(args, attention: str | None, device: torch.device):
+    """The method with a random-init network of the benchmark's size (same weights per seed)."""
+    model = {
+        "hidden_size": args.hidden, "depth": args.depth, "num_heads": args.heads,
+        "input_size": args.latent, "patch_size": args.patch, "latent_channels": 4,
+        "num_classes": 1000,
+    }
+    if attention is not None:
+        model["attention"] = attention
+    torch.manual_seed(args.seed)
+    method = configs.validate({"name": "perf-sample", "method": {"name": args.method},
+                               "model": model}).build_method()
+    method.model.to(device).eval()
+    return method
+
+
+def measure(args, ar_steps: int, cached: bool, attention: str | None, dtype: str,
+            device: torch.device) -> dict:
+    """Median time of ``args.measure`` diffusion steps at AR step S // 2 (see the module doc)."""
+    method = build_model(args, attention, device)
+    model, config = method.model, method.model.config
+    generator = torch.Generator().manual_seed(args.seed)
+    labels = torch.randint(0, config.num_classes, (args.batch,), generator=generator).to(device)
+    guidance = guidance_for(model, args.cfg, (0, math.inf))
+    order = generation_order("random", args.batch, config.grid, generator).to(device)
+    sizes = ar_step_sizes(config.num_tokens, ar_steps)
+    diffusion = respaced(method.diffusion, args.steps)
+    sampler = build_component("samplers", args.sampler)
+    step = len(sizes) // 2
+    start, size = int(sizes[:step].sum()), int(sizes[step])
+    span = slice(start, start + size)
+    times, last = [], [0.0]
+    label = (f"{'cached' if cached else 'uncached'} S={ar_steps} {dtype} "
+             f"attention={attention or 'default'}")
+
+    def on_step():
+        synchronize(device)
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+        warm = len(times) <= args.warmup
+        log(f"  {label} step {len(times)}/{args.warmup + args.measure}"
+            f"{' (warmup)' if warm else ''}: {times[-1]:.3f} s")
+        if len(times) == args.warmup + args.measure:
+            raise Measured
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    with torch.no_grad(), autocast, contextlib.suppress(Measured):
+        if cached:
+            context = CachedContext(model, labels, order, guidance)
+        else:
+            context = RecomputedContext(model, labels, order, sizes, guidance)
+        tokens = torch.randn(args.batch, config.num_tokens, config.token_dim, generator=generator)
+        if start:
+            context.add(tokens[:, :start].to(device), slice(0, start))
+        x = noise_like(tokens[:, span].to(device), generator)
+        synchronize(device)
+        last[0] = time.perf_counter()
+        reverse_process(lambda x_t, t: context.predict(x_t, span, t), diffusion, sampler, x,
+                        method.prediction, generator, on_step)
+    timed = times[args.warmup:]
+    median = statistics.median(timed)
+    return {
+        "cached": cached,
+        "dtype": dtype,
+        "attention": attention or "default",
+        "ar_steps": ar_steps,
+        "ar_step_measured": step,
+        "context_tokens": start,
+        "step_tokens": size,
+        "median_step_s": median,
+        "step_s": timed,
+        "images_per_s": args.batch / (median * args.steps * ar_steps),
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", default="causalfusion", help="a method with a CausalTransformer")
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--latent", type=int, default=32, help="latent grid side")
+    p.add_argument("--patch", type=int, default=2)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--attention", default=None, help="attention backend (model default)")
+    p.add_argument("--ar-steps", type=int, default=1, help="AR steps S")
+    p.add_argument("--steps", type=int, default=250, help="diffusion steps T per AR step")
+    p.add_argument("--cfg", type=float, default=4.0, help="CFG scale (1 = none)")
+    p.add_argument("--sampler", default="ddpm")
+    p.add_argument("--measure", type=int, default=3, help="timed diffusion steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed diffusion steps first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the reference-style baseline (S = 1, eager attention, fp32)")
+    p.add_argument("--no-uncached", action="store_true", help="skip the uncached baseline")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return p
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    report = {
+        "device": device.type if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+    }
+    report.update(measure(args, args.ar_steps, True, args.attention, args.dtype, device))
+    if not args.no_reference:
+        reference = measure(args, 1, True, "eager", "fp32", device)
+        report["reference"] = reference
+        report["speedup_vs_reference"] = report["images_per_s"] / reference["images_per_s"]
+    if not args.no_uncached:
+        uncached = measure(args, args.ar_steps, False, args.attention, args.dtype, device)
+        report["uncached"] = uncached
+        report["cached_speedup"] = uncached["median_step_s"] / report["median_step_s"]
+    return report
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.latent % args.patch:
+        raise SystemExit(f"--patch {args.patch} does not divide --latent {args.latent}")
+    if args.warmup + args.measure > args.steps:
+        raise SystemExit(f"--warmup + --measure ({args.warmup + args.measure}) must be <= --steps "
+                         f"({args.steps}): only the steps of one AR step are timed")
+    if args.measure < 1:
+        raise SystemExit("--measure must be >= 1")
+    report = run(args)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key in ("median_step_s", "images_per_s", "speedup_vs_reference", "cached_speedup"):
+            if key in report:
+                print(f"{key}: {report[key]:.4g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

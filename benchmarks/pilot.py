@@ -61,9 +61,9 @@ def run_setting(name: str, overrides: list[str], args: dict) -> dict:
                     generation={"steps": args["sampling_steps"], "cfg": cfg, "order": "random", "seed": 0,
                                 "sampler": plugins.build("samplers", "ddpm", variance=args["variance"])},
                     reference_split="val", progress=False)
-                records += [{**r, "cfg": cfg} for r in found["results"]]
+                records += [{**r.as_dict(), "cfg": cfg} for r in found.results]
             found = evaluate.evaluate(ckpt, ["heldout-loss"], ar_steps=args["ar_steps"], progress=False)
-            records += [{**r, "cfg": None} for r in found["results"]]
+            records += [{**r.as_dict(), "cfg": None} for r in found.results]
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(records, indent=1))
         rows.append({"step": int(ckpt.name.split("-")[-1]), "records": json.loads(cache.read_text())})

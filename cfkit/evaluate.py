@@ -5,13 +5,14 @@ checkpoint: one image per held-out caption, the first caption of each validation
 each number of AR steps in ``ar_steps`` (the generation options of ``cfkit sample``), runs the
 requested metric plugins on them (metrics on the model, e.g. the linear probe, run once, or
 once per S_eval when they declare ``per_ar_steps``, e.g. the held-out loss; caption metrics,
-e.g. CIDEr, on greedy captions of ``num`` validation images) and returns a report, which
-``write_report`` saves as ``eval.json`` and ``eval.md``. ``score_samples`` scores images from
-elsewhere (``cfkit.baselines``) the same way, with a context that has no model. Sample
-and reference features are extracted once and shared by the metrics; reference features are
-cached per dataset, split and feature network. The feature network defaults to the
-dataset's own classifier when a plugin declares one (built with the dataset's options), else
-to the one declared the default (``cfkit.metrics.default_feature_network``).
+e.g. CIDEr, on greedy captions of ``num`` validation images) and returns an ``EvalReport`` of
+``Record`` s, which ``write_report`` saves as ``eval.json`` (``EvalReport.as_dict``) and
+``eval.md``. ``score_samples`` scores images from elsewhere (``cfkit.baselines``) the same way,
+with a context that has no model. Sample and reference features are extracted once and shared
+by the metrics; reference features are cached per dataset, split and feature network. The
+feature network defaults to the dataset's own classifier when a plugin declares one (built with
+the dataset's options), else to the one declared the default
+(``cfkit.metrics.default_feature_network``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -48,6 +49,55 @@ from cfkit.metrics import (
 from cfkit.tokenizers import from_uint8, to_uint8
 
 FORMAT = "cfkit-eval/1"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One value a metric measured: ``name`` (e.g. "FID-1000 (digits-cnn)") and ``value`` (a
+    float, or a string such as "inf" for a non-finite one) at ``ar_steps`` (None: not per
+    S_eval). A metric that did not apply there has name and value None and the reason in
+    ``skipped``."""
+
+    metric: str
+    name: str | None
+    value: float | str | None
+    ar_steps: int | None
+    skipped: str | None = None
+
+    def as_dict(self) -> dict:
+        """The record as ``eval.json`` and the bench's ``records.json`` store it (``skipped``
+        only when set)."""
+        record = {"metric": self.metric, "name": self.name, "value": self.value, "ar_steps": self.ar_steps}
+        return record if self.skipped is None else {**record, "skipped": self.skipped}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalReport:
+    """What ``evaluate`` measured: the ``results`` (``Record`` s), the metrics ``skipped``
+    altogether ``{metric: reason}``, and the settings (each None when no metric needed it):
+    the ``dataset`` spec, the ``feature_network``'s identity, the ``reference`` split and size,
+    the ``generation`` options, the ``seconds`` per stage and the ``captioning`` decoding."""
+
+    format: str = FORMAT
+    checkpoint: str
+    method: str
+    dataset: dict | None = None
+    feature_network: dict | None = None
+    reference: dict | None = None
+    generation: dict | None = None
+    results: list[Record] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    captioning: dict | None = None
+
+    def as_dict(self) -> dict:
+        """The report as ``eval.json`` stores it: the fields in this order, ``results`` as
+        dicts, ``captioning`` only when captions were scored."""
+        report = {f.name: getattr(self, f.name) for f in fields(self)}
+        report["results"] = [record.as_dict() for record in self.results]
+        if self.captioning is None:
+            del report["captioning"]
+        return report
 
 
 @dataclass(eq=False)
@@ -205,7 +255,7 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,),
              metric_options: dict[str, dict] | None = None, features: str | None = None,
              feature_options: dict | None = None, reference_split: str = "train",
              batch_size: int = 250, device: str = "cpu", progress: bool = True,
-             samples_out=None) -> dict:
+             samples_out=None) -> EvalReport:
     """Evaluate a run or checkpoint: the report (see ``write_report``). ``generation``: the
     ``SamplingOptions`` (or a dict of its fields) but the AR steps, which ``ar_steps`` lists;
     ``batch_size`` images at a time, batch ``b`` of a sample set drawn with seed ``seed + b``.
@@ -229,70 +279,76 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,),
         generation = SamplingOptions.of(**dict(generation or {}))
     generation = SamplingOptions.of(generation, batch_size=batch_size)
     ar_steps = sorted(set(int(s) for s in ar_steps))
-    report = {"format": FORMAT, "checkpoint": str(directory), "method": method.experiment.method.name,
-              "dataset": None, "feature_network": None, "reference": None,
-              "generation": None, "results": [], "skipped": skipped, "seconds": {}}
+    # The EvalReport's fields, filled in stage by stage.
+    parts = {"checkpoint": str(directory), "method": method.experiment.method.name, "results": [],
+             "skipped": skipped, "seconds": {}}
     if on_samples or on_model or on_captions:
-        report["dataset"] = context.dataset_spec.model_dump()
+        parts["dataset"] = context.dataset_spec.model_dump()
     if on_samples:
-        _evaluate_samples(report, context, on_samples, num=num, ar_steps=ar_steps, generation=generation,
+        _evaluate_samples(parts, context, on_samples, num=num, ar_steps=ar_steps, generation=generation,
                           samples_out=samples_out)
-    _evaluate_model(report, context, on_model, ar_steps)
+    _evaluate_model(parts, context, on_model, ar_steps)
     if on_captions:
-        tick = time.perf_counter()
-        predictions, references = caption_held_out(context, num, batch_size, generation.seed)
-        report["captioning"] = {"num": len(predictions), "decoding": "greedy"}
-        for name, metric in on_captions.items():
-            report["results"] += _records(name, metric.score(predictions, references), ar_steps=None)
-        report["seconds"]["captioning"] = round(time.perf_counter() - tick, 2)
-    report["seconds"]["total"] = round(time.perf_counter() - started, 2)
-    return report
+        _evaluate_captions(parts, context, on_captions, num=num, batch_size=batch_size, seed=generation.seed)
+    parts["seconds"]["total"] = round(time.perf_counter() - started, 2)
+    return EvalReport(**parts)
 
 
-def _evaluate_samples(report: dict, context: EvalContext, metrics: dict, *, num: int, ar_steps,
+def _evaluate_samples(parts: dict, context: EvalContext, metrics: dict, *, num: int, ar_steps,
                       generation: SamplingOptions, samples_out) -> None:
     """Sample ``num`` images at each S_eval of ``ar_steps`` and add the sample metrics' records
-    (and the reference, feature network and generation settings) to ``report``."""
+    (and the reference, feature network and generation settings) to the report's ``parts``."""
     pipe = _pipeline(context.method)
     reference = context.reference()  # fails early when the network does not take the dataset
-    report["feature_network"] = context.network.identity()
-    report["reference"] = {"split": context.reference_split, "num": len(reference)}
+    parts["feature_network"] = context.network.identity()
+    parts["reference"] = {"split": context.reference_split, "num": len(reference)}
     given = {k: v for k, v in generation.fields().items() if k not in ("ar_steps", "step_sizes", "schedule")}
-    report["generation"] = {"num": num, "ar_steps": ar_steps, **{k: _jsonable(v) for k, v in given.items()}}
+    parts["generation"] = {"num": num, "ar_steps": ar_steps, **{k: _jsonable(v) for k, v in given.items()}}
     prompts = labels = None
     if pipe.text_conditioned:
         captions, labels = context.held_out_captions(num)
         prompts = [c[0] for c in captions]
-        report["generation"]["condition"] = "held-out captions"
+        parts["generation"]["condition"] = "held-out captions"
     for s in ar_steps:
         tick = time.perf_counter()
         samples = sample(pipe, num, SamplingOptions.of(generation, ar_steps=s),
                          context.progress(num, f"sampling S={s}"), prompts, labels)
-        report["seconds"][f"sampling S={s}"] = round(time.perf_counter() - tick, 2)
+        parts["seconds"][f"sampling S={s}"] = round(time.perf_counter() - tick, 2)
         if samples_out is not None:
             save_sample_set(Path(samples_out) / f"samples-S{s}.npz", samples)
         tick = time.perf_counter()
-        report["results"] += score_samples(context, metrics, samples)
-        report["seconds"][f"metrics S={s}"] = round(time.perf_counter() - tick, 2)
+        parts["results"] += score_samples(context, metrics, samples)
+        parts["seconds"][f"metrics S={s}"] = round(time.perf_counter() - tick, 2)
 
 
-def _evaluate_model(report: dict, context: EvalContext, metrics: dict, ar_steps) -> None:
-    """Add the records of the metrics on the model itself (no samples) to ``report``."""
+def _evaluate_model(parts: dict, context: EvalContext, metrics: dict, ar_steps) -> None:
+    """Add the records of the metrics on the model itself (no samples) to the report's ``parts``."""
     for name, metric in metrics.items():
         tick = time.perf_counter()
         if getattr(metric, "per_ar_steps", False):
             for s in ar_steps:
-                report["results"] += _per_ar_steps_records(name, metric, context, s)
+                parts["results"] += _per_ar_steps_records(name, metric, context, s)
         else:
-            report["results"] += _records(name, metric(context), ar_steps=None)
-        report["seconds"][name] = round(time.perf_counter() - tick, 2)
+            parts["results"] += _records(name, metric(context), ar_steps=None)
+        parts["seconds"][name] = round(time.perf_counter() - tick, 2)
 
 
-def score_samples(context: EvalContext, metrics, samples: SampleSet) -> list[dict]:
-    """The records ``{metric, name, value, ar_steps}`` (``ar_steps`` = ``samples.ar_steps``) of
-    sample metrics on ``samples``; ``metrics`` are names or ``{name: metric}`` as
-    ``build_metrics`` gives. A metric that does not apply gives one record with value None and
-    the reason under ``skipped``."""
+def _evaluate_captions(parts: dict, context: EvalContext, metrics: dict, *, num: int, batch_size: int,
+                       seed: int) -> None:
+    """Caption ``num`` validation images greedily and add the caption metrics' records (and the
+    decoding) to the report's ``parts``."""
+    tick = time.perf_counter()
+    predictions, references = caption_held_out(context, num, batch_size, seed)
+    parts["captioning"] = {"num": len(predictions), "decoding": "greedy"}
+    for name, metric in metrics.items():
+        parts["results"] += _records(name, metric.score(predictions, references), ar_steps=None)
+    parts["seconds"]["captioning"] = round(time.perf_counter() - tick, 2)
+
+
+def score_samples(context: EvalContext, metrics, samples: SampleSet) -> list[Record]:
+    """The ``Record`` s (``ar_steps`` = ``samples.ar_steps``) of sample metrics on ``samples``;
+    ``metrics`` are names or ``{name: metric}`` as ``build_metrics`` gives. A metric that does
+    not apply gives one record with value None and the reason under ``skipped``."""
     built = metrics if isinstance(metrics, dict) else build_metrics(list(metrics))
     others = [name for name, metric in built.items() if metric.needs != "samples"]
     if others:
@@ -308,7 +364,7 @@ def score_samples(context: EvalContext, metrics, samples: SampleSet) -> list[dic
     return records
 
 
-def _per_ar_steps_records(name: str, metric, context, ar_steps: int) -> list[dict]:
+def _per_ar_steps_records(name: str, metric, context, ar_steps: int) -> list[Record]:
     """Records of a model metric at one S_eval; a MetricSkipped there is a skipped record."""
     try:
         return _records(name, metric(context, ar_steps=ar_steps), ar_steps=ar_steps)
@@ -317,8 +373,8 @@ def _per_ar_steps_records(name: str, metric, context, ar_steps: int) -> list[dic
         return [_skipped(name, ar_steps, str(reason))]
 
 
-def _skipped(metric: str, ar_steps: int | None, reason: str) -> dict:
-    return {"metric": metric, "name": None, "value": None, "ar_steps": ar_steps, "skipped": reason}
+def _skipped(metric: str, ar_steps: int | None, reason: str) -> Record:
+    return Record(metric, None, None, ar_steps, skipped=reason)
 
 
 def _skip_reason(metric, context) -> str | None:
@@ -344,9 +400,8 @@ def _pipeline(method):
     return pipe
 
 
-def _records(metric: str, values: dict[str, float], ar_steps: int | None) -> list[dict]:
-    return [{"metric": metric, "name": name, "value": _jsonable(float(value)), "ar_steps": ar_steps}
-            for name, value in values.items()]
+def _records(metric: str, values: dict[str, float], ar_steps: int | None) -> list[Record]:
+    return [Record(metric, name, _jsonable(float(value)), ar_steps) for name, value in values.items()]
 
 
 def _jsonable(value):
@@ -411,57 +466,57 @@ def save_sample_set(path: Path, samples: SampleSet) -> None:
 
 
 # -- reports --------------------------------------------------------------------------------
-def write_report(report: dict, out) -> list[Path]:
-    """``eval.json`` (the report) and ``eval.md`` (a summary) in the folder ``out``."""
+def write_report(report: EvalReport, out) -> list[Path]:
+    """``eval.json`` (the report as a dict) and ``eval.md`` (a summary) in the folder ``out``."""
     out = Path(out)
-    checkpoint.write_json(out / "eval.json", report)
+    checkpoint.write_json(out / "eval.json", report.as_dict())
     checkpoint.atomic_write(out / "eval.md", lambda tmp: Path(tmp).write_text(summary(report)))
     return [out / "eval.json", out / "eval.md"]
 
 
-def summary(report: dict) -> str:
+def summary(report: EvalReport) -> str:
     """The report as short markdown: settings, a table per S_eval, model metrics, skips."""
-    lines = [f"# Evaluation of {report['checkpoint']}", ""]
-    gen, dataset = report["generation"], report["dataset"]
+    lines = [f"# Evaluation of {report.checkpoint}", ""]
+    gen, dataset = report.generation, report.dataset
     if dataset is not None:
-        lines.append(f"Method {report['method']} on {_component(dataset)}.")
+        lines.append(f"Method {report.method} on {_component(dataset)}.")
     if gen is not None:
         settings = ", ".join(f"{k} {v}" for k, v in gen.items() if k not in ("num", "ar_steps", "condition"))
-        network, reference = report["feature_network"], report["reference"]
+        network, reference = report.feature_network, report.reference
         accuracy = network.get("held_out_accuracy")
         held_out = "" if accuracy is None else f", held-out accuracy {accuracy:.2%}"
         condition = gen.get("condition", "class-balanced")
         lines += [f"{gen['num']} samples ({condition}) per S_eval ({settings}).",
                   f"Feature network {network['name']}{held_out}; reference: the {reference['split']} "
                   f"split ({reference['num']} images).", ""]
-    results = report["results"]
-    measured = [r for r in results if r["name"] is not None]
-    lines += _per_s_table([r for r in measured if r["ar_steps"] is not None])
-    for record in (r for r in measured if r["ar_steps"] is None):
-        lines.append(f"- {record['name']}: {_number(record['value'])}")
-    for record in (r for r in results if r["name"] is None):
-        lines.append(f"- {record['metric']} at S_eval {record['ar_steps']}: skipped ({record['skipped']})")
-    for name, reason in report["skipped"].items():
+    results = report.results
+    measured = [r for r in results if r.name is not None]
+    lines += _per_s_table([r for r in measured if r.ar_steps is not None])
+    for record in (r for r in measured if r.ar_steps is None):
+        lines.append(f"- {record.name}: {_number(record.value)}")
+    for record in (r for r in results if r.name is None):
+        lines.append(f"- {record.metric} at S_eval {record.ar_steps}: skipped ({record.skipped})")
+    for name, reason in report.skipped.items():
         lines.append(f"- {name}: skipped ({reason})")
-    lines += ["", f"Took {report['seconds'].get('total', 0):.0f} s."]
+    lines += ["", f"Took {report.seconds.get('total', 0):.0f} s."]
     return "\n".join(lines) + "\n"
 
 
-def _per_s_table(records: list[dict]) -> list[str]:
+def _per_s_table(records: list[Record]) -> list[str]:
     """A row per S_eval, a column per value measured at every S_eval; the other values (e.g.
     per AR step) as a list below."""
-    s_values = sorted({r["ar_steps"] for r in records})
-    names = list(dict.fromkeys(r["name"] for r in records))
-    columns = [n for n in names if {r["ar_steps"] for r in records if r["name"] == n} == set(s_values)]
+    s_values = sorted({r.ar_steps for r in records})
+    names = list(dict.fromkeys(r.name for r in records))
+    columns = [n for n in names if {r.ar_steps for r in records if r.name == n} == set(s_values)]
     lines = []
     if columns:
         lines += ["| S_eval | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for s in s_values:
-            values = {r["name"]: r["value"] for r in records if r["ar_steps"] == s}
+            values = {r.name: r.value for r in records if r.ar_steps == s}
             lines.append(f"| {s} | " + " | ".join(_number(values.get(c)) for c in columns) + " |")
         lines.append("")
-    lines += [f"- {r['name']} (S_eval {r['ar_steps']}): {_number(r['value'])}"
-              for r in records if r["name"] not in columns]
+    lines += [f"- {r.name} (S_eval {r.ar_steps}): {_number(r.value)}"
+              for r in records if r.name not in columns]
     return lines
 
 

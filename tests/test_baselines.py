@@ -88,8 +88,8 @@ def test_scored_against_the_val_reference_real_images_beat_independent_pixels(mn
     for name in ("real-train", "independent-pixels"):
         samples = baselines.baseline_samples(name, mnist[0], 300)
         records = evaluate.score_samples(context, ["fid", "kid", "class-accuracy"], samples)
-        assert {r["ar_steps"] for r in records} == {None}
-        scores[name] = {r["name"]: r["value"] for r in records}
+        assert {r.ar_steps for r in records} == {None}
+        scores[name] = {r.name: r.value for r in records}
     real, pixels = scores["real-train"], scores["independent-pixels"]
     assert real["FID-300 (mnist-cnn)"] < pixels["FID-300 (mnist-cnn)"] / 3
     assert real["KID-300 (mnist-cnn)"] < pixels["KID-300 (mnist-cnn)"]

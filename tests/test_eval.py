@@ -165,9 +165,9 @@ def test_the_probe_works_for_every_image_method(checkpoints):
     values = {}
     for method, path in checkpoints.items():
         report = evaluate.evaluate(path, ["probe"], metric_options={"probe": {"t": 10}}, progress=False)
-        (record,) = report["results"]
-        assert record["name"] == "linear probe top-1 (t=10)" and report["method"] == method
-        values[method] = record["value"]
+        (record,) = report.results
+        assert record.name == "linear probe top-1 (t=10)" and report.method == method
+        values[method] = record.value
     assert all(0.3 < v <= 1 for v in values.values())  # 10 classes: chance is 0.1
 
 
@@ -330,14 +330,14 @@ def test_heldout_inputs_are_common_random_numbers_and_dit_sees_the_x_t_of_incont
 def test_dit_has_no_heldout_loss_at_several_ar_steps_a_skipped_record_says_why(checkpoints, capsys):
     report = evaluate.evaluate(checkpoints["dit"], ["heldout-loss"], ar_steps=[2, 1],
                                metric_options={"heldout-loss": HELDOUT}, progress=False)
-    by_s = {s: [r for r in report["results"] if r["ar_steps"] == s] for s in (1, 2)}
-    assert [r["name"] for r in by_s[1]] == ["held-out ε-MSE", "held-out ε-MSE ±95%",
-                                            "held-out ε-MSE, AR step 1/1"]
+    by_s = {s: [r for r in report.results if r.ar_steps == s] for s in (1, 2)}
+    assert [r.name for r in by_s[1]] == ["held-out ε-MSE", "held-out ε-MSE ±95%",
+                                         "held-out ε-MSE, AR step 1/1"]
     (skipped,) = by_s[2]
-    assert skipped == {"metric": "heldout-loss", "name": None, "value": None, "ar_steps": 2,
-                       "skipped": "method dit denoises the whole image at once: it has no AR steps "
-                                  "to condition on"}
-    json.dumps(report, allow_nan=False)
+    assert skipped.as_dict() == {"metric": "heldout-loss", "name": None, "value": None, "ar_steps": 2,
+                                 "skipped": "method dit denoises the whole image at once: it has no AR "
+                                            "steps to condition on"}
+    json.dumps(report.as_dict(), allow_nan=False)
     assert "heldout-loss at S_eval 2: skipped (method dit denoises" in evaluate.summary(report)
 
 
@@ -351,7 +351,7 @@ def test_heldout_loss_per_step_values_average_token_weighted_to_the_mean(checkpo
 def test_heldout_loss_is_evaluated_per_s_eval_and_other_model_metrics_once(checkpoints):
     report = evaluate.evaluate(checkpoints["incontext-dit"], ["heldout-loss", "probe"], ar_steps=[1, 2],
                                metric_options={"heldout-loss": HELDOUT}, progress=False)
-    assert {(r["metric"], r["ar_steps"]) for r in report["results"]} == {
+    assert {(r.metric, r.ar_steps) for r in report.results} == {
         ("heldout-loss", 1), ("heldout-loss", 2), ("probe", None)}
     assert "| 1 | " in evaluate.summary(report) and "AR step 2/2 (S_eval 2)" in evaluate.summary(report)
 

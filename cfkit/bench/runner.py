@@ -241,16 +241,16 @@ def evaluate_run(run: Run, folder: Path, spec: Evaluation, progress: bool, devic
             records += [{"metric": m, "name": None, "value": None, "ar_steps": s, "cfg": cfg,
                          "skipped": str(error)} for m in on_samples]
             continue
-        if found.get("feature_network"):
-            write_json(folder_out / "feature-network.json", found["feature_network"])
-        records += [{**r, "cfg": cfg} for r in found["results"]]
+        if found.feature_network:
+            write_json(folder_out / "feature-network.json", found.feature_network)
+        records += [{**r.as_dict(), "cfg": cfg} for r in found.results]
     if others:
         say(f"  evaluating {', '.join(others)}")
         found = evaluate.evaluate(folder, others, ar_steps=spec.model_s, generation=spec.sampling_options(),
                                   **common)
-        records += [{**r, "cfg": None} for r in found["results"]]
+        records += [{**r.as_dict(), "cfg": None} for r in found.results]
         records += [{"metric": m, "name": None, "value": None, "ar_steps": None, "cfg": None,
-                     "skipped": why} for m, why in found["skipped"].items()]
+                     "skipped": why} for m, why in found.skipped.items()]
     method = checkpoint.load(checkpoint.resolve(folder))
     write_json(folder_out / "figure4.json", step_size_counts(method, spec.seed))
     editing_example(method, folder_out, spec)
@@ -334,7 +334,8 @@ def score_baselines(spec: Evaluation, runs: list[Run], out: Path, progress: bool
         samples = baseline_samples(name, context.dataset, spec.num, ar_steps=spec.baseline_ar_steps,
                                    patch_size=patch_size(experiment), seed=spec.seed)
         scored = evaluate.score_samples(context, on_samples, samples)
-        records = [{**r, "ar_steps": s, "cfg": None, "baseline": name} for s in spec.ar_steps for r in scored]
+        records = [{**r.as_dict(), "ar_steps": s, "cfg": None, "baseline": name}
+                   for s in spec.ar_steps for r in scored]
         write_json(path, records)
 
 

@@ -309,10 +309,21 @@ def components_of(module: types.ModuleType) -> types.ModuleType:
 
 
 def test_the_core_names_no_registered_component():
+    # cfkit.perf is the performance suite, packaged so that an installed cfkit runs it: it
+    # measures the built-in methods by name, as the benchmarks do, and the engine never imports it.
     names = {c.name for c in registry().components()} - core_vocabulary()
+    engine = [path for path in sorted(CORE.rglob("*.py")) if path.relative_to(CORE).parts[0] != "perf"]
     named = {(path.relative_to(CORE).as_posix(), name)
-             for path in sorted(CORE.rglob("*.py")) for name in named_components(path, names)}
+             for path in engine for name in named_components(path, names)}
     assert named - CORE_NAMES == set()
+
+
+def test_the_engine_never_imports_the_perf_suite():
+    engine = [path for path in sorted(CORE.rglob("*.py")) if path.relative_to(CORE).parts[0] != "perf"]
+    text = {path.name: path.read_text(encoding="utf-8") for path in engine if path.name != "cli.py"}
+    importers = [name for name, code in text.items()  # cli.py's cfkit bench --perf runs it
+                 if "from cfkit.perf" in code or "import cfkit.perf" in code]
+    assert importers == []
 
 
 def test_importing_the_core_loads_no_plugin():

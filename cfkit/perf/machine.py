@@ -1,7 +1,9 @@
-"""What every perf report states about the machine it was measured on."""
+"""What every perf report states about the machine it was measured on, and the network
+arguments the training-step and sampling benchmarks share."""
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -12,3 +14,27 @@ def machine() -> dict:
     work on the machine skews timings)."""
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg()}
+
+
+def add_network_arguments(p: argparse.ArgumentParser, dtypes) -> None:
+    """The measured network and batch: method, width, depth, heads, batch, latent grid side,
+    patch, precision (one of ``dtypes``) and attention backend."""
+    p.add_argument("--method", default="causalfusion", help="a registered method name")
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--latent", type=int, default=32, help="latent grid side")
+    p.add_argument("--patch", type=int, default=2)
+    p.add_argument("--dtype", choices=list(dtypes), default="bf16")
+    p.add_argument("--attention", default=None, help="attention backend (the method's default)")
+
+
+def model_options(args, attention: str | None) -> dict:
+    """The ``[model]`` table of those arguments: 4 latent channels, 1000 classes."""
+    model = {
+        "hidden_size": args.hidden, "depth": args.depth, "num_heads": args.heads,
+        "input_size": args.latent, "patch_size": args.patch, "latent_channels": 4,
+        "num_classes": 1000,
+    }
+    return model if attention is None else {**model, "attention": attention}

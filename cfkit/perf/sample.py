@@ -41,6 +41,7 @@ from cfkit.generate import (
     guidance_for,
     reverse_process,
 )
+from cfkit.perf.machine import add_network_arguments, model_options
 from cfkit.samplers import noise_like, respaced
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -62,13 +63,7 @@ def synchronize(device: torch.device) -> None:
 
 def build_model(args, attention: str | None, device: torch.device):
     """The method with a random-init network of the benchmark's size (same weights per seed)."""
-    model = {
-        "hidden_size": args.hidden, "depth": args.depth, "num_heads": args.heads,
-        "input_size": args.latent, "patch_size": args.patch, "latent_channels": 4,
-        "num_classes": 1000,
-    }
-    if attention is not None:
-        model["attention"] = attention
+    model = model_options(args, attention)
     torch.manual_seed(args.seed)
     method = configs.validate({"name": "perf-sample", "method": {"name": args.method},
                                "model": model}).build_method()
@@ -138,15 +133,7 @@ def measure(args, ar_steps: int, cached: bool, attention: str | None, dtype: str
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", default="causalfusion", help="a method with a CausalTransformer")
-    p.add_argument("--hidden", type=int, default=384)
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--latent", type=int, default=32, help="latent grid side")
-    p.add_argument("--patch", type=int, default=2)
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--attention", default=None, help="attention backend (model default)")
+    add_network_arguments(p, DTYPES)
     p.add_argument("--ar-steps", type=int, default=1, help="AR steps S")
     p.add_argument("--steps", type=int, default=250, help="diffusion steps T per AR step")
     p.add_argument("--cfg", type=float, default=4.0, help="CFG scale (1 = none)")

@@ -27,7 +27,7 @@ import torch
 from cfkit import config as configs
 from cfkit.flops import FLOPS_COUNTED, executed_pairs, step_flops
 from cfkit.methods import Batch
-from cfkit.perf.machine import machine
+from cfkit.perf.machine import add_network_arguments, machine, model_options
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -38,13 +38,7 @@ def log(message: str) -> None:
 
 def experiment(args, method: str, copies: int, attention: str | None):
     """The validated experiment: paper-default factorisation, the benchmark's network."""
-    model = {
-        "hidden_size": args.hidden, "depth": args.depth, "num_heads": args.heads,
-        "input_size": args.latent, "patch_size": args.patch, "latent_channels": 4,
-        "num_classes": 1000,
-    }
-    if attention is not None:
-        model["attention"] = attention
+    model = model_options(args, attention)
     return configs.validate({
         "name": "perf-train-step",
         "method": {"name": method},
@@ -161,15 +155,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, size: int, repeats: in
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", default="causalfusion", help="a registered method name")
-    p.add_argument("--hidden", type=int, default=384)
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--latent", type=int, default=32, help="latent grid side")
-    p.add_argument("--patch", type=int, default=2)
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--attention", default=None, help="attention backend (method default)")
+    add_network_arguments(p, DTYPES)
     p.add_argument("--copies", type=int, default=1, help="noised copies per sample (K)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")

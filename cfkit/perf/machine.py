@@ -16,9 +16,10 @@ def machine() -> dict:
             "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg()}
 
 
-def add_network_arguments(p: argparse.ArgumentParser, dtypes) -> None:
-    """The measured network and batch: method, width, depth, heads, batch, latent grid side,
-    patch, precision (one of ``dtypes``) and attention backend."""
+def network_parser(description: str, dtypes) -> argparse.ArgumentParser:
+    """A benchmark's parser with the measured network and batch: method, width, depth, heads,
+    batch, latent grid side, patch, precision (one of ``dtypes``) and attention backend."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--method", default="causalfusion", help="a registered method name")
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--depth", type=int, default=12)
@@ -28,6 +29,7 @@ def add_network_arguments(p: argparse.ArgumentParser, dtypes) -> None:
     p.add_argument("--patch", type=int, default=2)
     p.add_argument("--dtype", choices=list(dtypes), default="bf16")
     p.add_argument("--attention", default=None, help="attention backend (the method's default)")
+    return p
 
 
 def model_options(args, attention: str | None) -> dict:

@@ -41,7 +41,7 @@ from cfkit.generate import (
     guidance_for,
     reverse_process,
 )
-from cfkit.perf.machine import add_network_arguments, model_options
+from cfkit.perf.machine import model_options, network_parser
 from cfkit.samplers import noise_like, respaced
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -132,8 +132,7 @@ def measure(args, ar_steps: int, cached: bool, attention: str | None, dtype: str
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_network_arguments(p, DTYPES)
+    p = network_parser(__doc__.split("\n\n")[0], DTYPES)
     p.add_argument("--ar-steps", type=int, default=1, help="AR steps S")
     p.add_argument("--steps", type=int, default=250, help="diffusion steps T per AR step")
     p.add_argument("--cfg", type=float, default=4.0, help="CFG scale (1 = none)")

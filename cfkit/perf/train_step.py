@@ -27,7 +27,7 @@ import torch
 from cfkit import config as configs
 from cfkit.flops import FLOPS_COUNTED, executed_pairs, step_flops
 from cfkit.methods import Batch
-from cfkit.perf.machine import add_network_arguments, machine, model_options
+from cfkit.perf.machine import machine, model_options, network_parser
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -154,8 +154,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, size: int, repeats: in
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_network_arguments(p, DTYPES)
+    p = network_parser(__doc__.split("\n\n")[0], DTYPES)
     p.add_argument("--copies", type=int, default=1, help="noised copies per sample (K)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")

@@ -305,11 +305,13 @@ def _sampling_options(args, **fields) -> SamplingOptions:
     step_sizes = getattr(args, "step_sizes", None)
     sizes = None if step_sizes is None else [int(v) for v in step_sizes.split(",")]
     options = dict(ar_steps=getattr(args, "ar_steps", None), step_sizes=sizes,
-                   schedule=getattr(args, "schedule", None), order=args.order, steps=steps,
+                   schedule=getattr(args, "schedule", None), steps=steps,
                    split_steps=args.split_steps, cfg=args.cfg, cfg_interval=tuple(args.cfg_interval),
-                   sampler=args.sampler, sampler_options={} if args.eta is None else {"eta": args.eta},
+                   sampler_options={} if args.eta is None else {"eta": args.eta},
                    seed=args.seed, batch_size=getattr(args, "batch_size", 250))
-    return SamplingOptions.of(**{**options, **fields})
+    # --order and --sampler left out: the plugins' defaults
+    given = {name: getattr(args, name) for name in ("order", "sampler") if getattr(args, name) is not None}
+    return SamplingOptions.of(**{**options, **given, **fields})
 
 
 def _write_samples(pipe, result, labels, out) -> None:

@@ -56,12 +56,12 @@ class SamplingOptions:
     ar_steps: int | None = None
     step_sizes: Any = None
     schedule: Any = None
-    order: Any = None
+    order: Any = dataclasses.field(default_factory=lambda: _plugin_default("sampling.order"))
     steps: int | str = 250
     split_steps: bool = False
     cfg: float = 1.0
     cfg_interval: tuple[float, float] = (0.0, math.inf)
-    sampler: Any = None
+    sampler: Any = dataclasses.field(default_factory=lambda: _plugin_default("sampling.sampler"))
     sampler_options: dict = dataclasses.field(default_factory=dict)
     batch_size: int = 250
     seed: int = 0
@@ -70,7 +70,8 @@ class SamplingOptions:
     def __post_init__(self):
         for name in ("order", "sampler"):
             if getattr(self, name) is None:
-                object.__setattr__(self, name, _plugin_default(f"sampling.{name}"))
+                raise GenerationError(f"{name}: give a registered name or an object, got None "
+                                      f"(leave it out for the default)")
         for name, least in (("batch_size", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:

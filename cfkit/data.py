@@ -12,7 +12,9 @@ number of processes and workers (each process takes its block of rows, each work
 batches), which makes runs reproducible across world sizes and exactly resumable. Every
 process and worker reads every shard, so reading must be cheap: ``read_tar`` parses the tar
 headers itself (about 20x faster than the ``tarfile`` module) and only a process's own rows
-are decoded.
+are decoded. It reads the shards others write too, by the suffixes of ``config.SampleKeys``:
+img2dataset's (``jpg``, ``txt`` captions, ``json`` metadata), the ImageNet ``*-wds`` sets'
+(``jpg`` / ``jpeg`` / ``webp``, ``cls``, keys with dots); files of no kind it knows are ignored.
 
 Shards are data, never code: only local files are read unless whoever runs cfkit opts in to
 ``pipe:`` and URL shards (``--allow-remote-shards`` or ``CFKIT_ALLOW_REMOTE_SHARDS=1``), since
@@ -57,6 +59,7 @@ from cfkit.tokenizers import from_uint8
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+DEFAULT_KEYS = configs.SampleKeys()
 
 
 @dataclass
@@ -79,13 +82,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def read_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 ``(H, W, C)``, C = 1 (grey) or 3 (anything else, e.g. palette or RGBA)."""
-    with Image.open(io.BytesIO(data), formats=("PNG",)) as image:
-        image = np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"))
-    return image[..., None] if image.ndim == 2 else image
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -430,10 +426,15 @@ def open_shard(url: str, allow_remote: bool | None = None):
     """A binary file object of shard ``url``: a local file directly (no URL rewriting, no
     program), anything else through webdataset once ``check_sources`` allows it."""
     if is_local(url):
-        parsed = urlparse(url)
-        return open(url2pathname(parsed.path) if parsed.scheme else url, "rb")
+        return open(local_path(url), "rb")
     check_sources([url], allow_remote)
     return wds.gopen(url, "rb")
+
+
+def local_path(url: str) -> str:
+    """The file a local shard ``url`` (a path or ``file:`` URL) names."""
+    parsed = urlparse(url)
+    return url2pathname(parsed.path) if parsed.scheme else url
 
 
 def _file_url(path: str) -> str:
@@ -452,8 +453,12 @@ def shard_paths(spec, allow_remote: bool | None = None) -> list[str]:
         found = sorted(_file_url(str(p)) for p in path.glob("*.tar"))
     elif any(c in spec for c in "*?["):
         found = sorted(_file_url(p) for p in glob.glob(spec))
-    else:
+    else:  # a name, or webdataset's brace notation: train-{000000..000146}.tar
         found = check_sources(list(wds.shardlists.expand_urls(spec)), allow_remote)
+        missing = [url for url in found if is_local(url) and not os.path.exists(local_path(url))]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the {len(found)} shard(s) of {spec} do not exist, "
+                                    f"e.g. {missing[0]}")
     if not found:
         raise FileNotFoundError(f"no shards found at {spec}")
     return found
@@ -469,7 +474,19 @@ class BadSample(ValueError):
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_PIXELS = 1 << 26  # no training image is this large: a PNG declaring more is a decompression bomb
+MAX_PIXELS = 1 << 26  # no training image is this large: an image declaring more is a decompression bomb
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}  # suffix -> PIL format
+
+
+def member(raw: dict, suffix: str) -> bytes | None:
+    """The file of a raw sample with ``suffix``, or None. A key with dots (``n01440764_10026.JPEG``)
+    puts its extra part in front of every suffix (webdataset splits at the first dot:
+    ``jpeg.cls``), so a suffix ending in ``.SUFFIX`` counts too, as webdataset's decoders go by
+    the last extension."""
+    if suffix in raw:
+        return raw[suffix]
+    tail = f".{suffix}"
+    return next((data for name, data in raw.items() if name.endswith(tail)), None)
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -479,42 +496,102 @@ def png_size(data: bytes) -> tuple[int, int]:
     return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
 
 
-def sample_label(raw: dict, num_classes: int | None) -> int:
-    """The ``cls`` of a raw sample: an integer in ``0..num_classes-1``, or when ``num_classes``
-    is None any non-negative integer, or -1 when absent."""
+def image_size(data: bytes, suffix: str) -> tuple[int, int]:
+    """(height, width) that an image file's header declares (PIL reads only the header)."""
+    if suffix == "png":
+        return png_size(data)
+    try:
+        with Image.open(io.BytesIO(data), formats=(IMAGE_FORMATS[suffix],)) as image:
+            return image.height, image.width
+    except Exception:  # PIL raises many types on damaged data
+        raise BadSample("image", f"{suffix} file is not a {IMAGE_FORMATS[suffix]} image (it starts "
+                        f"{bytes(data[:8])!r})") from None
+
+
+def read_image(data: bytes, suffix: str = "png") -> np.ndarray:
+    """Image bytes -> uint8 ``(H, W, C)``, C = 1 (grey) or 3 (anything else: palette, RGBA, CMYK)."""
+    with Image.open(io.BytesIO(data), formats=(IMAGE_FORMATS[suffix],)) as image:
+        image = np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"))
+    return image[..., None] if image.ndim == 2 else image
+
+
+def sample_image(raw: dict, keys: configs.SampleKeys) -> tuple[str, bytes] | None:
+    """(suffix, bytes) of the first of ``keys.images`` the raw sample has, or None."""
+    for suffix in keys.images:
+        data = member(raw, suffix)
+        if data is not None:
+            return suffix, data
+    return None
+
+
+def sample_json(raw: dict) -> object:
+    """The parsed ``json`` file of a raw sample, or None when it has none."""
+    data = member(raw, "json")
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise BadSample("captions", f"json file is not JSON ({type(error).__name__})") from None
+
+
+def sample_label(raw: dict, num_classes: int | None, keys: configs.SampleKeys = DEFAULT_KEYS) -> int:
+    """The label of a raw sample (its ``keys.label`` file, else the ``keys.label_field`` of its
+    json): an integer in ``0..num_classes-1``, or when ``num_classes`` is None any non-negative
+    integer, or -1 when absent."""
     allowed = "a non-negative integer" if num_classes is None else f"an integer in 0..{num_classes - 1}"
-    if "cls" not in raw:
-        if num_classes is None:
-            return -1
-        raise BadSample("label", f"no cls file; a label must be {allowed}")
-    text = bytes(raw["cls"]).strip()
-    label = int(text) if text.isdigit() and len(text) < 20 else -1
+    data = member(raw, keys.label)
+    if data is not None:
+        text = bytes(data).strip()
+        label = int(text) if text.isdigit() and len(text) < 20 else -1
+        shown = f"{keys.label} {text[:20]!r}"
+    else:
+        value = sample_json(raw)
+        value = value.get(keys.label_field) if isinstance(value, dict) else None
+        if value is None:
+            if num_classes is None:
+                return -1
+            raise BadSample("label", f"no {keys.label} file or json {keys.label_field!r} field; a "
+                            f"label must be {allowed}")
+        label = value if isinstance(value, int) and not isinstance(value, bool) else -1
+        shown = f"json {keys.label_field!r} {str(value)[:20]!r}"
     if label < 0 or (num_classes is not None and label >= num_classes):
-        raise BadSample("label", f"cls {text[:20]!r} is not {allowed}")
+        raise BadSample("label", f"{shown} is not {allowed}")
     return label
 
 
-def sample_captions(raw: dict) -> list[str] | None:
-    """The ``json`` captions of a raw sample: a list of strings, or None when absent."""
-    if "json" not in raw:
-        return None
-    try:
-        captions = json.loads(raw["json"])
-    except (ValueError, RecursionError) as error:
-        raise BadSample("captions", f"json file is not JSON ({type(error).__name__})") from None
-    if not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
-        raise BadSample("captions", "json file is not a list of caption strings")
+def sample_captions(raw: dict, keys: configs.SampleKeys = DEFAULT_KEYS) -> list[str] | None:
+    """The captions of a raw sample (see ``SampleKeys``): a list of strings, or None when absent."""
+    data = member(raw, keys.caption)
+    if data is not None:
+        try:
+            return [bytes(data).decode("utf-8").strip()]
+        except UnicodeDecodeError:
+            raise BadSample("captions", f"{keys.caption} file is not UTF-8 text") from None
+    captions = sample_json(raw)
+    if isinstance(captions, dict):  # metadata, e.g. img2dataset's: the caption is one field
+        captions = captions.get(keys.caption_field)
+        captions = [captions] if isinstance(captions, str) else captions
+        where = f"json {keys.caption_field!r} field"
+    else:
+        where = "json file"
+    listed = isinstance(captions, list) and all(isinstance(c, str) for c in captions)
+    if captions is not None and not listed:
+        raise BadSample("captions", f"{where} is not a caption or a list of caption strings")
     return captions
 
 
-def sample_kind(raw: dict) -> str:
-    """``latents`` (a ``latent.npy`` file, preferred) or ``images`` (a ``png`` file)."""
-    if "latent.npy" in raw:
+def sample_kind(raw: dict, keys: configs.SampleKeys = DEFAULT_KEYS) -> str | None:
+    """``latents`` (a ``latent.npy`` file, preferred) or ``images`` (one of ``keys.images``);
+    None for a sample of none of the files ``keys`` name (someone else's files: ignored)."""
+    if member(raw, "latent.npy") is not None:
         return "latents"
-    if "png" in raw:
+    if sample_image(raw, keys) is not None:
         return "images"
+    if all(member(raw, suffix) is None for suffix in (keys.label, keys.caption, "json", "latent_flip.npy")):
+        return None
     files = ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "none"
-    raise BadSample("image", f"no png or latent.npy file (its files: {files})")
+    raise BadSample("image", f"no {', '.join(keys.images)} or latent.npy file (its files: {files})")
 
 
 def sample_latent(data: bytes, name: str) -> np.ndarray:
@@ -531,50 +608,57 @@ def sample_latent(data: bytes, name: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """What a usable sample is: ``kind`` ``images`` (a ``png``, decoded uint8 ``(H, W, C)``) or
-    ``latents`` (``latent.npy``, float ``(C, H, W)``), None for either; the ``shape`` of that
+    """What a usable sample is: ``kind`` ``images`` (an image file, decoded uint8 ``(H, W, C)``)
+    or ``latents`` (``latent.npy``, float ``(C, H, W)``), None for either; the ``shape`` of that
     array (None: any); labels in ``0..num_classes-1`` (None: any or none, see
-    ``sample_label``); captions, when present, a JSON list of strings."""
+    ``sample_label``); which files hold the image, label and captions: ``keys``."""
 
     kind: str | None = None
     shape: tuple[int, ...] | None = None
     num_classes: int | None = None
+    keys: configs.SampleKeys = DEFAULT_KEYS
 
-    def screen(self, raw: dict) -> None:
-        """BadSample unless the sample's label, captions, kind and size are right, as far as
-        its files tell without decoding pixels (cheap: every worker screens every sample)."""
-        sample_label(raw, self.num_classes)
-        sample_captions(raw)
-        kind = sample_kind(raw)
+    def screen(self, raw: dict) -> bool:
+        """Whether the raw sample is one at all (False: none of the files ``keys`` name, e.g.
+        someone else's files in the shard); BadSample unless its label, captions, kind and
+        size are right, as far as its files tell without decoding pixels (cheap: every worker
+        screens every sample)."""
+        kind = sample_kind(raw, self.keys)
+        if kind is None:
+            return False
+        sample_label(raw, self.num_classes, self.keys)
+        sample_captions(raw, self.keys)
         if self.kind is not None and kind != self.kind:
             raise BadSample("kind", f"a sample of {kind}; these shards hold {self.kind}")
         if kind == "latents":
             for name in ("latent.npy", "latent_flip.npy"):
-                if name in raw:
-                    self.check_shape(sample_latent(raw[name], name).shape, name)
-            return
-        height, width = png_size(raw["png"])
+                if (data := member(raw, name)) is not None:
+                    self.check_shape(sample_latent(data, name).shape, name)
+            return True
+        suffix, data = sample_image(raw, self.keys)
+        height, width = image_size(data, suffix)
         if height * width > MAX_PIXELS:
-            raise BadSample("image", f"png of {width}x{height} pixels (allowed: up to {MAX_PIXELS})")
+            raise BadSample("image", f"{suffix} of {width}x{height} pixels (allowed: up to {MAX_PIXELS})")
         if self.shape is not None and (height, width) != self.shape[:2]:
-            raise BadSample("shape", f"png of {height}x{width} pixels; these shards' images are "
+            raise BadSample("shape", f"{suffix} of {height}x{width} pixels; these shards' images are "
                             f"{self.shape[0]}x{self.shape[1]}")
+        return True
 
     def decode(self, raw: dict, flip: bool = False) -> dict:
         """A screened raw sample -> ``key``, ``label``, ``captions`` and its ``images`` or
         ``latents`` array, horizontally flipped when ``flip``; BadSample."""
-        item = {"key": raw["__key__"], "label": sample_label(raw, self.num_classes),
-                "captions": sample_captions(raw)}
-        if sample_kind(raw) == "latents":
-            name = "latent_flip.npy" if flip and "latent_flip.npy" in raw else "latent.npy"
-            item["latents"] = array = sample_latent(raw[name], name)
+        item = {"key": raw["__key__"], "label": sample_label(raw, self.num_classes, self.keys),
+                "captions": sample_captions(raw, self.keys)}
+        if sample_kind(raw, self.keys) == "latents":
+            name = "latent_flip.npy" if flip and member(raw, "latent_flip.npy") is not None else "latent.npy"
+            item["latents"] = array = sample_latent(member(raw, name), name)
         else:
+            name, data = sample_image(raw, self.keys)
             try:
-                array = read_png(raw["png"])
+                array = read_image(data, name)
             except Exception as error:  # PIL raises many types on damaged data
-                raise BadSample("image", f"png does not decode ({error})") from None
+                raise BadSample("image", f"{name} does not decode ({error})") from None
             item["images"] = array = array[:, ::-1] if flip else array
-            name = "png"
         self.check_shape(array.shape, name)
         return item
 
@@ -696,8 +780,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     its block of ``batch_size`` rows. DataLoader workers take whole batches in turn.
     ``skip_batches`` resumes mid-stream without decoding the skipped samples.
 
-    Samples must fit a ``SampleSpec``: labels in ``0..num_classes-1`` when given, and one kind
-    and shape, ``shape`` when given, else the most common among the first samples (found when
+    Samples must fit a ``SampleSpec``: their image, label and captions in the files that
+    ``keys`` (a ``config.SampleKeys``) names (a sample of other files only is ignored), labels
+    in ``0..num_classes-1`` when given, one kind and shape, ``shape`` when given, else the most
+    common among the first samples (found when
     the stream is made, the same in every process and worker). A damaged shard and a sample
     that does not fit are skipped and counted in ``errors``: most before batching (a batch is
     whole), pixels that fail to decode in a process's rows (that batch is short of them).
@@ -712,7 +798,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, shards, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 1000, flip: bool = True, skip_batches: int = 0,
                  epochs: int | None = None, num_classes: int | None = None,
-                 shape: tuple[int, ...] | None = None, allow_remote: bool | None = None):
+                 shape: tuple[int, ...] | None = None, allow_remote: bool | None = None,
+                 keys: configs.SampleKeys = DEFAULT_KEYS):
         self.allow_remote = remote_shards_allowed() if allow_remote is None else allow_remote
         self.shards = shard_paths(shards, self.allow_remote)
         self.batch_size, self.seed = batch_size, seed
@@ -721,7 +808,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.skip_batches, self.epochs = skip_batches, epochs
         self.errors = ErrorCount()
         self.spec = self._probe(SampleSpec(shape=None if shape is None else tuple(shape),
-                                           num_classes=num_classes))
+                                           num_classes=num_classes, keys=keys))
 
     def _probe(self, spec: SampleSpec) -> SampleSpec:
         """``spec`` with the kind and (unless given) shape of the most common of the first
@@ -754,7 +841,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             for raw in read_tar(shard, self.allow_remote):
                 raw["__url__"] = shard
                 try:
-                    spec.screen(raw)
+                    if not spec.screen(raw):
+                        continue  # not a sample: other files share the shard
                 except BadSample as error:
                     errors.sample(shard, raw["__key__"], error)
                     continue

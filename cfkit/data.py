@@ -52,7 +52,7 @@ import webdataset as wds
 from PIL import Image
 
 from cfkit import config as configs
-from cfkit.checkpoint import atomic_write
+from cfkit.checkpoint import atomic_write, write_json
 from cfkit.distributed import barrier
 from cfkit.tokenizers import from_uint8
 
@@ -117,53 +117,153 @@ def dataset_captions(dataset, split: str = "train") -> list[str]:
     return captions
 
 
+@dataclass(frozen=True)
+class Encoder:
+    """Latent caching: ``tokenizer`` encodes ``batch_size`` images at a time on ``device``."""
+
+    tokenizer: object
+    batch_size: int = 64
+    device: str = "cpu"
+
+
 def write_shards(dataset, out_dir, split: str = "train", shard_size: int = 1000,
                  tokenizer=None, prefix: str | None = None, batch_size: int = 64,
-                 force: bool = False) -> list[Path]:
-    """Write ``dataset``'s ``split`` as tar shards ``{prefix}-{split}-{i:06d}.tar`` in ``out_dir``.
-    The whole set is written in a temp folder beside it, which then replaces ``out_dir``: a
-    reader finds the old set or the new one, never a mix, and a failed write leaves nothing.
-    An ``out_dir`` holding shards is replaced only with ``force``; one holding anything else
-    never is. With ``tokenizer``, latents replace pixels."""
+                 force: bool = False, device: str = "cpu", progress: bool = False,
+                 resume: bool = False, identity: dict | None = None,
+                 group: tuple[int, int] = (0, 1)) -> list[Path]:
+    """Write ``dataset``'s ``split`` as tar shards ``{prefix}-{split}-{i:06d}.tar`` in ``out_dir``
+    (``shard_size`` samples each); with ``tokenizer``, latents encoded ``batch_size`` images at a
+    time on ``device`` replace pixels. The set is written in a work folder beside ``out_dir``,
+    which then replaces it: a reader finds the old set or the new one, never a mix. An
+    ``out_dir`` holding shards is replaced only with ``force``; one holding anything else never
+    is. ``progress``: a ``Progress`` of the images written.
+
+    Without ``resume`` a failed write leaves nothing. With it the work folder is
+    ``.{name}.partial`` and every shard there is complete (temp file + rename), so a write that
+    stopped (killed, preempted, failed) continues when run again, skipping those; the folder
+    records what it is for (``identity``, e.g. the dataset's and tokenizer's options) and
+    refuses other settings until ``force``. ``group`` (rank, world size; see
+    ``process_group``): each process writes shards rank, rank + world, ... (a ``resume``
+    write), and the set is byte-identical to one process's."""
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
+    rank, world = group
+    if world > 1 and not resume:
+        raise ValueError("processes share a write of shards only with resume=True (one work folder)")
     target = Path(out_dir).resolve()
     _check_replaceable(target, force)
     prefix = prefix or type(dataset).__name__.lower()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir()
+    about = {"prefix": prefix, "split": split, "shard_size": shard_size, "latents": tokenizer is not None,
+             **(identity or {})}
+    work = target.with_name(f".{target.name}.partial" if resume
+                            else f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        names = _write_set(dataset, tmp, split, shard_size, tokenizer, prefix, batch_size)
-        _replace_folder(tmp, target)
+        if rank == 0:
+            _open_work_folder(work, about, force)
+        _group_barrier(world)
+        encoder = Encoder(tokenizer, batch_size, device) if tokenizer is not None else None
+        names = _write_set(dataset, work, split, shard_size, encoder, prefix, group,
+                           _progress(prefix, split, progress and rank == 0, world))
+        _group_barrier(world)
+        if rank == 0:
+            _finish_work_folder(work, names)
+            _replace_folder(work, target)
+        _group_barrier(world)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resume:
+            shutil.rmtree(work, ignore_errors=True)
         raise
     return [Path(out_dir) / name for name in names]
 
 
-def _write_set(dataset, folder: Path, split: str, shard_size: int, tokenizer, prefix: str,
-               batch_size: int) -> list[str]:
-    """The shards of ``dataset``'s ``split`` written into ``folder``; their file names."""
-    names, chunk = [], []
+def _group_barrier(world: int) -> None:
+    if world > 1:
+        barrier()
 
-    def flush():
-        names.append(f"{prefix}-{split}-{len(names):06d}.tar")
-        _write_shard(folder / names[-1], chunk, tokenizer, batch_size)
 
+def _progress(prefix: str, split: str, show: bool, world: int):
+    from cfkit.progress import Progress
+
+    ranks = f" (rank 0 of {world})" if world > 1 else ""
+    return Progress(f"shards of {prefix} {split}{ranks}", "images", show=show)
+
+
+WORK_FILE = "cfkit-write.json"  # in a work folder: what its shards are of
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _open_work_folder(work: Path, about: dict, force: bool) -> None:
+    """Make the work folder, or keep the one a stopped write of the same ``about`` left (its
+    complete shards are skipped); one of other settings is an error, or with ``force`` removed."""
+    if work.is_dir():
+        try:
+            before = json.loads((work / WORK_FILE).read_text())
+        except (OSError, ValueError):
+            before = None  # a writer killed before it wrote the file: nothing of it to keep
+        if before != about and not (force or before is None):
+            changed = sorted(k for k in {*about, *before} if about.get(k) != before.get(k))
+            raise ValueError(f"{work} holds an unfinished write with other settings ({', '.join(changed)} "
+                             f"differ): run the same command again to finish it, or start over with "
+                             "--force (force=True)")
+        if before != about:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / WORK_FILE, about)
+
+
+def _finish_work_folder(work: Path, names: list[str]) -> None:
+    """Check every shard of ``names`` is in ``work``; drop the temp files of killed writers and
+    the work record, leaving only the shards."""
+    missing = [name for name in names if not (work / name).is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(names)} shard(s) missing in {work} (e.g. {missing[0]}): "
+                         "a process stopped early; run the same command again to finish")
+    for path in work.iterdir():
+        if path.name not in names:
+            path.unlink()
+
+
+def _write_set(dataset, folder: Path, split: str, shard_size: int, encoder: Encoder | None, prefix: str,
+               group: tuple[int, int], progress) -> list[str]:
+    """Cut ``dataset``'s ``split`` into shards and write this process's (``group``: rank, world
+    size) into ``folder``, but for those already there; every shard's name."""
+    rank, world = group
+    names, skipped = [], 0
+    for index, chunk in enumerate(_chunks(dataset, split, shard_size)):
+        names.append(f"{prefix}-{split}-{index:06d}.tar")
+        if index % world != rank:
+            continue
+        if (folder / names[-1]).is_file():  # written whole (temp + rename) before a stop
+            skipped += 1
+            continue
+        _write_shard(folder / names[-1], chunk, encoder)
+        progress.update(len(chunk))
+    if not names:
+        raise ValueError(f"dataset {prefix} has no {split} samples: no shards to write")
+    done = f", {skipped} were complete already" if skipped else ""
+    progress.close(f"; {len(names)} shard(s) in all{done}")
+    return names
+
+
+def _chunks(dataset, split: str, shard_size: int) -> Iterator[list[Sample]]:
+    """``dataset``'s ``split`` samples in consecutive lists of ``shard_size`` (the last shorter)."""
+    chunk = []
     for sample in dataset.samples(check_split(split)):
         if not sample.key or "." in sample.key or "/" in sample.key:
             # webdataset splits a member name at the first dot of its base name
             raise ValueError(f"sample key {sample.key!r}: a key must be non-empty, without '.' or '/'")
         chunk.append(sample)
         if len(chunk) == shard_size:
-            flush()
+            yield chunk
             chunk = []
     if chunk:
-        flush()
-    if not names:
-        raise ValueError(f"dataset {prefix} has no {split} samples: no shards to write")
-    return names
+        yield chunk
 
 
 def _is_shard_file(name: str) -> bool:
@@ -204,8 +304,8 @@ def _replace_folder(new: Path, folder: Path) -> None:
     shutil.rmtree(old)
 
 
-def _write_shard(path: Path, samples: list[Sample], tokenizer, batch_size: int) -> Path:
-    latents = _encode(samples, tokenizer, batch_size) if tokenizer is not None else None
+def _write_shard(path: Path, samples: list[Sample], encoder: Encoder | None) -> Path:
+    latents = _encode(samples, encoder) if encoder is not None else None
 
     def write(tmp):
         # A fixed integer mtime: byte-identical shards, and no per-file pax header (a float
@@ -229,13 +329,13 @@ def _write_shard(path: Path, samples: list[Sample], tokenizer, batch_size: int) 
 
 
 @torch.no_grad()
-def _encode(samples: list[Sample], tokenizer, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior-mean latents (fp16) of the images and of their horizontal flips."""
-    plain, flipped = [], []
-    for start in range(0, len(samples), batch_size):
-        images = from_uint8(np.stack([s.image for s in samples[start:start + batch_size]]))
-        plain.append(tokenizer.encode(images).half().numpy())
-        flipped.append(tokenizer.encode(images.flip(-1)).half().numpy())
+def _encode(samples: list[Sample], encoder: Encoder) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior-mean latents (fp16) ``(N, C, h, w)`` of the images and of their horizontal flips."""
+    plain, flipped, tokenizer, size = [], [], encoder.tokenizer, encoder.batch_size
+    for start in range(0, len(samples), size):
+        images = from_uint8(np.stack([s.image for s in samples[start:start + size]])).to(encoder.device)
+        plain.append(tokenizer.encode(images).half().cpu().numpy())
+        flipped.append(tokenizer.encode(images.flip(-1)).half().cpu().numpy())
     channels = plain[0].shape[1]
     if channels != tokenizer.channels:  # e.g. pixels left at channels = 1 on RGB images
         raise ValueError(f"the image tokenizer declares {tokenizer.channels} latent channel(s) but "
@@ -768,6 +868,25 @@ def _coin(text: str) -> bool:
     return hashlib.blake2b(text.encode(), digest_size=1).digest()[0] < 128
 
 
+def screened(shard: str, spec: SampleSpec, errors: ErrorCount, allow_remote: bool | None = None
+             ) -> Iterator[dict]:
+    """The samples of ``shard`` that ``spec`` screens in, each with its ``__url__``; a damaged
+    shard (after its good samples) and screened-out samples go to ``errors``; files of no
+    sample kind are passed over."""
+    try:
+        for raw in read_tar(shard, allow_remote):
+            raw["__url__"] = shard
+            try:
+                if not spec.screen(raw):
+                    continue  # not a sample: other files share the shard
+            except BadSample as error:
+                errors.sample(shard, raw["__key__"], error)
+                continue
+            yield raw
+    except (OSError, ValueError) as error:
+        errors.shard(shard, error)
+
+
 PROBE_SAMPLES, PROBE_PER_SHARD = 32, 8
 
 
@@ -816,7 +935,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         errors, found = ErrorCount(quiet=True), Counter()
         for shard in self.shards:
             usable = 0
-            for raw in self._screened(shard, spec, errors):
+            for raw in screened(shard, spec, errors, self.allow_remote):
                 try:
                     item = spec.decode(raw)
                 except BadSample as error:
@@ -834,22 +953,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         kind, shape = found.most_common(1)[0][0]
         return replace(spec, kind=kind, shape=shape)
 
-    def _screened(self, shard: str, spec: SampleSpec, errors: ErrorCount) -> Iterator[dict]:
-        """The samples of ``shard`` that ``spec`` screens in, each with its ``__url__``; a
-        damaged shard (after its good samples) and screened-out samples go to ``errors``."""
-        try:
-            for raw in read_tar(shard, self.allow_remote):
-                raw["__url__"] = shard
-                try:
-                    if not spec.screen(raw):
-                        continue  # not a sample: other files share the shard
-                except BadSample as error:
-                    errors.sample(shard, raw["__key__"], error)
-                    continue
-                yield raw
-        except (OSError, ValueError) as error:
-            errors.shard(shard, error)
-
     def raw_samples(self) -> Iterator[tuple[int, dict]]:
         """(epoch, screened raw tar sample) forever (or for ``epochs``), shuffled."""
         epoch = 0
@@ -858,7 +961,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             shards = list(self.shards)
             rng.shuffle(shards)
             count = 0
-            read = (raw for shard in shards for raw in self._screened(shard, self.spec, self.errors))
+            read = (raw for shard in shards
+                    for raw in screened(shard, self.spec, self.errors, self.allow_remote))
             for sample in _shuffled(read, self.shuffle_buffer, rng):
                 count += 1
                 yield epoch, sample

@@ -170,7 +170,7 @@ def write_shards(dataset, out_dir, split: str = "train", shard_size: int = 1000,
             _replace_folder(work, target)
         _group_barrier(world)
     except BaseException:
-        if not resume:
+        if not resume or (rank == 0 and not any(work.glob("*.tar"))):  # nothing to continue from
             shutil.rmtree(work, ignore_errors=True)
         raise
     return [Path(out_dir) / name for name in names]

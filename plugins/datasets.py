@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cfkit import config as configs
 from cfkit import data, hookimpl
-from cfkit.config import SampleKeys
 from cfkit.data import Sample, check_split
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,11 @@ class WebDataset:
             raise ValueError(f"webdataset: image_size must be >= 1, got {image_size}")
         self.paths = {"train": path, "val": val_path}
         self.image_size, self.num_classes = image_size, num_classes
-        self.spec = data.SampleSpec(kind="images", num_classes=num_classes, keys=SampleKeys(**keys))
+        try:
+            keys = configs.validate(keys, configs.SampleKeys)
+        except configs.ConfigError as error:
+            raise ValueError(f"webdataset: {error} (and path, image_size, val_path, num_classes)") from None
+        self.spec = data.SampleSpec(kind="images", num_classes=num_classes, keys=keys)
 
     def samples(self, split):
         from PIL import Image

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,14 @@ def test_two_gloo_processes_write_the_bytes_of_one(tmp_path, tiny_vae):  # noqa:
                                                         shardshuffle=False).decode()]
     assert len(latents) == 3 and latents[0].shape == (4, 8, 8) and np.abs(latents[0]).sum() > 0
     assert torch.tensor(np.stack(latents)).isfinite().all()
+
+
+@pytest.mark.parametrize("option, message", [
+    ("labl=3", "webdataset: labl: unknown key .*allowed keys: images, label, label_field, caption"),
+    ("image_size=8", r"2 of the 2 shard\(s\) of .* do not exist"),
+])
+def test_a_write_that_fails_before_any_shard_leaves_nothing(tmp_path, capsys, option, message):
+    rc = cli.main(["shards", "webdataset", f"{tmp_path}/in/{{0..1}}.tar", "--out", str(tmp_path / "out"),
+                   "--option", option, "--no-progress"])
+    assert rc == 2 and re.search(message, capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

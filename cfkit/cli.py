@@ -200,9 +200,11 @@ def _dataset(args):
 
 def add_shards_command(sub) -> None:
     """``cfkit shards``: its arguments, beside its function."""
-    p = sub.add_parser("shards", help="write a dataset as WebDataset tar shards")
-    p.add_argument("name", help="dataset plugin (e.g. digits, shapes, imagefolder)")
-    p.add_argument("source", nargs="?", help="a path for datasets that read one (imagefolder)")
+    p = sub.add_parser("shards", help="write a dataset as WebDataset tar shards (under torchrun, "
+                       "each process writes its share)")
+    p.add_argument("name", help="dataset plugin (e.g. digits, shapes, imagefolder, webdataset)")
+    p.add_argument("source", nargs="?", help="a path for datasets that read one (imagefolder: a "
+                   "folder; webdataset: shards, e.g. 'train-{000000..000146}.tar')")
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="train", choices=["train", "val"])
     p.add_argument("--shard-size", type=int, default=1000)
@@ -210,24 +212,47 @@ def add_shards_command(sub) -> None:
     p.add_argument("--tokenizer-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of the --encode tokenizer, as in a config's tokenizer table, "
                    "e.g. channels=3 or path=kl16.ckpt")
+    p.add_argument("--device", default="cpu", help="where --encode runs, e.g. cuda (under torchrun: "
+                   "each process's own GPU)")
+    p.add_argument("--batch-size", type=int, default=64, help="images --encode encodes at a time")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset option, e.g. size=2000 or image_size=32")
     p.add_argument("--force", action="store_true",
-                   help="replace the shards already in --out (the whole set, atomically)")
+                   help="replace the shards already in --out (the whole set, atomically), or "
+                   "discard an unfinished write of other settings")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=cmd_shards)
 
 
 def cmd_shards(args) -> int:
+    """Write the shards; a stopped write continues where it stopped when run again."""
     from cfkit import data
+    from cfkit.distributed import Distributed
 
     if args.tokenizer_option and not args.encode:
         raise ValueError("--tokenizer-option needs --encode TOKENIZER")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    identity = {"dataset": args.name, "source": args.source, "options": _options(args.option)}
     tokenizer = None
     if args.encode:
-        tokenizer = plugins.build("image_tokenizers", args.encode, **_options(args.tokenizer_option))
-    paths = data.write_shards(_dataset(args), args.out, args.split, args.shard_size, tokenizer,
-                              prefix=args.name, force=args.force)
-    print(f"wrote {len(paths)} shard(s) to {args.out}")
+        options = _options(args.tokenizer_option)
+        tokenizer = plugins.build("image_tokenizers", args.encode, **options)
+        identity["tokenizer"] = {"name": args.encode, **options}
+    dataset = _dataset(args)
+    group = Distributed()
+    try:
+        device = args.device
+        if device == "cuda" and group.device.type == "cuda":
+            device = str(group.device)  # torchrun: this process's GPU (LOCAL_RANK)
+        paths = data.write_shards(dataset, args.out, args.split, args.shard_size, tokenizer,
+                                  prefix=args.name, batch_size=args.batch_size, force=args.force,
+                                  device=device, progress=not args.no_progress, resume=True,
+                                  identity=identity, group=(group.rank, group.world_size))
+    finally:
+        group.close()
+    if group.is_main:
+        print(f"wrote {len(paths)} shard(s) to {args.out}")
     return 0
 
 

@@ -135,6 +135,38 @@ class Diffusion(Strict):
         return diffusion.GaussianDiffusion.named(self.beta_schedule, self.num_timesteps)
 
 
+IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")  # the image files the shard loader decodes
+Suffix = Annotated[str, Field(pattern=r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")]  # lower case: webdataset's
+
+
+class SampleKeys(Strict):
+    """Which files of a shard sample hold what, by webdataset suffix (``KEY.SUFFIX`` in the tar).
+    The image is the first of ``images`` a sample has; the class label a ``label`` file (an
+    integer as text), else the ``label_field`` of its ``json``; the captions a ``caption`` file
+    (one caption), else the ``caption_field`` of its ``json`` (a caption or a list), else the
+    ``json`` itself when it is a list of captions (the shards cfkit writes). The defaults read
+    img2dataset (``jpg``, ``txt``, ``json``) and the ImageNet ``*-wds`` sets (``cls``)."""
+
+    images: tuple[Literal[IMAGE_SUFFIXES], ...] = IMAGE_SUFFIXES
+    label: Suffix = "cls"
+    label_field: str = Field("label", min_length=1)
+    caption: Suffix = "txt"
+    caption_field: str = Field("caption", min_length=1)
+
+    @model_validator(mode="after")
+    def _check_distinct(self):
+        if not self.images or len(set(self.images)) < len(self.images):
+            raise ValueError(f"data.keys.images must list image suffixes once each (allowed: "
+                             f"{', '.join(IMAGE_SUFFIXES)}), got {list(self.images)}")
+        taken = {*self.images, "json", "latent.npy", "latent_flip.npy"}
+        for name in ("label", "caption"):
+            if getattr(self, name) in taken:
+                raise ValueError(f"data.keys.{name} {getattr(self, name)!r} names a file that holds "
+                                 f"something else; not one of: {', '.join(sorted(taken))}")
+            taken.add(getattr(self, name))
+        return self
+
+
 class Data(Strict):
     """Training data: shards (or an embedded dataset built into cached shards on first use),
     the image tokenizer that maps images to latents and, for methods with text, the text
@@ -143,6 +175,7 @@ class Data(Strict):
     dataset: Annotated[Component, _component("datasets", build=False)] | None = None
     shards: str | None = None  # a folder, glob or brace pattern of train shards
     val_shards: str | None = None
+    keys: SampleKeys = Field(default_factory=SampleKeys)  # which files hold image, label, captions
     tokenizer: Annotated[Component, _component("image_tokenizers")] = component_default(
         "image_tokenizers", "data.tokenizer")
     # captions -> ids, for methods with text (e.g. { name = "bytes" })

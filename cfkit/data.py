@@ -12,7 +12,9 @@ number of processes and workers (each process takes its block of rows, each work
 batches), which makes runs reproducible across world sizes and exactly resumable. Every
 process and worker reads every shard, so reading must be cheap: ``read_tar`` parses the tar
 headers itself (about 20x faster than the ``tarfile`` module) and only a process's own rows
-are decoded.
+are decoded. It reads the shards others write too, by the suffixes of ``config.SampleKeys``:
+img2dataset's (``jpg``, ``txt`` captions, ``json`` metadata), the ImageNet ``*-wds`` sets'
+(``jpg`` / ``jpeg`` / ``webp``, ``cls``, keys with dots); files of no kind it knows are ignored.
 
 Shards are data, never code: only local files are read unless whoever runs cfkit opts in to
 ``pipe:`` and URL shards (``--allow-remote-shards`` or ``CFKIT_ALLOW_REMOTE_SHARDS=1``), since
@@ -50,13 +52,14 @@ import webdataset as wds
 from PIL import Image
 
 from cfkit import config as configs
-from cfkit.checkpoint import atomic_write
+from cfkit.checkpoint import atomic_write, write_json
 from cfkit.distributed import barrier
 from cfkit.tokenizers import from_uint8
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+DEFAULT_KEYS = configs.SampleKeys()
 
 
 @dataclass
@@ -79,13 +82,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def read_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 ``(H, W, C)``, C = 1 (grey) or 3 (anything else, e.g. palette or RGBA)."""
-    with Image.open(io.BytesIO(data), formats=("PNG",)) as image:
-        image = np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"))
-    return image[..., None] if image.ndim == 2 else image
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -121,53 +117,153 @@ def dataset_captions(dataset, split: str = "train") -> list[str]:
     return captions
 
 
+@dataclass(frozen=True)
+class Encoder:
+    """Latent caching: ``tokenizer`` encodes ``batch_size`` images at a time on ``device``."""
+
+    tokenizer: object
+    batch_size: int = 64
+    device: str = "cpu"
+
+
 def write_shards(dataset, out_dir, split: str = "train", shard_size: int = 1000,
                  tokenizer=None, prefix: str | None = None, batch_size: int = 64,
-                 force: bool = False) -> list[Path]:
-    """Write ``dataset``'s ``split`` as tar shards ``{prefix}-{split}-{i:06d}.tar`` in ``out_dir``.
-    The whole set is written in a temp folder beside it, which then replaces ``out_dir``: a
-    reader finds the old set or the new one, never a mix, and a failed write leaves nothing.
-    An ``out_dir`` holding shards is replaced only with ``force``; one holding anything else
-    never is. With ``tokenizer``, latents replace pixels."""
+                 force: bool = False, device: str = "cpu", progress: bool = False,
+                 resume: bool = False, identity: dict | None = None,
+                 group: tuple[int, int] = (0, 1)) -> list[Path]:
+    """Write ``dataset``'s ``split`` as tar shards ``{prefix}-{split}-{i:06d}.tar`` in ``out_dir``
+    (``shard_size`` samples each); with ``tokenizer``, latents encoded ``batch_size`` images at a
+    time on ``device`` replace pixels. The set is written in a work folder beside ``out_dir``,
+    which then replaces it: a reader finds the old set or the new one, never a mix. An
+    ``out_dir`` holding shards is replaced only with ``force``; one holding anything else never
+    is. ``progress``: a ``Progress`` of the images written.
+
+    Without ``resume`` a failed write leaves nothing. With it the work folder is
+    ``.{name}.partial`` and every shard there is complete (temp file + rename), so a write that
+    stopped (killed, preempted, failed) continues when run again, skipping those; the folder
+    records what it is for (``identity``, e.g. the dataset's and tokenizer's options) and
+    refuses other settings until ``force``. ``group`` (rank, world size; see
+    ``process_group``): each process writes shards rank, rank + world, ... (a ``resume``
+    write), and the set is byte-identical to one process's."""
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
+    rank, world = group
+    if world > 1 and not resume:
+        raise ValueError("processes share a write of shards only with resume=True (one work folder)")
     target = Path(out_dir).resolve()
     _check_replaceable(target, force)
     prefix = prefix or type(dataset).__name__.lower()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir()
+    about = {"prefix": prefix, "split": split, "shard_size": shard_size, "latents": tokenizer is not None,
+             **(identity or {})}
+    work = target.with_name(f".{target.name}.partial" if resume
+                            else f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        names = _write_set(dataset, tmp, split, shard_size, tokenizer, prefix, batch_size)
-        _replace_folder(tmp, target)
+        if rank == 0:
+            _open_work_folder(work, about, force)
+        _group_barrier(world)
+        encoder = Encoder(tokenizer, batch_size, device) if tokenizer is not None else None
+        names = _write_set(dataset, work, split, shard_size, encoder, prefix, group,
+                           _progress(prefix, split, progress and rank == 0, world))
+        _group_barrier(world)
+        if rank == 0:
+            _finish_work_folder(work, names)
+            _replace_folder(work, target)
+        _group_barrier(world)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resume or (rank == 0 and not any(work.glob("*.tar"))):  # nothing to continue from
+            shutil.rmtree(work, ignore_errors=True)
         raise
     return [Path(out_dir) / name for name in names]
 
 
-def _write_set(dataset, folder: Path, split: str, shard_size: int, tokenizer, prefix: str,
-               batch_size: int) -> list[str]:
-    """The shards of ``dataset``'s ``split`` written into ``folder``; their file names."""
-    names, chunk = [], []
+def _group_barrier(world: int) -> None:
+    if world > 1:
+        barrier()
 
-    def flush():
-        names.append(f"{prefix}-{split}-{len(names):06d}.tar")
-        _write_shard(folder / names[-1], chunk, tokenizer, batch_size)
 
+def _progress(prefix: str, split: str, show: bool, world: int):
+    from cfkit.progress import Progress
+
+    ranks = f" (rank 0 of {world})" if world > 1 else ""
+    return Progress(f"shards of {prefix} {split}{ranks}", "images", show=show)
+
+
+WORK_FILE = "cfkit-write.json"  # in a work folder: what its shards are of
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _open_work_folder(work: Path, about: dict, force: bool) -> None:
+    """Make the work folder, or keep the one a stopped write of the same ``about`` left (its
+    complete shards are skipped); one of other settings is an error, or with ``force`` removed."""
+    if work.is_dir():
+        try:
+            before = json.loads((work / WORK_FILE).read_text())
+        except (OSError, ValueError):
+            before = None  # a writer killed before it wrote the file: nothing of it to keep
+        if before != about and not (force or before is None):
+            changed = sorted(k for k in {*about, *before} if about.get(k) != before.get(k))
+            raise ValueError(f"{work} holds an unfinished write with other settings ({', '.join(changed)} "
+                             f"differ): run the same command again to finish it, or start over with "
+                             "--force (force=True)")
+        if before != about:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / WORK_FILE, about)
+
+
+def _finish_work_folder(work: Path, names: list[str]) -> None:
+    """Check every shard of ``names`` is in ``work``; drop the temp files of killed writers and
+    the work record, leaving only the shards."""
+    missing = [name for name in names if not (work / name).is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(names)} shard(s) missing in {work} (e.g. {missing[0]}): "
+                         "a process stopped early; run the same command again to finish")
+    for path in work.iterdir():
+        if path.name not in names:
+            path.unlink()
+
+
+def _write_set(dataset, folder: Path, split: str, shard_size: int, encoder: Encoder | None, prefix: str,
+               group: tuple[int, int], progress) -> list[str]:
+    """Cut ``dataset``'s ``split`` into shards and write this process's (``group``: rank, world
+    size) into ``folder``, but for those already there; every shard's name."""
+    rank, world = group
+    names, skipped = [], 0
+    for index, chunk in enumerate(_chunks(dataset, split, shard_size)):
+        names.append(f"{prefix}-{split}-{index:06d}.tar")
+        if index % world != rank:
+            continue
+        if (folder / names[-1]).is_file():  # written whole (temp + rename) before a stop
+            skipped += 1
+            continue
+        _write_shard(folder / names[-1], chunk, encoder)
+        progress.update(len(chunk))
+    if not names:
+        raise ValueError(f"dataset {prefix} has no {split} samples: no shards to write")
+    done = f", {skipped} were complete already" if skipped else ""
+    progress.close(f"; {len(names)} shard(s) in all{done}")
+    return names
+
+
+def _chunks(dataset, split: str, shard_size: int) -> Iterator[list[Sample]]:
+    """``dataset``'s ``split`` samples in consecutive lists of ``shard_size`` (the last shorter)."""
+    chunk = []
     for sample in dataset.samples(check_split(split)):
         if not sample.key or "." in sample.key or "/" in sample.key:
             # webdataset splits a member name at the first dot of its base name
             raise ValueError(f"sample key {sample.key!r}: a key must be non-empty, without '.' or '/'")
         chunk.append(sample)
         if len(chunk) == shard_size:
-            flush()
+            yield chunk
             chunk = []
     if chunk:
-        flush()
-    if not names:
-        raise ValueError(f"dataset {prefix} has no {split} samples: no shards to write")
-    return names
+        yield chunk
 
 
 def _is_shard_file(name: str) -> bool:
@@ -208,8 +304,8 @@ def _replace_folder(new: Path, folder: Path) -> None:
     shutil.rmtree(old)
 
 
-def _write_shard(path: Path, samples: list[Sample], tokenizer, batch_size: int) -> Path:
-    latents = _encode(samples, tokenizer, batch_size) if tokenizer is not None else None
+def _write_shard(path: Path, samples: list[Sample], encoder: Encoder | None) -> Path:
+    latents = _encode(samples, encoder) if encoder is not None else None
 
     def write(tmp):
         # A fixed integer mtime: byte-identical shards, and no per-file pax header (a float
@@ -233,13 +329,13 @@ def _write_shard(path: Path, samples: list[Sample], tokenizer, batch_size: int) 
 
 
 @torch.no_grad()
-def _encode(samples: list[Sample], tokenizer, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior-mean latents (fp16) of the images and of their horizontal flips."""
-    plain, flipped = [], []
-    for start in range(0, len(samples), batch_size):
-        images = from_uint8(np.stack([s.image for s in samples[start:start + batch_size]]))
-        plain.append(tokenizer.encode(images).half().numpy())
-        flipped.append(tokenizer.encode(images.flip(-1)).half().numpy())
+def _encode(samples: list[Sample], encoder: Encoder) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior-mean latents (fp16) ``(N, C, h, w)`` of the images and of their horizontal flips."""
+    plain, flipped, tokenizer, size = [], [], encoder.tokenizer, encoder.batch_size
+    for start in range(0, len(samples), size):
+        images = from_uint8(np.stack([s.image for s in samples[start:start + size]])).to(encoder.device)
+        plain.append(tokenizer.encode(images).half().cpu().numpy())
+        flipped.append(tokenizer.encode(images.flip(-1)).half().cpu().numpy())
     channels = plain[0].shape[1]
     if channels != tokenizer.channels:  # e.g. pixels left at channels = 1 on RGB images
         raise ValueError(f"the image tokenizer declares {tokenizer.channels} latent channel(s) but "
@@ -430,10 +526,15 @@ def open_shard(url: str, allow_remote: bool | None = None):
     """A binary file object of shard ``url``: a local file directly (no URL rewriting, no
     program), anything else through webdataset once ``check_sources`` allows it."""
     if is_local(url):
-        parsed = urlparse(url)
-        return open(url2pathname(parsed.path) if parsed.scheme else url, "rb")
+        return open(local_path(url), "rb")
     check_sources([url], allow_remote)
     return wds.gopen(url, "rb")
+
+
+def local_path(url: str) -> str:
+    """The file a local shard ``url`` (a path or ``file:`` URL) names."""
+    parsed = urlparse(url)
+    return url2pathname(parsed.path) if parsed.scheme else url
 
 
 def _file_url(path: str) -> str:
@@ -452,8 +553,12 @@ def shard_paths(spec, allow_remote: bool | None = None) -> list[str]:
         found = sorted(_file_url(str(p)) for p in path.glob("*.tar"))
     elif any(c in spec for c in "*?["):
         found = sorted(_file_url(p) for p in glob.glob(spec))
-    else:
+    else:  # a name, or webdataset's brace notation: train-{000000..000146}.tar
         found = check_sources(list(wds.shardlists.expand_urls(spec)), allow_remote)
+        missing = [url for url in found if is_local(url) and not os.path.exists(local_path(url))]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the {len(found)} shard(s) of {spec} do not exist, "
+                                    f"e.g. {missing[0]}")
     if not found:
         raise FileNotFoundError(f"no shards found at {spec}")
     return found
@@ -469,7 +574,19 @@ class BadSample(ValueError):
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_PIXELS = 1 << 26  # no training image is this large: a PNG declaring more is a decompression bomb
+MAX_PIXELS = 1 << 26  # no training image is this large: an image declaring more is a decompression bomb
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}  # suffix -> PIL format
+
+
+def member(raw: dict, suffix: str) -> bytes | None:
+    """The file of a raw sample with ``suffix``, or None. A key with dots (``n01440764_10026.JPEG``)
+    puts its extra part in front of every suffix (webdataset splits at the first dot:
+    ``jpeg.cls``), so a suffix ending in ``.SUFFIX`` counts too, as webdataset's decoders go by
+    the last extension."""
+    if suffix in raw:
+        return raw[suffix]
+    tail = f".{suffix}"
+    return next((data for name, data in raw.items() if name.endswith(tail)), None)
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -479,42 +596,102 @@ def png_size(data: bytes) -> tuple[int, int]:
     return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
 
 
-def sample_label(raw: dict, num_classes: int | None) -> int:
-    """The ``cls`` of a raw sample: an integer in ``0..num_classes-1``, or when ``num_classes``
-    is None any non-negative integer, or -1 when absent."""
+def image_size(data: bytes, suffix: str) -> tuple[int, int]:
+    """(height, width) that an image file's header declares (PIL reads only the header)."""
+    if suffix == "png":
+        return png_size(data)
+    try:
+        with Image.open(io.BytesIO(data), formats=(IMAGE_FORMATS[suffix],)) as image:
+            return image.height, image.width
+    except Exception:  # PIL raises many types on damaged data
+        raise BadSample("image", f"{suffix} file is not a {IMAGE_FORMATS[suffix]} image (it starts "
+                        f"{bytes(data[:8])!r})") from None
+
+
+def read_image(data: bytes, suffix: str = "png") -> np.ndarray:
+    """Image bytes -> uint8 ``(H, W, C)``, C = 1 (grey) or 3 (anything else: palette, RGBA, CMYK)."""
+    with Image.open(io.BytesIO(data), formats=(IMAGE_FORMATS[suffix],)) as image:
+        image = np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"))
+    return image[..., None] if image.ndim == 2 else image
+
+
+def sample_image(raw: dict, keys: configs.SampleKeys) -> tuple[str, bytes] | None:
+    """(suffix, bytes) of the first of ``keys.images`` the raw sample has, or None."""
+    for suffix in keys.images:
+        data = member(raw, suffix)
+        if data is not None:
+            return suffix, data
+    return None
+
+
+def sample_json(raw: dict) -> object:
+    """The parsed ``json`` file of a raw sample, or None when it has none."""
+    data = member(raw, "json")
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise BadSample("captions", f"json file is not JSON ({type(error).__name__})") from None
+
+
+def sample_label(raw: dict, num_classes: int | None, keys: configs.SampleKeys = DEFAULT_KEYS) -> int:
+    """The label of a raw sample (its ``keys.label`` file, else the ``keys.label_field`` of its
+    json): an integer in ``0..num_classes-1``, or when ``num_classes`` is None any non-negative
+    integer, or -1 when absent."""
     allowed = "a non-negative integer" if num_classes is None else f"an integer in 0..{num_classes - 1}"
-    if "cls" not in raw:
-        if num_classes is None:
-            return -1
-        raise BadSample("label", f"no cls file; a label must be {allowed}")
-    text = bytes(raw["cls"]).strip()
-    label = int(text) if text.isdigit() and len(text) < 20 else -1
+    data = member(raw, keys.label)
+    if data is not None:
+        text = bytes(data).strip()
+        label = int(text) if text.isdigit() and len(text) < 20 else -1
+        shown = f"{keys.label} {text[:20]!r}"
+    else:
+        value = sample_json(raw)
+        value = value.get(keys.label_field) if isinstance(value, dict) else None
+        if value is None:
+            if num_classes is None:
+                return -1
+            raise BadSample("label", f"no {keys.label} file or json {keys.label_field!r} field; a "
+                            f"label must be {allowed}")
+        label = value if isinstance(value, int) and not isinstance(value, bool) else -1
+        shown = f"json {keys.label_field!r} {str(value)[:20]!r}"
     if label < 0 or (num_classes is not None and label >= num_classes):
-        raise BadSample("label", f"cls {text[:20]!r} is not {allowed}")
+        raise BadSample("label", f"{shown} is not {allowed}")
     return label
 
 
-def sample_captions(raw: dict) -> list[str] | None:
-    """The ``json`` captions of a raw sample: a list of strings, or None when absent."""
-    if "json" not in raw:
-        return None
-    try:
-        captions = json.loads(raw["json"])
-    except (ValueError, RecursionError) as error:
-        raise BadSample("captions", f"json file is not JSON ({type(error).__name__})") from None
-    if not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
-        raise BadSample("captions", "json file is not a list of caption strings")
+def sample_captions(raw: dict, keys: configs.SampleKeys = DEFAULT_KEYS) -> list[str] | None:
+    """The captions of a raw sample (see ``SampleKeys``): a list of strings, or None when absent."""
+    data = member(raw, keys.caption)
+    if data is not None:
+        try:
+            return [bytes(data).decode("utf-8").strip()]
+        except UnicodeDecodeError:
+            raise BadSample("captions", f"{keys.caption} file is not UTF-8 text") from None
+    captions = sample_json(raw)
+    if isinstance(captions, dict):  # metadata, e.g. img2dataset's: the caption is one field
+        captions = captions.get(keys.caption_field)
+        captions = [captions] if isinstance(captions, str) else captions
+        where = f"json {keys.caption_field!r} field"
+    else:
+        where = "json file"
+    listed = isinstance(captions, list) and all(isinstance(c, str) for c in captions)
+    if captions is not None and not listed:
+        raise BadSample("captions", f"{where} is not a caption or a list of caption strings")
     return captions
 
 
-def sample_kind(raw: dict) -> str:
-    """``latents`` (a ``latent.npy`` file, preferred) or ``images`` (a ``png`` file)."""
-    if "latent.npy" in raw:
+def sample_kind(raw: dict, keys: configs.SampleKeys = DEFAULT_KEYS) -> str | None:
+    """``latents`` (a ``latent.npy`` file, preferred) or ``images`` (one of ``keys.images``);
+    None for a sample of none of the files ``keys`` name (someone else's files: ignored)."""
+    if member(raw, "latent.npy") is not None:
         return "latents"
-    if "png" in raw:
+    if sample_image(raw, keys) is not None:
         return "images"
+    if all(member(raw, suffix) is None for suffix in (keys.label, keys.caption, "json", "latent_flip.npy")):
+        return None
     files = ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "none"
-    raise BadSample("image", f"no png or latent.npy file (its files: {files})")
+    raise BadSample("image", f"no {', '.join(keys.images)} or latent.npy file (its files: {files})")
 
 
 def sample_latent(data: bytes, name: str) -> np.ndarray:
@@ -531,50 +708,57 @@ def sample_latent(data: bytes, name: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """What a usable sample is: ``kind`` ``images`` (a ``png``, decoded uint8 ``(H, W, C)``) or
-    ``latents`` (``latent.npy``, float ``(C, H, W)``), None for either; the ``shape`` of that
+    """What a usable sample is: ``kind`` ``images`` (an image file, decoded uint8 ``(H, W, C)``)
+    or ``latents`` (``latent.npy``, float ``(C, H, W)``), None for either; the ``shape`` of that
     array (None: any); labels in ``0..num_classes-1`` (None: any or none, see
-    ``sample_label``); captions, when present, a JSON list of strings."""
+    ``sample_label``); which files hold the image, label and captions: ``keys``."""
 
     kind: str | None = None
     shape: tuple[int, ...] | None = None
     num_classes: int | None = None
+    keys: configs.SampleKeys = DEFAULT_KEYS
 
-    def screen(self, raw: dict) -> None:
-        """BadSample unless the sample's label, captions, kind and size are right, as far as
-        its files tell without decoding pixels (cheap: every worker screens every sample)."""
-        sample_label(raw, self.num_classes)
-        sample_captions(raw)
-        kind = sample_kind(raw)
+    def screen(self, raw: dict) -> bool:
+        """Whether the raw sample is one at all (False: none of the files ``keys`` name, e.g.
+        someone else's files in the shard); BadSample unless its label, captions, kind and
+        size are right, as far as its files tell without decoding pixels (cheap: every worker
+        screens every sample)."""
+        kind = sample_kind(raw, self.keys)
+        if kind is None:
+            return False
+        sample_label(raw, self.num_classes, self.keys)
+        sample_captions(raw, self.keys)
         if self.kind is not None and kind != self.kind:
             raise BadSample("kind", f"a sample of {kind}; these shards hold {self.kind}")
         if kind == "latents":
             for name in ("latent.npy", "latent_flip.npy"):
-                if name in raw:
-                    self.check_shape(sample_latent(raw[name], name).shape, name)
-            return
-        height, width = png_size(raw["png"])
+                if (data := member(raw, name)) is not None:
+                    self.check_shape(sample_latent(data, name).shape, name)
+            return True
+        suffix, data = sample_image(raw, self.keys)
+        height, width = image_size(data, suffix)
         if height * width > MAX_PIXELS:
-            raise BadSample("image", f"png of {width}x{height} pixels (allowed: up to {MAX_PIXELS})")
+            raise BadSample("image", f"{suffix} of {width}x{height} pixels (allowed: up to {MAX_PIXELS})")
         if self.shape is not None and (height, width) != self.shape[:2]:
-            raise BadSample("shape", f"png of {height}x{width} pixels; these shards' images are "
+            raise BadSample("shape", f"{suffix} of {height}x{width} pixels; these shards' images are "
                             f"{self.shape[0]}x{self.shape[1]}")
+        return True
 
     def decode(self, raw: dict, flip: bool = False) -> dict:
         """A screened raw sample -> ``key``, ``label``, ``captions`` and its ``images`` or
         ``latents`` array, horizontally flipped when ``flip``; BadSample."""
-        item = {"key": raw["__key__"], "label": sample_label(raw, self.num_classes),
-                "captions": sample_captions(raw)}
-        if sample_kind(raw) == "latents":
-            name = "latent_flip.npy" if flip and "latent_flip.npy" in raw else "latent.npy"
-            item["latents"] = array = sample_latent(raw[name], name)
+        item = {"key": raw["__key__"], "label": sample_label(raw, self.num_classes, self.keys),
+                "captions": sample_captions(raw, self.keys)}
+        if sample_kind(raw, self.keys) == "latents":
+            name = "latent_flip.npy" if flip and member(raw, "latent_flip.npy") is not None else "latent.npy"
+            item["latents"] = array = sample_latent(member(raw, name), name)
         else:
+            name, data = sample_image(raw, self.keys)
             try:
-                array = read_png(raw["png"])
+                array = read_image(data, name)
             except Exception as error:  # PIL raises many types on damaged data
-                raise BadSample("image", f"png does not decode ({error})") from None
+                raise BadSample("image", f"{name} does not decode ({error})") from None
             item["images"] = array = array[:, ::-1] if flip else array
-            name = "png"
         self.check_shape(array.shape, name)
         return item
 
@@ -684,6 +868,25 @@ def _coin(text: str) -> bool:
     return hashlib.blake2b(text.encode(), digest_size=1).digest()[0] < 128
 
 
+def screened(shard: str, spec: SampleSpec, errors: ErrorCount, allow_remote: bool | None = None
+             ) -> Iterator[dict]:
+    """The samples of ``shard`` that ``spec`` screens in, each with its ``__url__``; a damaged
+    shard (after its good samples) and screened-out samples go to ``errors``; files of no
+    sample kind are passed over."""
+    try:
+        for raw in read_tar(shard, allow_remote):
+            raw["__url__"] = shard
+            try:
+                if not spec.screen(raw):
+                    continue  # not a sample: other files share the shard
+            except BadSample as error:
+                errors.sample(shard, raw["__key__"], error)
+                continue
+            yield raw
+    except (OSError, ValueError) as error:
+        errors.shard(shard, error)
+
+
 PROBE_SAMPLES, PROBE_PER_SHARD = 32, 8
 
 
@@ -696,8 +899,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     its block of ``batch_size`` rows. DataLoader workers take whole batches in turn.
     ``skip_batches`` resumes mid-stream without decoding the skipped samples.
 
-    Samples must fit a ``SampleSpec``: labels in ``0..num_classes-1`` when given, and one kind
-    and shape, ``shape`` when given, else the most common among the first samples (found when
+    Samples must fit a ``SampleSpec``: their image, label and captions in the files that
+    ``keys`` (a ``config.SampleKeys``) names (a sample of other files only is ignored), labels
+    in ``0..num_classes-1`` when given, one kind and shape, ``shape`` when given, else the most
+    common among the first samples (found when
     the stream is made, the same in every process and worker). A damaged shard and a sample
     that does not fit are skipped and counted in ``errors``: most before batching (a batch is
     whole), pixels that fail to decode in a process's rows (that batch is short of them).
@@ -712,7 +917,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, shards, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 1000, flip: bool = True, skip_batches: int = 0,
                  epochs: int | None = None, num_classes: int | None = None,
-                 shape: tuple[int, ...] | None = None, allow_remote: bool | None = None):
+                 shape: tuple[int, ...] | None = None, allow_remote: bool | None = None,
+                 keys: configs.SampleKeys = DEFAULT_KEYS):
         self.allow_remote = remote_shards_allowed() if allow_remote is None else allow_remote
         self.shards = shard_paths(shards, self.allow_remote)
         self.batch_size, self.seed = batch_size, seed
@@ -721,7 +927,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.skip_batches, self.epochs = skip_batches, epochs
         self.errors = ErrorCount()
         self.spec = self._probe(SampleSpec(shape=None if shape is None else tuple(shape),
-                                           num_classes=num_classes))
+                                           num_classes=num_classes, keys=keys))
 
     def _probe(self, spec: SampleSpec) -> SampleSpec:
         """``spec`` with the kind and (unless given) shape of the most common of the first
@@ -729,7 +935,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         errors, found = ErrorCount(quiet=True), Counter()
         for shard in self.shards:
             usable = 0
-            for raw in self._screened(shard, spec, errors):
+            for raw in screened(shard, spec, errors, self.allow_remote):
                 try:
                     item = spec.decode(raw)
                 except BadSample as error:
@@ -747,21 +953,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         kind, shape = found.most_common(1)[0][0]
         return replace(spec, kind=kind, shape=shape)
 
-    def _screened(self, shard: str, spec: SampleSpec, errors: ErrorCount) -> Iterator[dict]:
-        """The samples of ``shard`` that ``spec`` screens in, each with its ``__url__``; a
-        damaged shard (after its good samples) and screened-out samples go to ``errors``."""
-        try:
-            for raw in read_tar(shard, self.allow_remote):
-                raw["__url__"] = shard
-                try:
-                    spec.screen(raw)
-                except BadSample as error:
-                    errors.sample(shard, raw["__key__"], error)
-                    continue
-                yield raw
-        except (OSError, ValueError) as error:
-            errors.shard(shard, error)
-
     def raw_samples(self) -> Iterator[tuple[int, dict]]:
         """(epoch, screened raw tar sample) forever (or for ``epochs``), shuffled."""
         epoch = 0
@@ -770,7 +961,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             shards = list(self.shards)
             rng.shuffle(shards)
             count = 0
-            read = (raw for shard in shards for raw in self._screened(shard, self.spec, self.errors))
+            read = (raw for shard in shards
+                    for raw in screened(shard, self.spec, self.errors, self.allow_remote))
             for sample in _shuffled(read, self.shuffle_buffer, rng):
                 count += 1
                 yield epoch, sample

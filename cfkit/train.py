@@ -205,7 +205,7 @@ class Trainer:
             world_size=world, shuffle_buffer=spec.shuffle_buffer, flip=spec.flip,
             skip_batches=self.step,
             # a label outside the model's classes would index past its embedding: skip it
-            num_classes=self.experiment.model.get("num_classes"),
+            num_classes=self.experiment.model.get("num_classes"), keys=spec.keys,
         )
 
     # -- the loop ----------------------------------------------------------------------------

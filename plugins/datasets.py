@@ -1,5 +1,5 @@
 """Built-in datasets: mnist (5,000 real MNIST digits, the benchmarks' dataset), digits (the
-quickest demo), shapes (image + captions), imagefolder."""
+quickest demo), shapes (image + captions), imagefolder, webdataset (shards others wrote)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cfkit import hookimpl
+from cfkit import config as configs
+from cfkit import data, hookimpl
 from cfkit.data import Sample, check_split
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,52 @@ class ImageFolder:
                         sum(skipped.values()), files, folder, reasons)
 
 
+class WebDataset:
+    """Shards others wrote (img2dataset's, an ImageNet ``*-wds`` set, ...) as a dataset, to
+    re-shard at one image size or to encode to latents (``cfkit shards webdataset SHARDS
+    --encode ...``): images centre-cropped as ADM to ``image_size``, labels and captions read
+    as the shard loader reads them (``data.keys``: ``keys`` options, e.g. label_field=y).
+    ``path``: the train shards (a folder, glob or brace pattern), ``val_path`` the val ones.
+    Damaged shards and bad samples are skipped and counted as the loader counts them; a
+    sample without a label is written without one."""
+
+    channels = 3
+
+    def __init__(self, path: str, image_size: int = 256, val_path: str | None = None,
+                 num_classes: int | None = None, **keys):
+        if image_size < 1:
+            raise ValueError(f"webdataset: image_size must be >= 1, got {image_size}")
+        self.paths = {"train": path, "val": val_path}
+        self.image_size, self.num_classes = image_size, num_classes
+        try:
+            keys = configs.validate(keys, configs.SampleKeys)
+        except configs.ConfigError as error:
+            raise ValueError(f"webdataset: {error} (and path, image_size, val_path, num_classes)") from None
+        self.spec = data.SampleSpec(kind="images", num_classes=num_classes, keys=keys)
+
+    def samples(self, split):
+        from PIL import Image
+
+        if self.paths[check_split(split)] is None:
+            raise ValueError(f"webdataset: no {split} shards; give the option {split}_path")
+        errors = data.ErrorCount()
+        for shard in data.shard_paths(self.paths[split]):
+            for raw in data.screened(shard, self.spec, errors):
+                try:
+                    item = self.spec.decode(raw)
+                except data.BadSample as error:
+                    errors.sample(shard, raw["__key__"], error, decoded=True)
+                    continue
+                image = Image.fromarray(item["images"][..., 0] if item["images"].shape[-1] == 1
+                                        else item["images"]).convert("RGB")
+                label = None if item["label"] < 0 else item["label"]
+                # a key may hold a tar folder: '/' would end it where webdataset splits a name
+                yield Sample(item["key"].replace("/", "_"), centre_crop(image, self.image_size), label,
+                             item["captions"])
+        if errors.shards or errors.samples:
+            log.warning("webdataset: skipped %s", errors.summary())
+
+
 class UnreadableImage(ValueError):
     """Why an image file cannot be read: ``reason`` (not a file, not an image, too large,
     damaged), then the detail."""
@@ -244,6 +291,7 @@ def register_datasets(register):
     register("digits", Digits)
     register("shapes", Shapes)
     register("imagefolder", ImageFolder)
+    register("webdataset", WebDataset)
 
 
 @hookimpl

@@ -146,7 +146,7 @@ def test_bad_labels_are_skipped_and_counted_with_their_shard_and_key(tmp_path, c
         {"__key__": "missing", "png": digit()},
         {"__key__": "word", "png": digit(), "cls": b"seven"},
         {"__key__": "huge", "png": digit(), "cls": b"9" * 5000},
-        {"__key__": "captions", "png": digit(), "cls": b"1", "json": b'{"not": "a list"}'},
+        {"__key__": "captions", "png": digit(), "cls": b"1", "json": b'{"caption": ["a", 3]}'},
         {"__key__": "nested", "png": digit(), "cls": b"1", "json": b"[" * 100_000},
     ]
     write_tar(tmp_path / "a.tar", records)

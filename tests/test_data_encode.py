@@ -1,0 +1,201 @@
+"""Latent caching at scale (``cfkit shards --encode``): batches of ``--batch-size`` on
+``--device``, progress as a bar on a terminal and plain lines in a log, a stopped write that
+continues where it stopped, under torchrun each process encoding its share with the same bytes
+as one process, and existing WebDataset shards (``webdataset`` dataset) as the source."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from cfkit_plugins.datasets import centre_crop
+from conftest import free_port
+from PIL import Image
+from test_data import TINY_VAE, tiny_vae  # noqa: F401  (a fixture: the tiny MAR VAE checkpoint)
+
+from cfkit import cli, data, plugins
+from cfkit.progress import Progress
+from cfkit.tokenizers import from_uint8
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shapes(size: int = 10):
+    return plugins.build("datasets", "shapes", size=size, image_size=8)
+
+
+class Spy:
+    """The pixels tokenizer, recording each batch's size and device."""
+
+    channels, downsample = 3, 1
+
+    def __init__(self):
+        self.inner = plugins.build("image_tokenizers", "pixels", channels=3)
+        self.batches: list[tuple[int, str]] = []
+
+    def encode(self, images, generator=None):
+        self.batches.append((len(images), images.device.type))
+        return self.inner.encode(images)
+
+
+class StopsAfter:
+    """``dataset``'s samples until ``count`` of them, then the machine 'goes away'."""
+
+    def __init__(self, dataset, count: int):
+        self.dataset, self.count = dataset, count
+
+    def samples(self, split):
+        for i, sample in enumerate(self.dataset.samples(split)):
+            if i == self.count:
+                raise OSError("preempted")
+            yield sample
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_encode_goes_in_batches_of_batch_size_on_the_device_within_each_shard(tmp_path):
+    spy = Spy()
+    data.write_shards(shapes(10), tmp_path / "a", shard_size=4, tokenizer=spy, batch_size=3, device="cpu")
+    # shards of 4, 4, 2 samples; each encoded as plain and flipped batches of at most 3
+    assert [n for n, _ in spy.batches] == [3, 3, 1, 1, 3, 3, 1, 1, 2, 2]
+    assert {device for _, device in spy.batches} == {"cpu"}
+    data.write_shards(shapes(10), tmp_path / "b", shard_size=4, tokenizer=spy.inner, batch_size=64)
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")  # batching changes no bit
+
+
+def test_a_stopped_encode_continues_where_it_stopped_and_ends_as_one_write(tmp_path):
+    whole = data.write_shards(shapes(10), tmp_path / "whole", shard_size=3, tokenizer=Spy().inner)
+    out, work = tmp_path / "out", tmp_path / ".out.partial"
+    with pytest.raises(OSError, match="preempted"):
+        data.write_shards(StopsAfter(shapes(10), 7), out, shard_size=3, tokenizer=Spy(), resume=True,
+                          prefix="shapes")
+    assert not out.exists() and sorted(p.name for p in work.glob("*.tar")) == [
+        "shapes-train-000000.tar", "shapes-train-000001.tar"]  # the complete shards are kept
+    spy = Spy()
+    data.write_shards(shapes(10), out, shard_size=3, tokenizer=spy, resume=True)
+    assert sum(n for n, _ in spy.batches) == 2 * 4  # only the last 4 samples (plain and flipped)
+    assert folder_bytes(out) == {p.name: p.read_bytes() for p in whole} and not work.exists()
+
+
+def test_an_unfinished_write_of_other_settings_is_refused_until_force(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(OSError):
+        data.write_shards(StopsAfter(shapes(10), 4), out, shard_size=3, resume=True, prefix="shapes",
+                          identity={"options": {"size": 10}})
+    args = ["shards", "shapes", "--out", str(out), "--option", "size=10", "--option", "image_size=8",
+            "--shard-size", "3", "--no-progress"]
+    assert cli.main(args) == 2
+    error = capsys.readouterr().err
+    assert "holds an unfinished write with other settings" in error and "--force" in error, error
+    assert cli.main([*args, "--force"]) == 0, capsys.readouterr().err
+    assert len(list(out.glob("*.tar"))) == 4 and not (tmp_path / ".out.partial").exists()
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_log():
+    class Log(io.StringIO):
+        def __init__(self, terminal: bool):
+            super().__init__()
+            self.terminal = terminal
+
+        def isatty(self):
+            return self.terminal
+
+    log = Log(False)
+    progress = Progress("encode", "images", every=0.0, stream=log)
+    assert progress.bar is None
+    progress.update(3)
+    progress.update(4)
+    progress.close("; done")
+    lines = log.getvalue().splitlines()
+    counts = [line.split(" (")[0] for line in lines]
+    assert counts == ["encode: 3 images", "encode: 7 images", "encode: 7 images"]
+    assert lines[-1].endswith("images/s); done") and "\r" not in log.getvalue()
+    quiet = Log(False)
+    Progress("encode", "images", every=3600.0, stream=quiet).update(5)  # not yet due: no line
+    assert quiet.getvalue() == ""
+    terminal = Log(True)
+    bar = Progress("encode", "images", stream=terminal)
+    bar.update(2)
+    bar.bar.close()
+    assert bar.bar is not None and "\r" in terminal.getvalue()
+
+
+def test_the_cli_reports_progress_and_the_shards_it_wrote(tmp_path, capsys):
+    rc = cli.main(["shards", "shapes", "--out", str(tmp_path / "s"), "--option", "size=10",
+                   "--option", "image_size=8", "--shard-size", "4", "--encode", "pixels",
+                   "--tokenizer-option", "channels=3", "--batch-size", "2"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "shards of shapes train: 10 images" in out.err and "3 shard(s) in all" in out.err
+    assert "wrote 3 shard(s)" in out.out
+
+
+def test_existing_webdataset_shards_are_cropped_and_encoded(tmp_path, capsys):
+    source = tmp_path / "wds"
+    source.mkdir()
+    samples = list(shapes(6).samples("train"))
+    rng, bigs = np.random.default_rng(0), []
+    with wds.ShardWriter(str(source / "in-%03d.tar"), maxcount=4, verbose=0) as sink:
+        for i, sample in enumerate(samples):  # 24x40: the ADM crop makes them 8x8
+            bigs.append(np.kron(sample.image, np.ones((3, 5, 1), np.uint8)))
+            sink.write({"__key__": f"k{i}.JPEG", "png": data.png_bytes(bigs[-1]),
+                        "cls": str(sample.label).encode(), "txt": sample.captions[0].encode()})
+        sink.write({"__key__": "bad", "png": b"not a png", "cls": b"1"})
+        sink.write({"__key__": "noise", "jpg": data.png_bytes(rng.integers(0, 255, (8, 8, 3), np.uint8))})
+    rc = cli.main(["shards", "webdataset", f"{source}/in-{{000..001}}.tar", "--out", str(tmp_path / "out"),
+                   "--option", "image_size=8", "--encode", "pixels", "--tokenizer-option", "channels=3",
+                   "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    shard = tmp_path / "out" / "webdataset-train-000000.tar"
+    got = list(wds.WebDataset(str(shard), shardshuffle=False).decode())
+    assert [s["__key__"] for s in got] == [f"k{i}" for i in range(6)]
+    assert [s["cls"] for s in got] == [s.label for s in samples]
+    assert [s["json"] for s in got] == [[s.captions[0]] for s in samples]
+    cropped = from_uint8(np.stack([centre_crop(Image.fromarray(big), 8) for big in bigs])).half().numpy()
+    np.testing.assert_array_equal(np.stack([s["latent.npy"] for s in got]), cropped)
+
+
+def test_two_gloo_processes_write_the_bytes_of_one(tmp_path, tiny_vae):  # noqa: F811
+    vae = [a for k, v in {"path": tiny_vae, **TINY_VAE}.items() for a in ("--tokenizer-option", f"{k}={v}")]
+    args = ["shards", "shapes", "--option", "size=10", "--option", "image_size=16", "--shard-size", "3",
+            "--encode", "mar-vae", *vae, "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("PYTHONPATH", None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "cfkit"]
+    jobs = {"one": [sys.executable, "-m", "cfkit", *args, "--out", str(tmp_path / "one")],
+            "two": [*torchrun, *args, "--out", str(tmp_path / "two")]}
+    running = {name: subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True) for name, command in jobs.items()}
+    outputs = {name: process.communicate(timeout=300)[0] for name, process in running.items()}
+    for name, process in running.items():
+        assert process.returncode == 0, f"{name}:\n{outputs[name]}"
+    # rank 0 of 2 encoded shards 0 and 2 (3 + 3 of the 10 images); rank 1 the others
+    assert "shards of shapes train (rank 0 of 2): 6 images" in outputs["two"], outputs["two"]
+    one, two = folder_bytes(tmp_path / "one"), folder_bytes(tmp_path / "two")
+    assert len(one) == 4 and one == two
+    latents = [s["latent.npy"] for s in wds.WebDataset(str(tmp_path / "two" / "shapes-train-000001.tar"),
+                                                        shardshuffle=False).decode()]
+    assert len(latents) == 3 and latents[0].shape == (4, 8, 8) and np.abs(latents[0]).sum() > 0
+    assert torch.tensor(np.stack(latents)).isfinite().all()
+
+
+@pytest.mark.parametrize("option, message", [
+    ("labl=3", "webdataset: labl: unknown key .*allowed keys: images, label, label_field, caption"),
+    ("image_size=8", r"2 of the 2 shard\(s\) of .* do not exist"),
+])
+def test_a_write_that_fails_before_any_shard_leaves_nothing(tmp_path, capsys, option, message):
+    rc = cli.main(["shards", "webdataset", f"{tmp_path}/in/{{0..1}}.tar", "--out", str(tmp_path / "out"),
+                   "--option", option, "--no-progress"])
+    assert rc == 2 and re.search(message, capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

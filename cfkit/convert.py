@@ -62,8 +62,9 @@ def read_official(path) -> dict:
                               f"{': ' + str(error).splitlines()[0] if str(error) else ''}") from None
 
 
-def map_key(key: str) -> str | None:
-    for pattern, template in KEY_MAP:
+def map_key(key: str, key_map=KEY_MAP) -> str | None:
+    """The cfkit key of ``key`` under ``key_map`` ((pattern, template) pairs), or None."""
+    for pattern, template in key_map:
         if re.fullmatch(pattern, key):
             return re.sub(pattern, template, key)
     return None
@@ -113,11 +114,12 @@ def infer_config(state: dict, args=None, kwargs: dict | None = None) -> Transfor
     ).check()
 
 
-def convert_state(state: dict, model: CausalTransformer) -> dict:
-    """Official state dict -> cfkit state dict, every key mapped and every key filled."""
+def convert_state(state: dict, model: torch.nn.Module, key_map=KEY_MAP) -> dict:
+    """Official state dict -> cfkit state dict of ``model`` (keys renamed by ``key_map``, the
+    official CausalFusion layout by default), every key mapped and every key filled."""
     mapped, unexpected = {}, []
     for key, value in state.items():
-        new = map_key(key)
+        new = map_key(key, key_map)
         if new is None:
             unexpected.append(key)
         else:
@@ -154,10 +156,10 @@ def load_official(path, kwargs: dict | None = None, prefer_ema: bool = True):
     return model.eval(), config
 
 
-def save_converted(path, out, method: str, model: CausalTransformer, config: TransformerConfig,
-                   source: str) -> Path:
-    """Write ``model`` (of ``config``, read from the file ``path``) as a cfkit checkpoint folder
-    ``out`` of the training method ``method``; ``source`` names the converter; returns ``out``."""
+def save_converted(path, out, method: str, model: torch.nn.Module, config, source: str) -> Path:
+    """Write ``model`` (of the network config dataclass ``config``, read from the file ``path``)
+    as a cfkit checkpoint folder ``out`` of the training method ``method``; ``source`` names
+    the converter; returns ``out``."""
     from dataclasses import asdict
 
     from cfkit import checkpoint

@@ -72,6 +72,24 @@ def extract(arr: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     return out.reshape(*t.shape, *([1] * (ndim - t.dim())))
 
 
+def dpm_solver_coefficients(abar: np.ndarray, abar_prev: np.ndarray) -> dict[str, np.ndarray]:
+    """The DPM-Solver++(2M) step of each t, from ᾱ_t and ᾱ_{t-1} ``(T,)`` (Lu et al. 2022,
+    with α = sqrt(ᾱ), σ = sqrt(1 - ᾱ), λ = log(α / σ) and h_t = λ_{t-1} - λ_t):
+    x_{t-1} = σ_{t-1}/σ_t x_t + α_{t-1} (1 - e^{-h_t}) x̂_0 + α_{t-1} (1 - e^{-h_t}) h_t / (2 h_{t+1})
+    (x̂_0 - x̂_0 at t+1). The last term is 0 at t = T-1 (no earlier step) and at t = 0, whose
+    σ_{-1} = 0 makes h infinite (there the first-order step returns x̂_0 itself)."""
+    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+    alpha_prev, sigma_prev = np.sqrt(abar_prev), np.sqrt(1.0 - abar_prev)
+    # α_{t-1} (1 - e^{-h}) without h: e^{-h} = α_t σ_{t-1} / (σ_t α_{t-1}) is finite at t = 0.
+    x0_coef = alpha_prev - alpha * sigma_prev / sigma
+    log_snr = np.log(alpha) - np.log(sigma)
+    h = (np.log(alpha_prev[1:]) - np.log(sigma_prev[1:])) - log_snr[1:]  # h_t for t >= 1
+    second = np.zeros_like(abar)
+    second[1:-1] = 0.5 * x0_coef[1:-1] * h[:-1] / h[1:]
+    return {"dpm_solver_x_coef": sigma_prev / sigma, "dpm_solver_x0_coef": x0_coef,
+            "dpm_solver_second_coef": second}
+
+
 class GaussianDiffusion:
     """The forward process q and the posterior/model-mean maths of DDPM."""
 
@@ -106,6 +124,7 @@ class GaussianDiffusion:
             "posterior_mean_coef2": (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
             # "fixed large": betas, with the first entry the posterior variance at t=1.
             "fixed_large_log_variance": np.log(np.append(first_variance, betas[1:])),
+            **dpm_solver_coefficients(abar, abar_prev),
         }
         for name, value in arrays.items():
             setattr(self, name, torch.from_numpy(value))
@@ -219,3 +238,13 @@ class GaussianDiffusion:
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         mean = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).sqrt() * eps
         return mean, sigma, x0
+
+    def dpm_solver_step(self, x_t, t, x0, previous_x0=None):
+        """x_{t-1} of DPM-Solver++ (Lu et al. 2022; see ``dpm_solver_coefficients``) from x_t
+        ``(N, ...)`` and its x̂_0: second-order multistep (2M) given ``previous_x0``, the x̂_0
+        of the step before (at t + 1), else first order, which is DDIM with η = 0."""
+        n = x_t.dim()
+        x = extract(self.dpm_solver_x_coef, t, n) * x_t + extract(self.dpm_solver_x0_coef, t, n) * x0
+        if previous_x0 is None:
+            return x
+        return x + extract(self.dpm_solver_second_coef, t, n) * (x0 - previous_x0)

@@ -5,6 +5,9 @@ once per diffusion step as ``sampler.step(diffusion, output, x_t, t, prediction,
 over a respaced ``GaussianDiffusion``: ``output`` is the network output of kind ``prediction``
 (eps, x0 or v) for ``x_t`` ``(N, ...)`` at respaced indices ``t`` ``(N,)``; it returns x_{t-1}
 shaped like ``x_t``, with noise drawn from ``generator`` only and no noise at ``t = 0``.
+A multistep sampler may keep what it needs of its earlier steps (e.g. DPM-Solver++'s last x̂_0)
+and use it only on the call that continues them (t one lower, same diffusion): generation runs
+one reverse process at a time, from ``t = num_timesteps - 1`` down to 0, per AR step.
 """
 
 from __future__ import annotations

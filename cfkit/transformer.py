@@ -210,14 +210,15 @@ class ClassEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with QK-norm and three interchangeable backends."""
+    """Multi-head self-attention with QK-norm and three interchangeable backends; the qkv
+    projection has no bias unless ``qkv_bias`` (DiT's has one)."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, backend: str):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, backend: str, qkv_bias: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.backend = backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()

@@ -4,7 +4,9 @@ Every token of an image is noised at one timestep t; t and the class label enter
 through adaptive LayerNorm (shift, scale and gate regressed from their embedding), not as
 tokens, so attention is full and unmasked. The network predicts only the diffusion target
 (no learned variance), like the CausalFusion network. Of the factorisation config only the
-diffusion-axis weighting applies: there is one AR step and one noised copy.
+diffusion-axis weighting applies: there is one AR step and one noised copy. The plugin also
+brings the converter of facebookresearch/DiT checkpoints (``cfkit convert dit``, in
+``cfkit_plugins.dit_convert``).
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ ATTENTION_BACKENDS = ("sdpa", "eager")
 @dataclass(frozen=True)
 class DiTConfig(TokenGrid):
     """Architecture of a DiT: the token grid of ``cfkit.transformer.TransformerConfig`` (same
-    defaults and allowed values) with DiT's attention backends."""
+    defaults and allowed values) with DiT's attention backends; ``qkv_bias`` gives the qkv
+    projection a bias, as the reference's (set by ``cfkit convert dit``)."""
 
     attention: Literal["sdpa", "eager"] = "sdpa"
+    qkv_bias: bool = False
 
     def check(self) -> DiTConfig:
         """``self`` when its fields fit together, else a ValueError saying how."""
@@ -92,7 +96,8 @@ class DiTBlock(nn.Module):
         super().__init__()
         dim = config.hidden_size
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, config.num_heads, qk_norm=False, backend=config.attention)
+        self.attn = Attention(dim, config.num_heads, qk_norm=False, backend=config.attention,
+                              qkv_bias=config.qkv_bias)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -260,3 +265,11 @@ class DiTMethod:
 @hookimpl
 def register_methods(register):
     register("dit", DiTMethod)
+
+
+@hookimpl
+def register_converters(register):
+    """``cfkit convert dit``: facebookresearch/DiT checkpoints (see ``cfkit_plugins.dit_convert``)."""
+    from cfkit_plugins.dit_convert import SOURCE, dit_checkpoint  # it builds this module's DiT
+
+    register(SOURCE, dit_checkpoint)

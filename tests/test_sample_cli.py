@@ -95,6 +95,15 @@ def test_cli_sample_writes_npz_pngs_and_a_grid_equal_to_the_api(pixels_checkpoin
     assert not grid[4:, 4:].any()
 
 
+def test_cli_sample_with_dpm_solver_pp_in_20_steps_equals_the_api(pixels_checkpoint, tmp_path):
+    out = tmp_path / "samples"
+    assert cli("sample", pixels_checkpoint, "--class", 1, 2, "--sampler", "dpm-solver++",
+               "--steps", 20, "--ar-steps", 2, "--seed", 3, "--no-progress", "--out", out) == 0
+    images = cfkit.load(pixels_checkpoint).generate([1, 2], sampler="dpm-solver++", steps=20,
+                                                     ar_steps=2, seed=3)
+    np.testing.assert_array_equal(np.load(out / "samples.npz")["arr_0"], to_uint8(images))
+
+
 def test_cli_sample_without_an_image_tokenizer_writes_latents_only(official_checkpoint, tmp_path):
     out = tmp_path / "latents"
     assert cli("sample", official_checkpoint, "--class", 3, *OPTIONS, "--out", out) == 0

@@ -1,5 +1,5 @@
-"""Diffusion samplers: DDPM equals the reference's ancestral step, DDPM and DDIM equal
-diffusers' schedulers on the same inputs and noise, and respacing from ``steps``."""
+"""Diffusion samplers: DDPM equals the reference's ancestral step, DDPM, DDIM and DPM-Solver++
+equal diffusers' schedulers on the same inputs and noise, and respacing from ``steps``."""
 
 import numpy as np
 import pytest
@@ -131,6 +131,86 @@ def test_ddim_with_eta_1_has_the_ddpm_posterior_variance():
     ddpm = plugins.build("samplers", "ddpm", variance="fixed-small")
     torch.testing.assert_close(ddim, ddpm.step(diffusion, eps, x_t, t, "eps", seeded(7)),
                                atol=1e-5, rtol=1e-5)
+
+
+def dpm_solver_scheduler(diffusion, prediction: str):
+    """diffusers' DPM-Solver++(2M) on ``BASE``'s betas at the kept steps of ``diffusion``."""
+    schedulers = pytest.importorskip("diffusers", reason="diffusers is not installed "
+                                     "(pip install -c constraints.txt diffusers)")
+    scheduler = schedulers.DPMSolverMultistepScheduler(
+        num_train_timesteps=BASE.num_timesteps, trained_betas=BASE.betas.numpy(),
+        algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+        lower_order_final=True, final_sigmas_type="zero",
+        prediction_type=DIFFUSERS_PREDICTION[prediction])
+    scheduler.set_timesteps(timesteps=diffusion.timestep_map.flip(0).tolist())
+    return scheduler
+
+
+# diffusers' set_timesteps calls np.array on a tensor, which numpy 2 warns about
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+@pytest.mark.parametrize("steps", [20, "ddim10", "3,5"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_dpm_solver_pp_equals_diffusers_dpm_solver_multistep_at_every_step(steps, prediction):
+    """Both are fed the same x_t and network output at every step of a whole reverse process
+    (diffusers keeps its own history of outputs); the states agree to float32 rounding."""
+    diffusion = respaced(BASE, steps)
+    scheduler = dpm_solver_scheduler(diffusion, prediction)
+    sampler = plugins.build("samplers", "dpm-solver++")
+    x, _ = inputs()
+    g = seeded(11)
+    for index in reversed(range(diffusion.num_timesteps)):
+        output = torch.randn(x.shape, generator=g)
+        ours = sampler.step(diffusion, output, x, torch.full((4,), index), prediction)
+        theirs = scheduler.step(output, int(diffusion.timestep_map[index]), x).prev_sample
+        # diffusers keeps ᾱ in float32 (a cumprod of 1000 float32 betas: ~1e-5 relative
+        # error), and 2M divides by the log-SNR gap of the step before, tiny across a comma
+        # list's sections (499 -> 500): the tolerance is relative to the state's size.
+        scale = float(theirs.abs().max())
+        torch.testing.assert_close(ours, theirs, atol=1e-4 * scale, rtol=0, msg=f"index {index}")
+        x = ours
+
+
+def test_dpm_solver_pp_is_first_order_ddim_unless_it_continues_its_last_step():
+    """A step that does not follow the sampler's last one (a new reverse process, another
+    diffusion or shape) is DDIM with η 0; a continued step is not (its second-order term)."""
+    diffusion = respaced(BASE, 10)
+    x_t, _ = inputs()
+    sampler = plugins.build("samplers", "dpm-solver++")
+    ddim = plugins.build("samplers", "ddim")
+    g = seeded(3)
+
+    def both(index, d=diffusion, x=x_t):  # a new network output at every call
+        t, eps = torch.full((x.shape[0],), index), torch.randn(x.shape, generator=g)
+        return sampler.step(d, eps, x, t), ddim.step(d, eps, x, t)
+
+    def assert_first_order(pair):
+        torch.testing.assert_close(*pair, atol=1e-5, rtol=1e-5)
+
+    assert_first_order(both(9))  # the first step of a process
+    ours, first_order = both(8)
+    assert (ours - first_order).abs().max() > 1e-2, "the continued step should be second order"
+    assert_first_order(both(8))  # t 8 again: not a continuation
+    both(5)
+    assert_first_order(both(4, d=respaced(BASE, 10)))  # another diffusion
+    both(5)
+    assert_first_order(both(4, x=x_t[:2]))  # another batch
+
+
+def test_dpm_solver_pp_sampler_reused_for_two_processes_equals_fresh_ones():
+    diffusion = respaced(BASE, 6)
+    reused = plugins.build("samplers", "dpm-solver++")
+
+    def process(sampler, seed):
+        x, _ = inputs(seed)
+        g = seeded(seed)
+        for index in reversed(range(diffusion.num_timesteps)):
+            x = sampler.step(diffusion, torch.randn(x.shape, generator=g), x, torch.full((4,), index))
+        return x
+
+    for seed in (1, 2):
+        torch.testing.assert_close(process(reused, seed),
+                                   process(plugins.build("samplers", "dpm-solver++"), seed),
+                                   atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("steps,kept", [

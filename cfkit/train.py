@@ -259,10 +259,11 @@ class Trainer:
         for index, batch in enumerate(micro_batches):
             # every micro-batch draws the step's randomness afresh and takes its own rows of it
             generator = step_generator(self.experiment.seed, self.step)
-            with self._gradient_sync(index == len(micro_batches) - 1), autocast:
-                out = self.method.loss(batch, generator, model=self.forward)
-            # each loss is the mean over its rows: their mean over equal micro-batches is the batch's
-            (out.loss / len(micro_batches)).backward()
+            with self._gradient_sync(index == len(micro_batches) - 1):
+                with autocast:
+                    out = self.method.loss(batch, generator, model=self.forward)
+                # each loss is the mean over its rows: their mean over equal micro-batches is the batch's
+                (out.loss / len(micro_batches)).backward()
             losses.append(out.loss.item())
         # checked once all processes have run backward (DDP's all-reduce waits for each of them)
         loss = self.dist.mean(sum(losses) / len(losses))

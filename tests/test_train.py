@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -392,7 +393,7 @@ def test_a_batch_in_k_micro_batches_follows_the_one_step_curve(monkeypatch, tmp_
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_with_two_micro_batches_each_follow_the_one_process_curve(
         tmp_path, shards, reference, strategy):
-    # a gradient all-reduced before the last micro-batch, or not at all, leaves this curve
+    # the processes' gradients are all-reduced once, in the last micro-batch: one left out leaves this curve
     run = tmp_path / "run"
     process = start(run, shards, f'train.distributed="{strategy}"', "train.grad_accum_steps=2",
                     processes=2)
@@ -400,6 +401,33 @@ def test_two_processes_with_two_micro_batches_each_follow_the_one_process_curve(
     np.testing.assert_allclose([float(v) for _, v in losses(run)],
                                [float(v) for _, v in losses(reference)], rtol=LOSS_RTOL, atol=0)
     assert max_weight_difference(run, reference, 20) <= WEIGHT_ATOL
+
+
+def test_ddp_all_reduces_the_gradients_in_the_last_micro_batch_only(monkeypatch):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(3, 2))
+        reduced = []
+
+        def hook(state, bucket):  # DDP's all-reduce of one bucket of gradients
+            reduced.append(bucket.index())
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        ddp.register_comm_hook(None, hook)
+        trainer = SimpleNamespace(sharded=False, ddp=ddp)  # what _gradient_sync reads of a Trainer
+        for last in (False, False, True):
+            with train.Trainer._gradient_sync(trainer, last):
+                ddp(torch.randn(4, 3)).sum().backward()
+        assert reduced == [0]  # one bucket, once
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_batch_not_divisible_into_processes_times_micro_batches_is_named(capsys, tmp_path, shards):

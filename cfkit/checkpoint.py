@@ -101,14 +101,25 @@ def read_weights(path, device="cpu") -> dict[str, torch.Tensor]:
                               f"corrupt?): {error}") from None
 
 
-def check_fits(module: torch.nn.Module, state: dict, path, config_path) -> None:
-    """CheckpointError unless ``state`` (read from ``path``) has exactly the keys and shapes
-    of ``module``, the model that ``config_path`` builds."""
-    expected = {name: tuple(value.shape) for name, value in module.state_dict().items()}
+def misfits(expected: dict[str, tuple], state: dict) -> list[str]:
+    """Why ``state`` cannot load into a model of parameter shapes ``expected`` (name -> shape):
+    one line per key missing from it, key not in the model, and shape that differs."""
     problems = [f"{name} is missing" for name in expected if name not in state]
     problems += [f"{name} is not in the model" for name in state if name not in expected]
     problems += [f"{name} is {tuple(state[name].shape)} in the weights but {shape} in the model"
                  for name, shape in expected.items() if name in state and tuple(state[name].shape) != shape]
+    return problems
+
+
+def shapes(module: torch.nn.Module) -> dict[str, tuple]:
+    """The shape of each tensor of ``module``'s state dict, by name."""
+    return {name: tuple(value.shape) for name, value in module.state_dict().items()}
+
+
+def check_fits(module: torch.nn.Module, state: dict, path, config_path) -> None:
+    """CheckpointError unless ``state`` (read from ``path``) has exactly the keys and shapes
+    of ``module``, the model that ``config_path`` builds."""
+    problems = misfits(shapes(module), state)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CheckpointError(f"{path} does not fit the model of {config_path}: {problems[0]}{more}")
@@ -242,3 +253,63 @@ def optimizer_state(tensors: dict, meta: dict, names: list[str] | None = None) -
         state.setdefault(key(int(index)), {})[name] = value
     groups = [{**g, "params": [key(i) for i in g["params"]]} for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+# -- starting a run from existing weights (fine-tuning) ---------------------------------------
+def init_weights_file(path) -> Path:
+    """The safetensors file ``train.init_from`` names: the file itself, or a checkpoint folder's
+    (a run folder's latest checkpoint's) EMA weights, else its model weights."""
+    path = Path(path)
+    allowed = "give a cfkit checkpoint or run folder, or a .safetensors file"
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"train.init_from {path}: not a .safetensors file; {allowed} (a "
+                                  "checkpoint of another implementation is imported with `cfkit convert`)")
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"train.init_from {path}: not found; {allowed}")
+    folder = resolve(path)
+    for name in ("ema", "model"):
+        if (folder / f"{name}.safetensors").exists():
+            return folder / f"{name}.safetensors"
+    raise CheckpointError(f"train.init_from {path}: no ema.safetensors or model.safetensors in {folder}; "
+                          f"{allowed}")
+
+
+def skipped(name: str, skip) -> bool:
+    """Whether ``skip`` (keys, or prefixes ending at a "." boundary) names the key ``name``."""
+    return any(name == prefix or name.startswith(prefix.rstrip(".") + ".") for prefix in skip)
+
+
+def covering_prefixes(names: set[str], keys: set[str]) -> list[str]:
+    """The shortest prefixes (at "." boundaries) that name ``names`` and no other of ``keys``,
+    e.g. ``blocks.2`` for every key of a block the weights lack."""
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        found.add(next(prefix for prefix in (".".join(parts[:n]) for n in range(1, len(parts) + 1))
+                       if all(key in names for key in keys if skipped(key, [prefix]))))
+    return sorted(found)
+
+
+def init_weights(module: torch.nn.Module, path, skip=(), device="cpu") -> list[str]:
+    """Load ``train.init_from``'s weights into ``module``, but the keys ``skip`` names, which keep
+    their fresh initialisation; returns those keys. Weights that do not fit (a key missing,
+    one the model lacks, a shape that differs) are a CheckpointError listing every one."""
+    file = init_weights_file(path)
+    state = read_weights(file, device)
+    expected = shapes(module)
+    unmatched = [p for p in skip if not any(skipped(key, [p]) for key in (*expected, *state))]
+    if unmatched:
+        tops = sorted({key.split(".")[0] for key in expected})
+        raise CheckpointError(f"train.init_skip: {', '.join(unmatched)} match(es) no key of the model or of "
+                              f"{file}; the model's keys start with: {', '.join(tops)}")
+    kept = {key: value for key, value in state.items() if not skipped(key, skip)}
+    problems = misfits({k: v for k, v in expected.items() if not skipped(k, skip)}, kept)
+    if problems:
+        bad = covering_prefixes({line.split(" ", 1)[0] for line in problems}, {*expected, *state})
+        raise CheckpointError(
+            f"train.init_from {file} does not fit the model:\n  " + "\n  ".join(problems)
+            + f"\nto leave these at their fresh initialisation: train.init_skip = {json.dumps(bad)}")
+    module.load_state_dict(kept, strict=False)  # what is left out is exactly the skipped keys
+    return [key for key in expected if skipped(key, skip)]

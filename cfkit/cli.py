@@ -289,6 +289,12 @@ def cmd_tokenizer_train(args) -> int:
     return 0
 
 
+def _device_argument(p: argparse.ArgumentParser) -> None:
+    """``--device``, resolved by ``preflight.check`` (``auto``: CUDA when present, TF32 on)."""
+    p.add_argument("--device", default=preflight.AUTO,
+                   help="cpu, cuda, cuda:N, mps or auto (default): CUDA when present, else the CPU")
+
+
 def _generation_arguments(p: argparse.ArgumentParser) -> None:
     """The options ``cfkit sample`` and ``cfkit edit`` share (see cfkit.generate.generate)."""
     split = p.add_mutually_exclusive_group()
@@ -296,7 +302,7 @@ def _generation_arguments(p: argparse.ArgumentParser) -> None:
     split.add_argument("--step-sizes", metavar="A,B,...", help="explicit AR step sizes")
     split.add_argument("--schedule", metavar="NAME", help="one draw of a registered schedule")
     _sampling_arguments(p)
-    p.add_argument("--device", default="cpu")
+    _device_argument(p)
     p.add_argument("--out", required=True, help="folder for samples.npz and the PNGs")
     p.add_argument("--no-progress", action="store_true")
 
@@ -428,7 +434,7 @@ def add_caption_command(sub) -> None:
     decoding.add_argument("--beams", type=int, metavar="B", help="beam search with B beams")
     p.add_argument("--temperature", type=float, default=1.0, help="of top-k / top-p sampling")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    _device_argument(p)
     p.add_argument("--json", action="store_true", help="print a JSON list of {image, caption}")
     p.set_defaults(run=cmd_caption)
 
@@ -491,7 +497,7 @@ def add_eval_command(sub) -> None:
     p.add_argument("--reference-split", default="train", choices=["train", "val"],
                    help="the dataset split FID and precision/recall compare with (default train)")
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--device", default="cpu")
+    _device_argument(p)
     p.add_argument("--out", help="folder for eval.json and eval.md (default: the evaluated folder)")
     p.add_argument("--save-samples", action="store_true", help="also write samples-S{S}.npz to --out")
     p.add_argument("--no-progress", action="store_true")
@@ -535,7 +541,7 @@ def add_fid_command(sub) -> None:
     p.add_argument("--save-stats", action="store_true",
                    help="write the statistics of PATH_A to PATH_B (mu, sigma) instead")
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--device", default="cpu")
+    _device_argument(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=cmd_fid)

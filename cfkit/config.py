@@ -220,7 +220,27 @@ class Train(Strict):
     ckpt_every: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
-    tensorboard: bool = False
+    # batch_size is the optimizer step's: each process runs it in this many equal micro-batches
+    grad_accum_steps: int = Field(1, ge=1)
+    # fine-tuning: a cfkit checkpoint or run folder, or a .safetensors file, to take the weights
+    # from (EMA when the checkpoint has them); the optimizer starts afresh
+    init_from: str | None = None
+    # keys of init_from's weights (a key, or a prefix ending at a "."-boundary) to leave at their
+    # fresh initialisation, e.g. ["class_embedder"] for new classes
+    init_skip: tuple[str, ...] = ()
+    tensorboard: bool = False  # needs the tensorboard extra: pip install 'cfkit[tensorboard]'
+    wandb: bool = False  # needs the wandb extra; WANDB_MODE=offline logs without an account
+    wandb_project: str = "cfkit"
+
+    @model_validator(mode="after")
+    def _check_micro_batches(self):
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
+                             f"{self.grad_accum_steps}; allowed: a divisor of batch_size")
+        if self.init_skip and self.init_from is None:
+            raise ValueError("init_skip names weights of init_from, which is not set; give "
+                             "init_from = PATH or drop init_skip")
+        return self
 
     @property
     def learning_rate(self) -> float:

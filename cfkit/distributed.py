@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from cfkit.preflight import enable_tf32
+
 
 def barrier():
     """Wait for every process of the group (nothing to wait for in a single process)."""
@@ -20,7 +22,8 @@ def barrier():
 
 
 class Distributed:
-    """The process group from torchrun's environment (or a single process)."""
+    """The process group from torchrun's environment (or a single process), on this process's
+    GPU when there are GPUs (TF32 on), else on the CPU."""
 
     def __init__(self, timeout: datetime.timedelta | None = None):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -28,6 +31,7 @@ class Distributed:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         cuda = torch.cuda.is_available()
         self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        enable_tf32(self.device)
         # a group made by a caller (cfkit bench around its runs) outlives this object
         self.owned = self.world_size > 1 and not dist.is_initialized()
         if self.owned:

@@ -1,6 +1,10 @@
 """Checks of what a command needs from its environment, made before it does any work: the
 device exists and the output folder can be written. An OSError that still happens (a full
-disk) becomes one line naming the file and what to do."""
+disk) becomes one line naming the file and what to do.
+
+``--device auto`` (every command's default) is CUDA when this machine has it, else the CPU; on
+CUDA, float32 matmuls and convolutions run on TF32 tensor cores, as DiT and MAR train and
+sample."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+AUTO = "auto"  # the --device default: CUDA when present, else the CPU
 # commands whose --out is a file to write, not a folder
 FILE_OUTPUTS = ("tokenizer",)
 HINTS = {
@@ -25,9 +30,12 @@ HINTS = {
 
 def check(args) -> None:
     """A ValueError naming the option when the device or an output of a parsed command line
-    (``cfkit eval`` writes into the evaluated folder without --out) cannot be used."""
+    (``cfkit eval`` writes into the evaluated folder without --out) cannot be used. The
+    ``--device`` is resolved in ``args`` (``auto`` to this machine's) and, when CUDA, TF32 is on."""
     if getattr(args, "device", None) is not None:
-        device(args.device)
+        chosen = device(args.device)
+        args.device = str(chosen)
+        enable_tf32(chosen)
     out = getattr(args, "out", None)
     if out is not None:
         (writable_file if args.command in FILE_OUTPUTS else writable_folder)(out, f"--out {out}")
@@ -48,8 +56,11 @@ def devices() -> list[str]:
 
 
 def device(text: str) -> torch.device:
-    """``torch.device(text)`` when this machine has it, else a ValueError listing those it has."""
-    allowed = ", ".join(devices())
+    """``torch.device(text)`` when this machine has it (``auto``: CUDA when present, else the
+    CPU), else a ValueError listing those it has."""
+    if text == AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allowed = ", ".join([*devices(), AUTO])
     try:
         chosen = torch.device(text)
     except (RuntimeError, ValueError):
@@ -60,6 +71,15 @@ def device(text: str) -> torch.device:
            else f"this machine has {torch.cuda.device_count()} CUDA device(s)",
            "mps": "MPS is not available"}.get(chosen.type, f"{chosen.type} devices are not supported")
     raise ValueError(f"--device {text}: {why}; allowed here: {allowed}")
+
+
+def enable_tf32(chosen: torch.device) -> None:
+    """On a CUDA device, float32 matmuls (cuBLAS) and convolutions (cuDNN) on TF32 tensor cores:
+    about 8x the float32 throughput on Ampere and later at a 10-bit mantissa in the products,
+    which training and sampling diffusion models tolerate. No change on other devices."""
+    if chosen.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def writable_folder(path, what: str) -> None:

@@ -3,7 +3,12 @@
 Randomness of step ``k`` (plans, noise, label dropout) comes from a generator seeded by
 ``(seed, k)`` and is drawn for the global batch, of which each process uses its rows; the
 data stream is a function of the seed too. So a run is reproducible across world sizes and a
-resumed run continues exactly as if it had never stopped.
+resumed run continues exactly as if it had never stopped. With ``train.grad_accum_steps`` =
+k, each process runs its rows in k micro-batches, each drawing the same global randomness
+and taking its own rows of it: the step's gradient is that of the whole batch at once.
+
+``train.init_from`` starts a new run from existing weights (fine-tuning) with a fresh
+optimizer; ``train.init_skip`` leaves named weights at their fresh initialisation.
 
 Run folder: ``config.json``, ``metrics.csv``, ``loss.png``, ``checkpoints/step-NNNNNNN/``
 (each a cfkit checkpoint: ``config.json``, ``model.safetensors``, ``ema.safetensors``,
@@ -16,6 +21,7 @@ and the cached dataset shards (``cfkit.data``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -31,7 +37,7 @@ from cfkit import checkpoint, data, runlock
 from cfkit import config as configs
 from cfkit.distributed import Distributed, barrier
 from cfkit.methods import Batch
-from cfkit.runlog import RunLog
+from cfkit.runlog import RunLog, require_trackers
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +79,13 @@ class Trainer:
                  progress: bool = True):
         self.experiment, self.run_dir, self.progress = experiment, Path(run_dir), progress
         self.settings = experiment.train
+        require_trackers(self.settings)  # before any work: a missing extra is named at once
         self.dist = Distributed()
         torch.manual_seed(experiment.seed)
         self.method = experiment.build_method()
         self.net = self.method.model.to(self.dist.device)
+        if self.settings.init_from is not None and not resume:  # a resumed run has its own weights
+            self._init_weights()
         if self.settings.grad_checkpoint:
             if not hasattr(self.net, "grad_checkpoint"):
                 raise ValueError(f"train.grad_checkpoint: the {type(self.net).__name__} network of "
@@ -92,7 +101,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(self.settings)
         )
-        self.runlog = RunLog(self.run_dir, self.settings.tensorboard)
+        self.runlog = RunLog(self.run_dir, self.settings, experiment)
         self.step = 0
         self.corrupt: list[Path] = []  # checkpoints resume skipped, set aside at the next save
         if resume:
@@ -100,7 +109,17 @@ class Trainer:
         self.stop_requested = False
 
     # -- setup -------------------------------------------------------------------------------
+    def _init_weights(self) -> None:
+        """Start from ``train.init_from``'s weights, but those ``train.init_skip`` names."""
+        settings = self.settings
+        fresh = checkpoint.init_weights(self.net, settings.init_from, settings.init_skip,
+                                        str(self.dist.device))
+        if self.dist.is_main:
+            log.info("initialised from %s; left at their fresh initialisation: %s", settings.init_from,
+                     ", ".join(fresh) or "none")
+
     def _wrap(self, net):
+        self.ddp = None  # the DDP wrapper, whose no_sync skips the all-reduce of a micro-batch
         if self.dist.world_size > 1:
             if self.sharded:
                 from torch.distributed.fsdp import fully_shard
@@ -111,7 +130,7 @@ class Trainer:
                 from torch.nn.parallel import DistributedDataParallel
 
                 device_ids = [self.dist.device] if self.dist.device.type == "cuda" else None
-                net = DistributedDataParallel(net, device_ids=device_ids)
+                net = self.ddp = DistributedDataParallel(net, device_ids=device_ids)
         if self.settings.compile:
             net = torch.compile(net)
         return net
@@ -194,10 +213,11 @@ class Trainer:
 
     def stream(self) -> data.ShardStream:
         spec = self.experiment.data
-        world = self.dist.world_size
-        if self.settings.batch_size % world:
+        world, micro = self.dist.world_size, self.settings.grad_accum_steps
+        if self.settings.batch_size % (world * micro):
             raise configs.ConfigError(
-                f"train.batch_size {self.settings.batch_size} is not divisible by {world} processes"
+                f"train.batch_size {self.settings.batch_size} is not divisible by {world} processes x "
+                f"train.grad_accum_steps {micro}; allowed: a multiple of {world * micro}"
             )
         shards = data.dataset_shards(self.experiment, "train", self.dist.is_main)
         return data.ShardStream(
@@ -209,27 +229,45 @@ class Trainer:
         )
 
     # -- the loop ----------------------------------------------------------------------------
-    def batch(self, item: dict, tokenizer) -> Batch:
-        device = self.dist.device
+    def micro_batches(self, item: dict, tokenizer) -> list[Batch]:
+        """This process's rows of the step's batch (``item``) in ``grad_accum_steps`` micro-batches
+        of equal size, each at its place in the global batch, so that it takes its rows of the
+        global draws; images are encoded one micro-batch at a time."""
+        local = len(item["labels"])
+        size = local // self.settings.grad_accum_steps
+        return [self.batch(item, tokenizer, slice(start, start + size)) for start in range(0, local, size)]
+
+    def batch(self, item: dict, tokenizer, rows: slice) -> Batch:
+        """The micro-batch of ``item``'s ``rows`` ``(n, ...)``, latents on this process's device."""
+        device, local = self.dist.device, len(item["labels"])
         if "latents" in item:
-            latents = item["latents"].to(device)
+            latents = item["latents"][rows].to(device)
         else:
             with torch.no_grad():
-                latents = tokenizer.encode(item["images"].to(device))
-        world = self.dist.world_size
-        return Batch(latents, item["labels"].to(device), offset=self.dist.rank * len(latents),
-                     global_size=len(latents) * world, captions=item.get("captions"))
+                latents = tokenizer.encode(item["images"][rows].to(device))
+        captions = item.get("captions")
+        return Batch(latents, item["labels"][rows].to(device), offset=self.dist.rank * local + rows.start,
+                     global_size=local * self.dist.world_size,
+                     captions=None if captions is None else captions[rows])
 
-    def train_step(self, batch: Batch) -> tuple[float, float]:
+    def train_step(self, micro_batches: list[Batch]) -> tuple[float, float]:
+        """One optimizer step on the batch made of ``micro_batches``; (loss, gradient norm)."""
         autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16,
                                   enabled=self.settings.precision == "bf16")
-        with autocast:
-            out = self.method.loss(batch, step_generator(self.experiment.seed, self.step),
-                                   model=self.forward)
-        loss = self.dist.mean(out.loss.item())
-        self._check_finite("loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        losses = []
+        for index, batch in enumerate(micro_batches):
+            # every micro-batch draws the step's randomness afresh and takes its own rows of it
+            generator = step_generator(self.experiment.seed, self.step)
+            with self._gradient_sync(index == len(micro_batches) - 1):
+                with autocast:
+                    out = self.method.loss(batch, generator, model=self.forward)
+                # each loss is the mean over its rows: their mean over equal micro-batches is the batch's
+                (out.loss / len(micro_batches)).backward()
+            losses.append(out.loss.item())
+        # checked once all processes have run backward (DDP's all-reduce waits for each of them)
+        loss = self.dist.mean(sum(losses) / len(losses))
+        self._check_finite("loss", loss)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.settings.grad_clip))
         # a finite loss can still overflow in backward; its step would write NaN weights
         self._check_finite("gradient norm", grad_norm)
@@ -238,6 +276,15 @@ class Trainer:
         update_ema(self.ema, self.net, self.settings.ema)
         self.step += 1
         return loss, grad_norm
+
+    def _gradient_sync(self, sync: bool):
+        """A context in whose backward the processes all-reduce their gradients only when ``sync``
+        (the last micro-batch); the earlier micro-batches accumulate theirs locally."""
+        if self.sharded:
+            self.net.set_requires_gradient_sync(sync)
+        elif self.ddp is not None and not sync:
+            return self.ddp.no_sync()
+        return contextlib.nullcontext()
 
     def _check_finite(self, what: str, value: float) -> None:
         if not math.isfinite(value):
@@ -265,7 +312,7 @@ class Trainer:
             while self.step < self.settings.max_steps:
                 item = next(batches)
                 errors.update(item)
-                loss, grad_norm = self.train_step(self.batch(item, tokenizer))
+                loss, grad_norm = self.train_step(self.micro_batches(item, tokenizer))
                 images += self.settings.batch_size
                 if self.step % self.settings.log_every == 0 or self.step == self.settings.max_steps:
                     now = time.perf_counter()
@@ -292,6 +339,8 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
             if bar is not None:
                 bar.close()
+            if self.dist.is_main:
+                self.runlog.close()
         if self.dist.is_main:
             self.runlog.plot()
         return self.run_dir

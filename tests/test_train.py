@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -366,3 +367,150 @@ def test_the_learning_rate_warms_up_linearly_then_follows_its_schedule(schedule)
         assert after == [1.0] * 6
     else:  # a half cosine from 1 at the warmup's end to 0 at max_steps, and 0 after it
         assert after == pytest.approx([1.0, 0.5 + 0.5 ** 0.5 / 2, 0.5, 0.5 - 0.5 ** 0.5 / 2, 0.0, 0.0])
+
+
+# -- gradient accumulation --------------------------------------------------------------------
+@pytest.mark.parametrize("micro", [2, 4])
+def test_a_batch_in_k_micro_batches_follows_the_one_step_curve(monkeypatch, tmp_path, shards, reference,
+                                                               micro):
+    sizes = []
+    train_step = train.Trainer.train_step
+
+    def recording(self, micro_batches):
+        sizes.append([len(batch.latents) for batch in micro_batches])
+        return train_step(self, micro_batches)
+
+    monkeypatch.setattr(train.Trainer, "train_step", recording)
+    run = tmp_path / "run"
+    train.train(configs.load(CONFIG, overrides(shards, f"train.grad_accum_steps={micro}")), run,
+                progress=False)
+    assert sizes == [[8 // micro] * micro] * 20  # the batch of 8 did run in micro-batches
+    np.testing.assert_allclose([float(v) for _, v in losses(run)],
+                               [float(v) for _, v in losses(reference)], rtol=LOSS_RTOL, atol=0)
+    assert max_weight_difference(run, reference, 20) <= WEIGHT_ATOL
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_with_two_micro_batches_each_follow_the_one_process_curve(
+        tmp_path, shards, reference, strategy):
+    # the processes' gradients are all-reduced once, in the last micro-batch: one left out leaves this curve
+    run = tmp_path / "run"
+    process = start(run, shards, f'train.distributed="{strategy}"', "train.grad_accum_steps=2",
+                    processes=2)
+    assert finish(process, run) == 0, output(run)
+    np.testing.assert_allclose([float(v) for _, v in losses(run)],
+                               [float(v) for _, v in losses(reference)], rtol=LOSS_RTOL, atol=0)
+    assert max_weight_difference(run, reference, 20) <= WEIGHT_ATOL
+
+
+def test_ddp_all_reduces_the_gradients_in_the_last_micro_batch_only(monkeypatch):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(3, 2))
+        reduced = []
+
+        def hook(state, bucket):  # DDP's all-reduce of one bucket of gradients
+            reduced.append(bucket.index())
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        ddp.register_comm_hook(None, hook)
+        trainer = SimpleNamespace(sharded=False, ddp=ddp)  # what _gradient_sync reads of a Trainer
+        for last in (False, False, True):
+            with train.Trainer._gradient_sync(trainer, last):
+                ddp(torch.randn(4, 3)).sum().backward()
+        assert reduced == [0]  # one bucket, once
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_batch_not_divisible_into_processes_times_micro_batches_is_named(capsys, tmp_path, shards):
+    rc, err = cli_train(capsys, str(CONFIG), "--out", str(tmp_path / "run"),
+                        *sets(shards, "train.batch_size=6", "train.grad_accum_steps=4"))
+    assert rc == 2
+    assert "train: batch_size 6 is not divisible by grad_accum_steps 4" in err
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before the run started
+
+
+# -- fine-tuning: init_from -------------------------------------------------------------------
+def initialised(shards: str, tmp_path: Path, *extra: str) -> train.Trainer:
+    """A trainer of the tiny run with ``extra`` overrides, made (no step taken)."""
+    return train.Trainer(configs.load(CONFIG, overrides(shards, *extra)), tmp_path / "run", progress=False)
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("source", ["run", "checkpoint", "model.safetensors"])
+def test_init_from_starts_from_the_weights_with_a_fresh_optimizer(tmp_path, shards, reference, source):
+    last = checkpoint.checkpoints(reference)[-1]
+    path = {"run": reference, "checkpoint": last, "model.safetensors": last / "model.safetensors"}[source]
+    expected = saved(reference, 20, "model" if source == "model.safetensors" else "ema")  # EMA preferred
+    trainer = initialised(shards, tmp_path, f'train.init_from="{path}"')
+    for name, module in (("model", trainer.net), ("EMA", trainer.ema)):
+        got = weights(module)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name
+    assert trainer.step == 0 and not trainer.optimizer.state
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.0  # warming up from step 0 again
+
+
+def test_init_skip_leaves_the_named_weights_at_their_fresh_initialisation(tmp_path, shards, reference,
+                                                                            caplog):
+    fresh = weights(initialised(shards, tmp_path).net)
+    caplog.set_level("INFO", logger="cfkit.train")
+    trainer = initialised(shards, tmp_path, f'train.init_from="{reference}"',
+                          'train.init_skip=["class_embedder", "blocks.1.mlp.fc2.bias"]')
+    got, trained = weights(trainer.net), saved(reference, 20, "ema")
+    skipped = {"class_embedder.table.weight", "blocks.1.mlp.fc2.bias"}
+    assert all(torch.equal(got[k], (fresh if k in skipped else trained)[k]) for k in got)
+    assert not all(torch.equal(fresh[k], trained[k]) for k in skipped)  # the two differ there
+    assert "left at their fresh initialisation: class_embedder.table.weight, blocks.1.mlp.fc2.bias" in (
+        caplog.text)
+
+
+def test_weights_that_do_not_fit_are_listed_with_the_init_skip_that_takes_them(
+        capsys, tmp_path, shards, reference):
+    # 12 classes instead of 10 and a third block: a shape that differs and keys the weights lack
+    argv = [str(CONFIG), "--out", str(tmp_path / "run"),
+            *sets(shards, f'train.init_from="{reference}"', "model.num_classes=12", "model.depth=3",
+                  "train.max_steps=1")]
+    rc, err = cli_train(capsys, *argv)
+    assert rc == 2
+    assert "class_embedder.table.weight is (11, 128) in the weights but (13, 128) in the model" in err
+    assert "blocks.2.attn.qkv.weight is missing" in err
+    assert 'train.init_skip = ["blocks.2", "class_embedder"]' in err
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before the run started
+    rc, err = cli_train(capsys, *argv, "--set", 'train.init_skip=["class_embedder", "blocks.2"]')
+    assert rc == 0, err
+    assert step_of(checkpoint.checkpoints(tmp_path / "run")[-1]) == 1
+
+
+@pytest.mark.parametrize("extra, words", [
+    (('train.init_from="{missing}"',), ["train.init_from", "not found", "give a cfkit checkpoint"]),
+    (('train.init_from="{reference}"', 'train.init_skip=["class_embeder"]'),
+     ["train.init_skip: class_embeder match(es) no key", "start with: blocks, class_embedder"]),
+    (('train.init_skip=["class_embedder"]',), ["train: init_skip names weights of init_from"]),
+])
+def test_a_bad_init_from_or_init_skip_is_named(capsys, tmp_path, shards, reference, extra, words):
+    extra = [e.format(missing=tmp_path / "missing", reference=reference) for e in extra]
+    rc, err = cli_train(capsys, str(CONFIG), "--out", str(tmp_path / "run"), *sets(shards, *extra))
+    assert rc == 2
+    assert all(word in err for word in words), err
+
+
+def test_a_resumed_run_keeps_its_own_weights_whatever_init_from_says(tmp_path, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    experiment = train.resume_experiment(run, [f'train.init_from="{tmp_path / "missing"}"'])
+    trainer = train.Trainer(experiment, run, resume=True, progress=False)
+    assert trainer.step == 20
+    expected = saved(reference, 20, "model")
+    assert all(torch.equal(v, expected[k]) for k, v in weights(trainer.net).items())

@@ -1,0 +1,82 @@
+"""``--device auto``: every command's ``--device`` defaults to it, it is CUDA when this machine
+has CUDA and the CPU otherwise, and on CUDA float32 matmuls and convolutions run on TF32
+(a command on the CPU leaves those flags alone). The CUDA cases fake ``torch.cuda``; the last
+test checks the trainer's process group on a real GPU, where the machine has one."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from cfkit import preflight
+from cfkit.cli import parser
+from cfkit.distributed import Distributed
+
+
+@pytest.fixture
+def tf32_off():
+    """TF32 off, restored after the test (the flags are process-wide; torch computes them, so
+    monkeypatch cannot restore them)."""
+    before = tf32()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def fake_cuda(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+def tf32() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def device_defaults() -> dict[str, str]:
+    """Each subcommand with a --device option: its default."""
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return {name: action.default for name, sub in commands.items() for action in sub._actions
+            if action.dest == "device"}
+
+
+def test_every_device_option_defaults_to_auto():
+    defaults = device_defaults()
+    assert set(defaults) >= {"sample", "edit", "caption", "eval", "fid"}
+    assert set(defaults.values()) == {"auto"}
+
+
+def test_auto_is_the_cpu_without_cuda_and_leaves_tf32_alone(monkeypatch, tf32_off):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = argparse.Namespace(command="sample", device="auto", out=None)
+    preflight.check(args)
+    assert args.device == "cpu"
+    assert tf32() == (False, False)
+
+
+def test_auto_is_cuda_when_present_and_turns_tf32_on(monkeypatch, tf32_off):
+    fake_cuda(monkeypatch)
+    args = argparse.Namespace(command="sample", device="auto", out=None)
+    preflight.check(args)
+    assert args.device == "cuda"
+    assert tf32() == (True, True)
+
+
+def test_an_explicit_cpu_on_a_cuda_machine_stays_the_cpu_without_tf32(monkeypatch, tf32_off):
+    fake_cuda(monkeypatch)
+    args = argparse.Namespace(command="sample", device="cpu", out=None)
+    preflight.check(args)
+    assert args.device == "cpu"
+    assert tf32() == (False, False)
+
+
+def test_a_bad_device_names_auto_among_the_allowed():
+    with pytest.raises(ValueError, match=r"--device 'gpu' is not a device name; allowed here: cpu.*, auto$"):
+        preflight.device("gpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda_turns_tf32_on(tf32_off):
+    assert Distributed().device.type == "cuda"
+    assert tf32() == (True, True)

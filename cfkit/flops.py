@@ -22,8 +22,8 @@ FLOPS_COUNTED = (
     "forward + backward; T is the sequence length the blocks actually ran (condition, clean "
     "and noisy tokens). Embeddings, adaLN, final layer, norms, softmax, loss and optimizer "
     "are not counted. tflops/mfu use this dense count; tflops_executed/mfu_executed count "
-    "only the attention blocks the kernels compute (the sdpa SplitMask skips context->noisy, "
-    "copy->other-copy and most block-causal blocks)."
+    "only the attention blocks the kernels compute (the sdpa SplitMask skips context->noisy "
+    "and copy->other-copy blocks)."
 )
 
 
@@ -38,9 +38,12 @@ def step_flops(batch: int, seq_len: float, dim: int, depth: int, mlp_ratio: floa
 
 def executed_pairs(seq_len: int, mask) -> int:
     """(query, key) pairs the attention kernels really compute per sequence: a SplitMask
-    skips the blocks its rule forbids (context -> noisy, copy -> other copy, and the
-    block-causal parts between AR steps)."""
-    return mask.pairs if isinstance(mask, SplitMask) else seq_len**2
+    skips the blocks its rule forbids (context -> noisy, copy -> other copy)."""
+    if not isinstance(mask, SplitMask):
+        return seq_len**2
+    context = mask.context.shape[-1]
+    length = (seq_len - context) // mask.copies
+    return context**2 + mask.copies * length * (context + length)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ serves CausalFusion (any S), In-context DiT (S = 1) and, through its KV cache, g
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -238,122 +237,23 @@ class Attention(nn.Module):
 
 
 @dataclass(frozen=True)
-class QueryBlock:
-    """Query rows ``start:end`` that see at most the first ``keys`` context keys and, in a
-    noisy block, the block's own rows of their copy; ``mask`` ``(B|1, rows, keys [+ rows])``
-    says which of those (None: all)."""
-
-    start: int
-    end: int
-    keys: int
-    mask: torch.Tensor | None
-
-
-# What one more attention call costs, in (query, key) pairs: the call, the key copies and the
-# output concatenation (on CPU sdpa, about a 64 x 64 block). Blocks are cut only where that saves more.
-CALL_PAIRS = 4096
-
-
-@dataclass(frozen=True)
 class SplitMask:
-    """The generalised causal mask of ``[context | K noisy copies of L tokens]`` as blocks of
-    query rows that skip what the rule hides: context rows see a prefix of the context; a
-    copy's rows see a prefix of the context and the rows of their own AR step in that copy,
-    never another copy. Blocks are cut at AR-step boundaries wherever that saves more pairs
-    than a call costs, so the block-causal part is computed about once, not as a dense square."""
+    """The generalised causal mask of ``[context | K noisy copies of L tokens]`` in two dense
+    pieces: context-to-context ``(B|1, Tc, Tc)`` and copy-to-(context + same copy)
+    ``(B|1, L, Tc + L)``. The rule never lets context see noisy tokens nor a copy see another,
+    so attention runs without the (K L)^2 block that a dense mask would still compute."""
 
-    context: tuple[QueryBlock, ...]
-    noisy: tuple[QueryBlock, ...]
-    context_len: int
+    context: torch.Tensor
+    noisy: torch.Tensor
     copies: int
 
     @classmethod
-    def from_layout(cls, layout: Layout, context_len: int, copies: int,
-                    call_pairs: int = CALL_PAIRS) -> SplitMask:
+    def from_layout(cls, layout: Layout, context_len: int, copies: int) -> SplitMask:
         length = (layout.length - context_len) // copies
-        context, noisy = layout[:context_len], layout[context_len:context_len + length]
-        seen = context.dense()  # (B, Tc, Tc)
-        seen_context, seen_own = noisy.dense(context), noisy.dense()  # (B, L, Tc), (B, L, L)
-        reach = _reach(seen)
-        context_blocks = tuple(
-            _query_block(a, b, keys, seen[:, a:b, :keys])
-            for a, b, keys in _blocks(_cuts(reach), reach, False, call_pairs))
-        noisy_blocks = tuple(
-            _query_block(a, b, keys, torch.cat([seen_context[:, a:b, :keys], seen_own[:, a:b, a:b]], -1))
-            for a, b, keys in _blocks(_own_cuts(seen_own), _reach(seen_context), True, call_pairs))
-        return cls(context_blocks, noisy_blocks, context_len, copies)
-
-    @property
-    def pairs(self) -> int:
-        """(query, key) pairs the kernels compute per sequence."""
-        context = sum((b.end - b.start) * b.keys for b in self.context)
-        noisy = sum((b.end - b.start) * (b.keys + b.end - b.start) for b in self.noisy)
-        return context + self.copies * noisy
-
-
-def _reach(seen: torch.Tensor) -> list[int]:
-    """Per query row of ``seen`` ``(B, Q, K)``: one past the last key any sample's row sees."""
-    if seen.shape[-1] == 0:
-        return [0] * seen.shape[1]
-    index = torch.arange(1, seen.shape[-1] + 1, device=seen.device)
-    return (seen * index).amax(dim=(0, 2)).tolist()
-
-
-def _cuts(reach: list[int]) -> list[int]:
-    """Row boundaries where the reach changes (AR-step boundaries), with 0 and the end."""
-    inner = [i for i in range(1, len(reach)) if reach[i] != reach[i - 1]]
-    return [0, *inner, len(reach)]
-
-
-def _own_cuts(seen_own: torch.Tensor) -> list[int]:
-    """Row boundaries ``i`` of a copy's rows ``(B, L, L)`` that no row's own keys cross (rows
-    before ``i`` see none at or after it and the other way round): its AR-step boundaries."""
-    rows = seen_own.shape[1]
-    index = torch.arange(rows, device=seen_own.device)
-    first = torch.where(seen_own, index, rows).amin(dim=(0, 2)).tolist()
-    last = torch.where(seen_own, index, -1).amax(dim=(0, 2)).tolist()
-    cuts, highest = [0], -1
-    lowest_after = [rows] * (rows + 1)
-    for i in range(rows - 1, -1, -1):
-        lowest_after[i] = min(first[i], lowest_after[i + 1])
-    for i in range(1, rows):
-        highest = max(highest, last[i - 1])
-        if highest < i <= lowest_after[i]:
-            cuts.append(i)
-    return [*cuts, rows] if rows else cuts
-
-
-def _blocks(cuts: list[int], reach: list[int], own: bool, call_pairs: int,
-            max_cuts: int = 64) -> list[tuple[int, int, int]]:
-    """``(start, end, keys)`` row blocks between ``cuts`` that minimise the pairs computed
-    (rows x (keys [+ rows when ``own``])) plus ``call_pairs`` per block (dynamic programming
-    over at most ``max_cuts`` cuts)."""
-    if len(cuts) > max_cuts + 1:  # keep evenly spread cuts: any subset of cuts is valid
-        step = (len(cuts) - 1) / max_cuts
-        cuts = sorted({cuts[round(i * step)] for i in range(max_cuts + 1)})
-    if len(cuts) < 2:
-        return []
-    segment = [max(reach[a:b], default=0) for a, b in itertools.pairwise(cuts)]
-    best, choice = [0.0] + [math.inf] * (len(cuts) - 1), [0] * len(cuts)
-    for j in range(1, len(cuts)):
-        keys = 0
-        for i in range(j - 1, -1, -1):
-            keys = max(keys, segment[i])
-            rows = cuts[j] - cuts[i]
-            cost = best[i] + rows * (keys + rows * own) + call_pairs
-            if cost < best[j]:
-                best[j], choice[j] = cost, i
-    blocks, j = [], len(cuts) - 1
-    while j:
-        i = choice[j]
-        blocks.append((cuts[i], cuts[j], max(segment[i:j])))
-        j = i
-    return blocks[::-1]
-
-
-def _query_block(start: int, end: int, keys: int, mask: torch.Tensor) -> QueryBlock:
-    mask = _one_if_shared(mask)
-    return QueryBlock(start, end, keys, None if bool(mask.all()) else mask)
+        context = layout[:context_len]
+        first_copy = layout[: context_len + length]
+        noisy = first_copy[context_len:].dense(first_copy)
+        return cls(_one_if_shared(context.dense()), _one_if_shared(noisy), copies)
 
 
 def _one_if_shared(mask: torch.Tensor) -> torch.Tensor:
@@ -362,34 +262,26 @@ def _one_if_shared(mask: torch.Tensor) -> torch.Tensor:
 
 
 def split_attend(q, k, v, mask: SplitMask) -> torch.Tensor:
-    """Attention of ``(N, H, T, Dh)`` queries, keys and values under a ``SplitMask``."""
     n, heads, length, dim = q.shape
-    ctx, copies = mask.context_len, mask.copies
+    ctx, copies = mask.context.shape[-1], mask.copies
     size = (length - ctx) // copies
+    out_ctx = F.scaled_dot_product_attention(
+        q[:, :, :ctx], k[:, :, :ctx], v[:, :, :ctx], attn_mask=mask.context.unsqueeze(1)
+    )
 
     def per_copy(x):  # (N, H, K*L, Dh) -> (N*K, H, L, Dh)
         return x.reshape(n, heads, copies, size, dim).transpose(1, 2).reshape(-1, heads, size, dim)
 
-    def with_context(full, copy_rows, block):  # the block's context keys, then its own rows
-        shared = full[:, None, :, :block.keys].expand(-1, copies, -1, -1, -1)
-        return torch.cat([shared.reshape(n * copies, heads, block.keys, dim),
-                          copy_rows[:, :, block.start:block.end]], dim=2)
+    def with_context(full):  # keys/values of the context followed by those of each copy
+        shared = full[:, None, :, :ctx].expand(-1, copies, -1, -1, -1).reshape(-1, heads, ctx, dim)
+        return torch.cat([shared, per_copy(full[:, :, ctx:])], dim=2)
 
-    outs = [_masked_sdpa(q[:, :, b.start:b.end], k[:, :, :b.keys], v[:, :, :b.keys], b.mask, 1)
-            for b in mask.context]
-    qc, kc, vc = (per_copy(x[:, :, ctx:]) for x in (q, k, v))
-    noisy = torch.cat([
-        _masked_sdpa(qc[:, :, b.start:b.end], with_context(k, kc, b), with_context(v, vc, b), b.mask, copies)
-        for b in mask.noisy], dim=2)
-    outs.append(noisy.reshape(n, copies, heads, size, dim).transpose(1, 2).reshape(n, heads, -1, dim))
-    return torch.cat(outs, dim=2)
-
-
-def _masked_sdpa(q, k, v, mask: torch.Tensor | None, copies: int) -> torch.Tensor:
-    """sdpa with a ``(B|1, rows, keys)`` mask shared by the ``copies`` rows of each sample."""
-    if mask is not None:
-        mask = (mask.repeat_interleave(copies, 0) if mask.shape[0] > 1 else mask).unsqueeze(1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    noisy_mask = mask.noisy.repeat_interleave(copies, 0) if mask.noisy.shape[0] > 1 else mask.noisy
+    out = F.scaled_dot_product_attention(
+        per_copy(q[:, :, ctx:]), with_context(k), with_context(v), attn_mask=noisy_mask.unsqueeze(1)
+    )
+    out = out.reshape(n, copies, heads, size, dim).transpose(1, 2).reshape(n, heads, -1, dim)
+    return torch.cat([out_ctx, out], dim=2)
 
 
 def attend(q, k, v, mask, backend: str) -> torch.Tensor:

@@ -273,7 +273,7 @@ def split_attend(q, k, v, mask: SplitMask) -> torch.Tensor:
         return x.reshape(n, heads, copies, size, dim).transpose(1, 2).reshape(-1, heads, size, dim)
 
     def with_context(full):  # keys/values of the context followed by those of each copy
-        shared = full[:, None, :, :ctx].expand(-1, copies, -1, -1, -1).reshape(-1, heads, ctx, dim)
+        shared = full[:, None, :, :ctx].expand(-1, copies, -1, -1, -1).reshape(n * copies, heads, ctx, dim)
         return torch.cat([shared, per_copy(full[:, :, ctx:])], dim=2)
 
     noisy_mask = mask.noisy.repeat_interleave(copies, 0) if mask.noisy.shape[0] > 1 else mask.noisy

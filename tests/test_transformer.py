@@ -5,17 +5,25 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cfkit import plugins
+from cfkit.masks import batch_layout
 from cfkit.plan import Planner
+from cfkit.schedules import step_index
 from cfkit.transformer import (
     PRESETS,
     CausalTransformer,
+    SplitMask,
     TransformerConfig,
     patchify,
     preset,
+    split_attend,
     unpatchify,
 )
+from tests.strategies import splits
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -65,6 +73,29 @@ def test_attention_backends_agree_in_fp32(per_sample, copies, timestep):
     }
     torch.testing.assert_close(outs["sdpa"], outs["eager"], atol=1e-5, rtol=0)
     torch.testing.assert_close(outs["flex"], outs["eager"], atol=1e-5, rtol=0)
+
+
+@st.composite
+def layouts(draw):
+    """A ``[cond | clean | K copies]`` layout of 1-3 samples sharing a split or not."""
+    length, batch = draw(st.integers(1, 24)), draw(st.integers(1, 3))
+    shared = draw(st.booleans())
+    rows = [draw(splits(length)) for _ in range(1 if shared else batch)]
+    step = torch.stack([step_index(torch.tensor(sizes)) for sizes in rows]).expand(batch, -1)
+    cond, copies = draw(st.integers(0, 3)), draw(st.integers(1, 3))
+    layout = batch_layout(cond, step, copies, None if shared else length)
+    return layout, layout.length - copies * length, copies
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=layouts(), seed=st.integers(0, 2**16))
+def test_split_attention_equals_dense_masked_attention(case, seed):
+    layout, context_len, copies = case
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(layout.kind.shape[0], 2, layout.length, 4, generator=g) for _ in range(3))
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense().unsqueeze(1))
+    split = split_attend(q, k, v, SplitMask.from_layout(layout, context_len, copies))
+    torch.testing.assert_close(split, dense, atol=1e-5, rtol=0)
 
 
 def test_timestep_as_token_differs_from_added_timestep():

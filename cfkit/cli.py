@@ -16,6 +16,7 @@ from cfkit import config as configs
 from cfkit import plugins, preflight
 from cfkit.convert import CheckpointError
 from cfkit.generate import KEEP_REGIONS, SamplingOptions
+from cfkit.precision import PRECISIONS
 from cfkit.runlock import FolderInUse
 from cfkit.train import TrainingError
 
@@ -318,6 +319,8 @@ def _sampling_arguments(p: argparse.ArgumentParser) -> None:
                    metavar=("LO", "HI"), help="guide only at network timesteps LO <= t < HI")
     p.add_argument("--sampler", help=f"a registered sampler (default {_shown_default('sampling.sampler')})")
     p.add_argument("--eta", type=float, help="the sampler's eta option (ddim)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="bf16 autocast or fp32; auto: bf16 where its matmuls are native and pay")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -339,7 +342,7 @@ def _sampling_options(args, **fields) -> SamplingOptions:
                    schedule=getattr(args, "schedule", None), steps=steps,
                    split_steps=args.split_steps, cfg=args.cfg, cfg_interval=tuple(args.cfg_interval),
                    sampler_options={} if args.eta is None else {"eta": args.eta},
-                   seed=args.seed, batch_size=getattr(args, "batch_size", 250))
+                   seed=args.seed, batch_size=getattr(args, "batch_size", 250), precision=args.precision)
     # --order and --sampler left out: the plugins' defaults
     given = {name: getattr(args, name) for name in ("order", "sampler") if getattr(args, name) is not None}
     return SamplingOptions.of(**{**options, **given, **fields})

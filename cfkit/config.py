@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from cfkit import diffusion, plugins, weightings
 from cfkit.methods import AR_PLANS, can
+from cfkit.precision import PRECISIONS
 
 
 class ConfigError(ValueError):
@@ -213,7 +214,8 @@ class Train(Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     ema: float = Field(0.9999, ge=0, lt=1)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # "auto": bf16 autocast where its matmuls are native and pay (cfkit.precision), else fp32
+    precision: Literal[PRECISIONS] = "auto"
     grad_checkpoint: bool = False
     compile: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"

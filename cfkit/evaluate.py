@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from cfkit import checkpoint, plugins
+from cfkit import precision as precisions
 from cfkit.generate import SamplingOptions
 from cfkit.methods import CAPTIONING, can
 from cfkit.metrics import (
@@ -304,6 +305,9 @@ def _evaluate_samples(parts: dict, context: EvalContext, metrics: dict, *, num: 
     parts["reference"] = {"split": context.reference_split, "num": len(reference)}
     given = {k: v for k, v in generation.fields().items() if k not in ("ar_steps", "step_sizes", "schedule")}
     parts["generation"] = {"num": num, "ar_steps": ar_steps, **{k: _jsonable(v) for k, v in given.items()}}
+    device = next(pipe.model.parameters()).device
+    chosen = precisions.resolve(generation.precision, device, pipe.model.config.hidden_size)
+    parts["generation"].update(chosen.record())
     prompts = labels = None
     if pipe.text_conditioned:
         captions, labels = context.held_out_captions(num)

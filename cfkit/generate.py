@@ -22,9 +22,11 @@ from typing import Any
 import torch
 
 from cfkit import plugins
+from cfkit import precision as precisions
 from cfkit.methods import CAUSAL_GENERATION, TEXT_CONDITIONING, can
 from cfkit.orderings import check_order
 from cfkit.plan import Plan
+from cfkit.precision import Precision
 from cfkit.samplers import noise_like, respaced
 from cfkit.schedules import check_step_sizes, equal_split, step_index
 from cfkit.transformer import CausalTransformer, guide, patchify, unpatchify
@@ -50,6 +52,8 @@ class SamplingOptions:
     sampler (built with ``sampler_options``) or an object. A ``Pipeline`` draws with ``seed``
     (batch ``b`` of a sample set with ``seed + b``), ``batch_size`` images at a time.
     ``cached=False`` recomputes the context at every diffusion step (the KV cache's oracle).
+    ``precision`` is ``fp32``, ``bf16`` (autocast) or ``auto`` (``cfkit.precision``); the
+    ``Generated`` result says which ran and why.
     An ``order`` or ``sampler`` not given is the one a plugin sets (``sampling.order``,
     ``sampling.sampler``), read when the options are built."""
 
@@ -66,12 +70,17 @@ class SamplingOptions:
     batch_size: int = 250
     seed: int = 0
     cached: bool = True
+    precision: str = "auto"
 
     def __post_init__(self):
         for name in ("order", "sampler"):
             if getattr(self, name) is None:
                 raise GenerationError(f"{name}: give a registered name or an object, got None "
                                       f"(leave it out for the default)")
+        try:
+            precisions.check(self.precision)
+        except ValueError as error:
+            raise GenerationError(str(error)) from None
         for name, least in (("batch_size", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -131,6 +140,7 @@ class Generated:
     step_sizes: torch.Tensor
     patch_size: int
     channels: int
+    precision: Precision | None = None  # what the network ran in (None: nothing generated)
 
     @property
     def latents(self) -> torch.Tensor:
@@ -476,16 +486,19 @@ def _generate(model, diffusion, labels, order, given, sizes, guidance, options: 
 
     pieces, start = [given], num_given
     weight = model.patch_embed.weight
+    precision = precisions.resolve(options.precision, weight.device, model.config.hidden_size, weight.dtype)
     for s, (size, step_diffusion) in enumerate(zip(sizes.tolist(), diffusions, strict=True)):
         span = slice(start, start + size)
         x = noise_like(torch.empty(len(labels), size, given.shape[-1], device=weight.device,
                                    dtype=weight.dtype), generator)
-        x = reverse_process(lambda x_t, t, span=span: context.predict(x_t, span, t), step_diffusion,
-                            sampler, x, prediction, generator, on_step)
-        if s < len(sizes) - 1:  # the last step's tokens are context for nothing
-            context.add(x, span)
+        with precision.autocast(weight.device):  # the network's matmuls; the sampler's maths stays fp32
+            x = reverse_process(lambda x_t, t, span=span: context.predict(x_t, span, t).to(x_t.dtype),
+                                step_diffusion, sampler, x, prediction, generator, on_step)
+            if s < len(sizes) - 1:  # the last step's tokens are context for nothing
+                context.add(x, span)
         pieces.append(x)
         start += size
     ordered = torch.cat(pieces, dim=1)
     tokens = torch.empty_like(ordered).scatter(1, order[..., None].expand_as(ordered), ordered)
-    return Generated(tokens, order, sizes, model.config.patch_size, model.config.latent_channels)
+    return Generated(tokens, order, sizes, model.config.patch_size, model.config.latent_channels,
+                     precision)

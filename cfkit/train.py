@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from cfkit import checkpoint, data, runlock
+from cfkit import checkpoint, data, precision, runlock
 from cfkit import config as configs
 from cfkit.distributed import Distributed, barrier
 from cfkit.methods import Batch
@@ -68,8 +68,22 @@ def lr_factor(cfg) -> Callable[[int], float]:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for target, source in zip(ema.parameters(), model.parameters(), strict=True):
-        target.mul_(decay).add_(source.detach(), alpha=1 - decay)
+    """``ema <- decay * ema + (1 - decay) * model``, every parameter in one multi-tensor op."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+
+
+def network_width(net: torch.nn.Module) -> int:
+    """The hidden size of ``net`` (its config's), which sizes its matmuls; 1024 if it has none."""
+    return int(getattr(getattr(net, "config", None), "hidden_size", 1024))
+
+
+def adamw(net: torch.nn.Module, settings, sharded: bool) -> torch.optim.AdamW:
+    """The reference's AdamW over ``net``'s parameters, as one fused kernel where torch has one
+    for the device (CPU and CUDA; sharded FSDP parameters take the multi-tensor path)."""
+    params = list(net.parameters())
+    fused = not sharded and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=settings.learning_rate, betas=settings.betas, eps=settings.eps,
+                             weight_decay=settings.weight_decay, fused=fused or None)
 
 
 class Trainer:
@@ -92,12 +106,12 @@ class Trainer:
                                  f"method {experiment.method.name} does not support it; allowed: false")
             self.net.grad_checkpoint = True
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.precision = precision.resolve(self.settings.precision, self.dist.device,
+                                           network_width(self.net))
+        log.info("precision %s: %s", self.precision.name, self.precision.reason)
         # before the optimizer: FSDP replaces the parameters by their shards
         self.forward = self._wrap(self.net)
-        self.optimizer = torch.optim.AdamW(
-            self.net.parameters(), lr=self.settings.learning_rate, betas=self.settings.betas,
-            eps=self.settings.eps, weight_decay=self.settings.weight_decay,
-        )
+        self.optimizer = adamw(self.net, self.settings, self.sharded)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(self.settings)
         )
@@ -252,15 +266,13 @@ class Trainer:
 
     def train_step(self, micro_batches: list[Batch]) -> tuple[float, float]:
         """One optimizer step on the batch made of ``micro_batches``; (loss, gradient norm)."""
-        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16,
-                                  enabled=self.settings.precision == "bf16")
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
         for index, batch in enumerate(micro_batches):
             # every micro-batch draws the step's randomness afresh and takes its own rows of it
             generator = step_generator(self.experiment.seed, self.step)
             with self._gradient_sync(index == len(micro_batches) - 1):
-                with autocast:
+                with self.precision.autocast(self.dist.device):
                     out = self.method.loss(batch, generator, model=self.forward)
                 # each loss is the mean over its rows: their mean over equal micro-batches is the batch's
                 (out.loss / len(micro_batches)).backward()

@@ -27,6 +27,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 from cfkit import config as configs
 from cfkit import paper
 from cfkit.generate import SamplingOptions
+from cfkit.precision import PRECISIONS
 
 EVALUATION_PREFIX = "evaluation."
 # The rows of an editing example (editing.npz), top to bottom.
@@ -115,12 +116,16 @@ class Evaluation(configs.Strict):
     batch_size: int = Field(250, ge=1)
     grid_images: int = Field(20, ge=1)  # per sample grid PNG
     figure4_steps: int | None = Field(None, ge=1)
+    # fp32 unless set: "auto" would sample in bf16 on some machines only, and the figures of a
+    # benchmark should compare across machines
+    precision: Literal[PRECISIONS] = "fp32"
 
     def sampling_options(self, cfg: float = 1.0) -> SamplingOptions:
         """The ``SamplingOptions`` every run is sampled with at CFG scale ``cfg`` (the AR
         steps are set per S_eval)."""
         return SamplingOptions(order=self.order, steps=self.steps, split_steps=self.split_steps, cfg=cfg,
-                               sampler=self.sampler.build(), batch_size=self.batch_size, seed=self.seed)
+                               sampler=self.sampler.build(), batch_size=self.batch_size, seed=self.seed,
+                               precision=self.precision)
 
     @field_validator("baselines")
     @classmethod

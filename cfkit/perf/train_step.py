@@ -1,12 +1,14 @@
-"""Time full training steps of a cfkit method: forward + loss, backward, clip, AdamW.
-
-The issue's setting (CausalFusion-S on 32x32x4 latents at patch 2, bf16), with the
-reference-style baseline (eager attention, fp32) measured in the same run:
+"""Time full training steps of a cfkit method: the step ``cfkit train`` runs
+(``Trainer.train_step``: forward and loss in the chosen precision, backward, clip, fused AdamW,
+EMA) against the reference implementation's step (eager attention, fp32, a per-parameter AdamW
+loop and EMA), their steps interleaved in one run so that other load on the machine falls on
+both alike. The issue's setting (CausalFusion-S on 32x32x4 latents at patch 2, bf16):
 
     python benchmarks/perf/train_step.py --method causalfusion --hidden 384 --depth 12 \
         --heads 6 --batch 8 --latent 32 --patch 2 --dtype bf16 --steps 5 --json
 
-``--copies K`` noises K copies per sample and, with ``--compare-incontext`` or whenever K > 1,
+``--dtype`` is the engine's precision (``fp32``, ``bf16`` or ``auto``, which says what it chose
+and why). ``--copies K`` noises K copies per sample and, with ``--compare-incontext`` or whenever K > 1,
 also times In-context DiT to give the cost per noised token relative to it. ``--peak``
 times a large square matmul to give this machine's peak and the model FLOP utilisation.
 One JSON object goes to stdout with ``--json``; progress goes to stderr. FLOPs are counted by
@@ -20,7 +22,9 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,15 +32,17 @@ from cfkit import config as configs
 from cfkit.flops import FLOPS_COUNTED, executed_pairs, step_flops
 from cfkit.methods import Batch
 from cfkit.perf.machine import machine, model_options, network_parser
+from cfkit.train import Trainer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {**DTYPES, "auto": None}
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def experiment(args, method: str, copies: int, attention: str | None):
+def experiment(args, method: str, copies: int, attention: str | None, precision: str = "fp32"):
     """The validated experiment: paper-default factorisation, the benchmark's network."""
     model = model_options(args, attention)
     return configs.validate({
@@ -48,6 +54,7 @@ def experiment(args, method: str, copies: int, attention: str | None):
             "ordering": {"name": "random"},
             "copies": copies,
         },
+        "train": {"batch_size": args.batch, "precision": precision, "ema": 0.9999},
     })
 
 
@@ -71,64 +78,110 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(args, method_name: str, copies: int, attention: str | None, dtype: str,
-            device: torch.device) -> dict:
-    """Median time and throughput of full training steps after ``args.warmup`` untimed ones."""
-    torch.manual_seed(args.seed)
-    method = experiment(args, method_name, copies, attention).build_method()
-    model = method.model.to(device).train()
-    probe = SequenceProbe(model)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0
-    )
+def batch_of(args, device: torch.device) -> Batch:
     data = torch.Generator().manual_seed(args.seed)
-    batch = Batch(
+    return Batch(
         torch.randn(args.batch, 4, args.latent, args.latent, generator=data).to(device),
         torch.randint(0, 1000, (args.batch,), generator=data).to(device),
     )
-    mlp_ratio = getattr(method.config, "mlp_ratio", 4.0)
-    generator = torch.Generator().manual_seed(args.seed)  # the same plans for every run
-    times, flops, executed, seq_lens = [], [], [], []
-    for step in range(args.warmup + args.steps):
-        probe.shape = None
-        synchronize(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            out = method.loss(batch, generator)
-        optimizer.zero_grad(set_to_none=True)
+
+
+class EngineStep:
+    """cfkit's training step, the one ``cfkit train`` runs: ``Trainer.train_step`` (forward and
+    loss in the chosen precision, backward, clip, the fused AdamW, the EMA)."""
+
+    def __init__(self, args, method: str, copies: int, attention: str | None, precision: str,
+                 device: torch.device, folder: Path):
+        torch.manual_seed(args.seed)
+        self.trainer = Trainer(experiment(args, method, copies, attention, precision), folder)
+        self.method, self.attention, self.copies = method, attention or "default", copies
+        self.model = self.trainer.net.train()
+        self.batch = batch_of(args, device)
+        self.precision = self.trainer.precision
+
+    def __call__(self) -> None:
+        self.trainer.train_step([self.batch])
+
+
+class ReferenceStep:
+    """The reference implementation's step: eager attention (a dense masked softmax) in fp32,
+    torch's default AdamW (a loop over the parameters) and a per-parameter EMA update."""
+
+    def __init__(self, args, method: str, copies: int, device: torch.device):
+        torch.manual_seed(args.seed)
+        built = experiment(args, method, copies, "eager").build_method()
+        self.loss, self.model = built.loss, built.model.to(device).train()
+        self.method, self.attention, self.copies = method, "eager", copies
+        self.ema = [p.detach().clone() for p in self.model.parameters()]
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-15,
+                                           weight_decay=0.0, foreach=False)
+        self.batch = batch_of(args, device)
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.precision = None
+
+    def __call__(self) -> None:
+        out = self.loss(self.batch, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        synchronize(device)
-        elapsed = time.perf_counter() - start
-        n, seq_len, dim = probe.shape
-        timed = step >= args.warmup
-        log(f"  {method_name} {dtype} attention={attention or 'default'} K={copies} "
-            f"step {step + 1}/{args.warmup + args.steps}{'' if timed else ' (warmup)'}: "
-            f"{elapsed:.3f} s, T={seq_len}, loss {out.loss.item():.4f}")
-        if timed:
-            times.append(elapsed)
-            shape = (n, seq_len, dim, len(model.blocks), mlp_ratio)
-            flops.append(step_flops(*shape))
-            executed.append(step_flops(*shape, executed_pairs(seq_len, probe.mask)))
-            seq_lens.append(seq_len)
-    median = statistics.median(times)
-    noised = out.per_token.numel()  # (N, K, L): every noised token of the batch
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        with torch.no_grad():
+            for average, p in zip(self.ema, self.model.parameters(), strict=True):
+                average.mul_(0.9999).add_(p, alpha=1 - 0.9999)
+
+
+def measure(args, steps: dict, device: torch.device) -> dict[str, dict]:
+    """Median time and throughput of each of ``steps`` (name -> step), their steps interleaved
+    (one of each in turn) so that load on the machine falls on all of them alike, after
+    ``args.warmup`` untimed rounds."""
+    probes = {name: SequenceProbe(step.model) for name, step in steps.items()}
+    records = {name: {"times": [], "flops": [], "executed": [], "seq_lens": []} for name in steps}
+    for round_ in range(args.warmup + args.steps):
+        for name, step in steps.items():
+            probe = probes[name]
+            probe.shape = None
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            n, seq_len, dim = probe.shape
+            timed = round_ >= args.warmup
+            log(f"  {name} round {round_ + 1}/{args.warmup + args.steps}{'' if timed else ' (warmup)'}: "
+                f"{elapsed:.3f} s, T={seq_len}")
+            if timed:
+                record = records[name]
+                shape = (n, seq_len, dim, len(step.model.blocks), step.model.config.mlp_ratio)
+                record["times"].append(elapsed)
+                record["flops"].append(step_flops(*shape))
+                record["executed"].append(step_flops(*shape, executed_pairs(seq_len, probe.mask)))
+                record["seq_lens"].append(seq_len)
+    return {name: summary(args, steps[name], records[name]) for name in steps}
+
+
+def summary(args, step, record: dict) -> dict:
+    times, median = record["times"], statistics.median(record["times"])
+    model, copies = step.model, step.copies
+    noised = args.batch * copies * model.config.num_tokens  # every noised token of the batch
+    precision = step.precision.name if step.precision else "fp32"
     return {
-        "method": method_name,
-        "dtype": dtype,
-        "attention": attention or "default",
-        "copies": out.per_token.shape[1],
+        "method": step.method,
+        "attention": step.attention,
+        "dtype": precision,
+        "precision": precision,
+        "precision_reason": step.precision.reason if step.precision else "the reference's fp32",
+        "copies": copies,
         "median_step_s": median,
         "step_s": times,
-        "tflops": statistics.median(f / t for f, t in zip(flops, times, strict=True)) / 1e12,
-        "flops_per_step": statistics.median(flops),
-        "tflops_executed": statistics.median(f / t for f, t in zip(executed, times, strict=True)) / 1e12,
-        "flops_executed_per_step": statistics.median(executed),
+        "tflops": statistics.median(f / t for f, t in zip(record["flops"], times, strict=True)) / 1e12,
+        "flops_per_step": statistics.median(record["flops"]),
+        "tflops_executed": statistics.median(
+            f / t for f, t in zip(record["executed"], times, strict=True)) / 1e12,
+        "flops_executed_per_step": statistics.median(record["executed"]),
         "images_per_s": args.batch / median,
         "noised_tokens_per_step": noised,
         "noised_tokens_per_s": noised / median,
-        "sequence_length": statistics.median(seq_lens),
+        "sequence_length": statistics.median(record["seq_lens"]),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
 
@@ -154,7 +207,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, size: int, repeats: in
 
 
 def parser() -> argparse.ArgumentParser:
-    p = network_parser(__doc__.split("\n\n")[0], DTYPES)
+    p = network_parser(__doc__.split("\n\n")[0], PRECISIONS)
     p.add_argument("--copies", type=int, default=1, help="noised copies per sample (K)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -179,37 +232,44 @@ def run(args) -> dict:
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "flops_counted": FLOPS_COUNTED,
     }
-    log(f"{args.method} ({args.dtype}, K={args.copies})")
-    result = measure(args, args.method, args.copies, args.attention, args.dtype, device)
-    report.update(result)
-    if args.method == "causalfusion" and not args.no_baseline:
-        log("baseline: eager attention, fp32")
-        baseline = measure(args, args.method, args.copies, "eager", "fp32", device)
-        report["baseline"] = baseline
-        report["speedup_vs_reference"] = baseline["median_step_s"] / result["median_step_s"]
-    if args.compare_incontext or args.copies > 1:
-        log(f"In-context DiT ({args.dtype})")
-        icdit = measure(args, "incontext-dit", 1, args.attention, args.dtype, device)
-        report["incontext"] = icdit
+    with tempfile.TemporaryDirectory() as folder:
+        steps = {args.method: EngineStep(args, args.method, args.copies, args.attention, args.dtype,
+                                         device, Path(folder) / "engine")}
+        if args.method == "causalfusion" and not args.no_baseline:
+            steps["reference"] = ReferenceStep(args, args.method, args.copies, device)
+        if args.compare_incontext or args.copies > 1:
+            steps["incontext-dit"] = EngineStep(args, "incontext-dit", 1, args.attention, args.dtype,
+                                                device, Path(folder) / "incontext")
+        log(f"{', '.join(steps)}: {args.warmup} + {args.steps} interleaved rounds")
+        results = measure(args, steps, device)
+    report.update(results.pop(args.method))
+    if "reference" in results:
+        report["baseline"] = results["reference"]
+        report["speedup_vs_reference"] = report["baseline"]["median_step_s"] / report["median_step_s"]
+    if "incontext-dit" in results:
+        icdit = report["incontext"] = results["incontext-dit"]
         report["cost_per_noised_token_ratio"] = (
-            (result["median_step_s"] / result["noised_tokens_per_step"])
+            (report["median_step_s"] / report["noised_tokens_per_step"])
             / (icdit["median_step_s"] / icdit["noised_tokens_per_step"])
         )
     report["load_average_end"] = os.getloadavg()
     if args.peak:
-        log("matmul peak")
-        for name, dtype in DTYPES.items():
-            layouts = matmul_peak(dtype, device, args.peak_size, args.peak_repeats)
-            report[f"peak_tflops_{name}"] = max(layouts.values())
-            report[f"peak_tflops_{name}_by_layout"] = layouts
-        entries = [(report, args.dtype), (report.get("baseline"), "fp32"),
-                   (report.get("incontext"), args.dtype)]
-        for entry, dtype in entries:
-            if entry is not None:
-                peak = report[f"peak_tflops_{dtype}"]
-                entry["mfu"] = entry["tflops"] / peak
-                entry["mfu_executed"] = entry["tflops_executed"] / peak
+        add_peak(args, report, device)
     return report
+
+
+def add_peak(args, report: dict, device: torch.device) -> None:
+    """The matmul peaks and each measured step's model FLOP utilisation against its precision's."""
+    log("matmul peak")
+    for name, dtype in DTYPES.items():
+        layouts = matmul_peak(dtype, device, args.peak_size, args.peak_repeats)
+        report[f"peak_tflops_{name}"] = max(layouts.values())
+        report[f"peak_tflops_{name}_by_layout"] = layouts
+    for entry in (report, report.get("baseline"), report.get("incontext")):
+        if entry is not None:
+            peak = report[f"peak_tflops_{entry['precision']}"]
+            entry["mfu"] = entry["tflops"] / peak
+            entry["mfu_executed"] = entry["tflops_executed"] / peak
 
 
 def main(argv=None) -> int:

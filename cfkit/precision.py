@@ -100,7 +100,7 @@ def probe(width: int, repeats: int = 3) -> float:
     when this machine, torch version, thread count and width were probed."""
     from cfkit.data import cache_dir, digest
 
-    key = digest([platform.processor(), _cpu_model(), torch.__version__, torch.get_num_threads(), width])
+    key = digest([platform.processor(), cpu_model(), torch.__version__, torch.get_num_threads(), width])
     path = cache_dir() / "precision" / f"{key}.json"
     try:
         return float(json.loads(path.read_text())["speedup"])
@@ -115,7 +115,7 @@ def probe(width: int, repeats: int = 3) -> float:
     speedup = _best_time(mlp, x, False, repeats) / _best_time(mlp, x, True, repeats)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"speedup": speedup, "width": width, "cpu": _cpu_model(),
+    tmp.write_text(json.dumps({"speedup": speedup, "width": width, "cpu": cpu_model(),
                                "torch": torch.__version__}))
     os.replace(tmp, path)
     return speedup
@@ -135,7 +135,8 @@ def _best_time(mlp: torch.nn.Module, x: torch.Tensor, bf16: bool, repeats: int) 
     return best
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the machine type."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -8,12 +8,18 @@ import os
 
 import torch
 
+from cfkit import precision
+
 
 def machine() -> dict:
-    """torch version, intra-op threads, CPU count and the load average at the start (other
-    work on the machine skews timings)."""
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg()}
+    """torch version, the CPU and its capability (torch's SIMD level, native bf16 flags),
+    intra-op threads, CPU count and the load average at the start (other work on the machine
+    skews timings)."""
+    return {"torch": torch.__version__, "cpu": precision.cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_native_bf16": sorted(set(precision.NATIVE_BF16_FLAGS) & precision.cpu_flags()),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "load_average_start": os.getloadavg()}
 
 
 def network_parser(description: str, dtypes) -> argparse.ArgumentParser:

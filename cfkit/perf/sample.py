@@ -41,7 +41,7 @@ from cfkit.generate import (
     guidance_for,
     reverse_process,
 )
-from cfkit.perf.machine import model_options, network_parser
+from cfkit.perf.machine import machine, model_options, network_parser
 from cfkit.samplers import noise_like, respaced
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -155,8 +155,7 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     report = {
         "device": device.type if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **machine(),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
     }
     report.update(measure(args, args.ar_steps, True, args.attention, args.dtype, device))

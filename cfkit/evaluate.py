@@ -151,7 +151,8 @@ class EvalContext:
         spec = self.experiment.data.dataset
         if spec is None:
             raise MetricError("this run trains on shards without a dataset (data.dataset); the "
-                              "reference images and the probe's labelled splits come from a dataset")
+                              "reference images and the probe's labelled splits come from a dataset "
+                              "(sample metrics: give --reference-stats FILE)")
         return spec
 
     @property

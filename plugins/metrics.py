@@ -386,7 +386,10 @@ class ClassAccuracy:
 
     def check(self, context) -> None:
         network = context.network
-        if network.classes is None or network.classes != context.dataset_name:
+        if not context.has_dataset:
+            raise MetricSkipped("this run names no dataset (it trains on shards): class-accuracy "
+                                "needs a feature network that classifies the dataset's classes")
+        if network.classes != context.dataset_name:
             raise MetricSkipped(
                 f"feature network {network.name} does not classify the {context.dataset_name} "
                 f"classes; class-accuracy needs one that does (e.g. --features {context.dataset_name}-cnn)")

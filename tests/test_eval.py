@@ -249,6 +249,26 @@ def test_a_bad_reference_file_fails_before_sampling(checkpoints, capsys, monkeyp
     assert not (tmp_path / "out" / "eval.json").exists()
 
 
+def test_a_run_on_shards_alone_is_evaluated_against_a_reference_file(tmp_path, cache, capsys):
+    experiment = configs.validate({
+        "name": "shards", "method": {"name": "causalfusion"}, "model": TINY,
+        "data": {"shards": str(tmp_path / "absent-{000..001}.tar"),
+                 "tokenizer": {"name": "pixels", "channels": 1}},
+    })
+    ckpt = perturbed_checkpoint(experiment, tmp_path / "ckpt")
+    options = ("--metrics", "fid,class-accuracy", "--features", "digits-cnn", "--num-samples", 4,
+               "--steps", 2, "--no-progress", "--out", tmp_path / "out")
+    assert cli("eval", ckpt, *options) == 2
+    assert "(sample metrics: give --reference-stats FILE)" in capsys.readouterr().err
+    images, _ = metrics.dataset_images(plugins.build("datasets", "digits"), "val")
+    np.savez(tmp_path / "batch.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
+    assert cli("eval", ckpt, *options, "--reference-stats", tmp_path / "batch.npz") == 0
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert report["dataset"] is None and report["reference"]["num"] == 360
+    assert [r["name"] for r in report["results"]] == ["FID-4 (digits-cnn)"]
+    assert "this run names no dataset" in report["skipped"]["class-accuracy"]
+
+
 CAPTIONS = {1: ["a red circle in the top left", "there is a red circle in the top left corner"],
             2: ["a blue square at the bottom right", "a picture of a blue square, bottom right"]}
 

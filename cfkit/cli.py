@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -19,6 +20,9 @@ from cfkit.generate import KEEP_REGIONS, SamplingOptions
 from cfkit.precision import PRECISIONS
 from cfkit.runlock import FolderInUse
 from cfkit.train import TrainingError
+
+# torchrun's own parser takes a prefix of one of its options (--numa-binding) as that option
+TORCHRUN_NUM = "torchrun reads --num as its own option"
 
 
 def add_plugins_command(sub) -> None:
@@ -213,8 +217,7 @@ def add_shards_command(sub) -> None:
     p.add_argument("--tokenizer-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of the --encode tokenizer, as in a config's tokenizer table, "
                    "e.g. channels=3 or path=kl16.ckpt")
-    p.add_argument("--device", default="cpu", help="where --encode runs, e.g. cuda (under torchrun: "
-                   "each process's own GPU)")
+    _device_argument(p)  # where --encode runs (under torchrun, cuda is each process's own GPU)
     p.add_argument("--batch-size", type=int, default=64, help="images --encode encodes at a time")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset option, e.g. size=2000 or image_size=32")
@@ -243,9 +246,7 @@ def cmd_shards(args) -> int:
     dataset = _dataset(args)
     group = Distributed()
     try:
-        device = args.device
-        if device == "cuda" and group.device.type == "cuda":
-            device = str(group.device)  # torchrun: this process's GPU (LOCAL_RANK)
+        device = _process_device(args.device, group)
         paths = data.write_shards(dataset, args.out, args.split, args.shard_size, tokenizer,
                                   prefix=args.name, batch_size=args.batch_size, force=args.force,
                                   device=device, progress=not args.no_progress, resume=True,
@@ -389,27 +390,42 @@ def add_sample_command(sub) -> None:
                            help="class labels, repeated to --num images")
     condition.add_argument("--prompt", dest="prompts", nargs="+", metavar="TEXT",
                            help="captions of a text-to-image checkpoint, repeated to --num images")
-    p.add_argument("--num", type=int, help="number of images (default: one per --class or --prompt)")
+    p.add_argument("--num-samples", "--num", dest="num", type=int,
+                   help="number of images (default: one per --class or --prompt); under torchrun "
+                   f"write --num-samples ({TORCHRUN_NUM})")
     p.add_argument("--batch-size", type=int, default=250,
-                   help="images generated and written at a time (default 250); batch b draws with "
-                   "seed + b")
+                   help="images generated and written at a time per process (default 250); image i "
+                   "draws from (seed, i), so the images do not depend on it nor on torchrun's processes")
     _generation_arguments(p)
     p.set_defaults(run=cmd_sample)
 
 
 def cmd_sample(args) -> int:
+    """Under torchrun the processes share the batches; rank 0 gathers and writes them."""
     import cfkit
+    from cfkit.distributed import Distributed
 
-    pipe = cfkit.load(args.checkpoint, args.device)
     given = args.classes or args.prompts
     num = len(given) if args.num is None else args.num
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
     repeated = (given * math.ceil(num / len(given)))[:num]
     condition = {"prompts": repeated} if args.prompts else {"classes": repeated}
-    pipe.write_samples(args.out, _sampling_options(args), **condition, progress=_progress_bar(args))
-    _say_written(pipe, num, args.out)
+    group = Distributed()
+    try:
+        pipe = cfkit.load(args.checkpoint, _process_device(args.device, group))
+        progress = _progress_bar(args) if group.is_main else None
+        pipe.write_samples(args.out, _sampling_options(args), **condition, group=group, progress=progress)
+    finally:
+        group.close()
+    if group.is_main:
+        _say_written(pipe, num, args.out)
     return 0
+
+
+def _process_device(device: str, group) -> str:
+    """``--device`` for this process: under torchrun, ``cuda`` is its own GPU (LOCAL_RANK)."""
+    return f"cuda:{group.local_rank}" if device == "cuda" and group.world_size > 1 else device
 
 
 def _pipeline_reading_images(args, purpose: str):
@@ -484,8 +500,10 @@ def add_eval_command(sub) -> None:
     p = sub.add_parser("eval", help="sample a run or checkpoint and evaluate it: eval.json, eval.md")
     p.add_argument("checkpoint", help="run folder or checkpoint folder")
     p.add_argument("--metrics", required=True, metavar="A,B,...",
-                   help="metric plugins, e.g. fid,class-accuracy,is,precision-recall,probe")
-    p.add_argument("--num", type=int, default=1000, help="samples per S_eval (default 1000)")
+                   help="metric plugins, e.g. fid,sfid,kid,class-accuracy,is,precision-recall,probe")
+    p.add_argument("--num-samples", "--num", dest="num", type=int, default=1000,
+                   help="samples per S_eval (default 1000); under torchrun write --num-samples "
+                   f"({TORCHRUN_NUM})")
     p.add_argument("--ar-steps", type=int, nargs="+", default=[1], metavar="S",
                    help="the S_eval values to sample with, each in S equal AR steps (default 1)")
     _sampling_arguments(p)
@@ -497,9 +515,15 @@ def add_eval_command(sub) -> None:
                    "one, e.g. digits-cnn, else the declared default, e.g. inception)")
     p.add_argument("--feature-option", action="append", default=[], metavar="KEY=VALUE",
                    help="feature network option, e.g. weights=pt_inception-2015-12-05-6726825d.pth")
-    p.add_argument("--reference-split", default="train", choices=["train", "val"],
-                   help="the dataset split FID and precision/recall compare with (default train)")
-    p.add_argument("--batch-size", type=int, default=250)
+    reference = p.add_mutually_exclusive_group()
+    reference.add_argument("--reference-split", default="train", choices=["train", "val"],
+                           help="the dataset split FID and precision/recall compare with (default train)")
+    reference.add_argument("--reference-stats", metavar="FILE",
+                           help="compare with FILE instead: pytorch-fid's mu/sigma .npz, cfkit fid "
+                           "--save-stats's, or an ADM reference batch .npz (arr_0 images, mu/sigma, "
+                           "mu_s/sigma_s), e.g. VIRTUAL_imagenet256_labeled.npz")
+    p.add_argument("--batch-size", type=int, default=250,
+                   help="images sampled and scored at a time per process (default 250)")
     _device_argument(p)
     p.add_argument("--out", help="folder for eval.json and eval.md (default: the evaluated folder)")
     p.add_argument("--save-samples", action="store_true", help="also write samples-S{S}.npz to --out")
@@ -508,7 +532,9 @@ def add_eval_command(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    """Under torchrun the processes share the sampling; rank 0 scores and writes the report."""
     from cfkit import evaluate, runlock
+    from cfkit.distributed import Distributed
 
     # --ar-steps lists the S_eval values
     generation = _sampling_options(args, ar_steps=None, step_sizes=None, schedule=None)
@@ -518,16 +544,24 @@ def cmd_eval(args) -> int:
         if not option:
             raise ValueError(f"--metric-option {key}=...: give METRIC.KEY=VALUE, e.g. probe.t=100")
         metric_options.setdefault(metric, {})[option] = value
-    # An --out folder is held; the evaluated folder is not (a live run may be evaluated).
-    with runlock.hold(args.out) if args.out else contextlib.nullcontext():
-        report = evaluate.evaluate(
-            args.checkpoint, [m for m in args.metrics.split(",") if m], num=args.num,
-            ar_steps=args.ar_steps, generation=generation, metric_options=metric_options,
-            features=args.features, feature_options=_options(args.feature_option),
-            reference_split=args.reference_split, batch_size=args.batch_size, device=args.device,
-            progress=not args.no_progress,
-            samples_out=(args.out or args.checkpoint) if args.save_samples else None)
-        written = evaluate.write_report(report, args.out or args.checkpoint)
+    # rank 0 scores while the others wait for its next batch: longer than the default timeout
+    group = Distributed(timeout=datetime.timedelta(days=1))
+    # An --out folder is held (by rank 0); the evaluated folder is not (a live run may be evaluated).
+    try:
+        with runlock.hold(args.out) if args.out else contextlib.nullcontext():
+            report = evaluate.evaluate(
+                args.checkpoint, [m for m in args.metrics.split(",") if m], num=args.num,
+                ar_steps=args.ar_steps, generation=generation, metric_options=metric_options,
+                features=args.features, feature_options=_options(args.feature_option),
+                reference_split=args.reference_split, reference_stats=args.reference_stats,
+                batch_size=args.batch_size, device=_process_device(args.device, group),
+                progress=not args.no_progress, group=group,
+                samples_out=(args.out or args.checkpoint) if args.save_samples else None)
+            if report is None:  # another torchrun process: rank 0 reports
+                return 0
+            written = evaluate.write_report(report, args.out or args.checkpoint)
+    finally:
+        group.close()
     print(evaluate.summary(report), end="")
     print(f"wrote {', '.join(map(str, written))}")
     return 0

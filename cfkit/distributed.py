@@ -28,9 +28,9 @@ class Distributed:
     def __init__(self, timeout: datetime.timedelta | None = None):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         cuda = torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
         enable_tf32(self.device)
         # a group made by a caller (cfkit bench around its runs) outlives this object
         self.owned = self.world_size > 1 and not dist.is_initialized()
@@ -50,6 +50,33 @@ class Distributed:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.item() / self.world_size
+
+    def from_main(self, flag: bool) -> bool:
+        """Rank 0's ``flag``, on every process (what the others pass is ignored)."""
+        if self.world_size == 1:
+            return flag
+        tensor = torch.tensor([int(flag)], device=self.device)
+        dist.broadcast(tensor, src=0)
+        return bool(tensor.item())
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """Every process's ``rows`` ``(n_r, ...)`` concatenated in rank order, on the CPU of
+        rank 0 (None on the others). ``n_r`` may differ between processes (0 too); the other
+        dimensions and the dtype must not."""
+        if self.world_size == 1:
+            return rows.cpu()
+        count = torch.tensor([len(rows)], device=self.device)
+        counts = [torch.empty_like(count) for _ in range(self.world_size)]
+        dist.all_gather(counts, count)
+        counts = [int(c) for c in counts]
+        # all_gather takes equal shapes: every process sends the largest count, padded
+        padded = rows.new_zeros((max(counts), *rows.shape[1:]), device=self.device)
+        padded[:len(rows)] = rows
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        if not self.is_main:
+            return None
+        return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)]).cpu()
 
     def close(self):
         """Leave the group, if this object made it."""

@@ -7,12 +7,14 @@ requested metric plugins on them (metrics on the model, e.g. the linear probe, r
 once per S_eval when they declare ``per_ar_steps``, e.g. the held-out loss; caption metrics,
 e.g. CIDEr, on greedy captions of ``num`` validation images) and returns an ``EvalReport`` of
 ``Record`` s, which ``write_report`` saves as ``eval.json`` (``EvalReport.as_dict``) and
-``eval.md``. ``score_samples`` scores images from elsewhere (``cfkit.baselines``) the same way,
-with a context that has no model. Sample and reference features are extracted once and shared
-by the metrics; reference features are cached per dataset, split and feature network. The
-feature network defaults to the dataset's own classifier when a plugin declares one (built with
-the dataset's options), else to the one declared the default
-(``cfkit.metrics.default_feature_network``).
+``eval.md``. Under torchrun (a ``cfkit.distributed.Distributed`` group) the processes share
+the sampling and rank 0 alone scores and reports: the samples are those of one process.
+``score_samples`` scores images from elsewhere (``cfkit.baselines``) the same way, with a
+context that has no model. Sample and reference features are extracted once and shared by the
+metrics; the reference is a dataset split (features cached per dataset, split and feature
+network) or a reference statistics file (``cfkit.reference_sets``). The feature network
+defaults to the dataset's own classifier when a plugin declares one (built with the dataset's
+options), else to the one declared the default (``cfkit.metrics.default_feature_network``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from cfkit.metrics import (
     MetricError,
     MetricSkipped,
     Statistics,
-    cached_features,
     dataset_images,
     default_feature_network,
     extract,
@@ -47,7 +48,8 @@ from cfkit.metrics import (
     own_classifier,
     read_images,
 )
-from cfkit.tokenizers import from_uint8, to_uint8
+from cfkit.reference_sets import FileReference, SplitReference, load_statistics
+from cfkit.tokenizers import from_uint8
 
 FORMAT = "cfkit-eval/1"
 
@@ -76,7 +78,8 @@ class Record:
 class EvalReport:
     """What ``evaluate`` measured: the ``results`` (``Record`` s), the metrics ``skipped``
     altogether ``{metric: reason}``, and the settings (each None when no metric needed it):
-    the ``dataset`` spec, the ``feature_network``'s identity, the ``reference`` split and size,
+    the ``dataset`` spec, the ``feature_network``'s identity, the ``reference`` (split or file)
+    and size,
     the ``generation`` options, the ``seconds`` per stage and the ``captioning`` decoding."""
 
     format: str = FORMAT
@@ -116,19 +119,19 @@ class SampleSet:
 
 
 class EvalContext:
-    """What metrics read: the method, its dataset and the feature network, and the reference
-    and sample features (each extracted once). ``for_experiment`` builds one without a method."""
+    """What metrics read: the method, its dataset and the feature network, the ``reference``
+    set (the ``reference_split`` of the dataset, or the ``reference_stats`` file) and the
+    sample features (each extracted once). ``for_experiment`` builds one without a method."""
 
     def __init__(self, method, features: str | None = None, feature_options: dict | None = None,
                  reference_split: str = "train", batch_size: int = 250, device: str = "cpu",
-                 show_progress: bool = True, *, experiment=None):
+                 show_progress: bool = True, *, experiment=None, reference_stats=None):
         self._method = method
         self.experiment = method.experiment if method is not None else experiment
         self.feature_name, self.feature_options = features, dict(feature_options or {})
         self.reference_split, self.batch_size, self.device = reference_split, batch_size, device
-        self.show_progress = show_progress
+        self.reference_stats, self.show_progress = reference_stats, show_progress
         self._images: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._reference: Extracted | None = None
 
     @classmethod
     def for_experiment(cls, experiment, **options) -> EvalContext:
@@ -149,7 +152,8 @@ class EvalContext:
         spec = self.experiment.data.dataset
         if spec is None:
             raise MetricError("this run trains on shards without a dataset (data.dataset); the "
-                              "reference images and the probe's labelled splits come from a dataset")
+                              "reference images and the probe's labelled splits come from a dataset "
+                              "(sample metrics: give --reference-stats FILE)")
         return spec
 
     @property
@@ -175,32 +179,31 @@ class EvalContext:
             self._images[split] = dataset_images(self.dataset, split)
         return self._images[split]
 
+    @property
+    def has_dataset(self) -> bool:
+        """Whether the run names a dataset (a run on shards alone does not)."""
+        return self.experiment is not None and self.experiment.data.dataset is not None
+
     @functools.cached_property
     def network(self):
         """The feature network (default: the one declared for the dataset); the dataset's own
         classifier is built with the dataset's options."""
+        dataset = self.dataset_name if self.has_dataset else None
         name = self.feature_name
         if name is None:
-            name = default_feature_network(self.dataset_name)
+            name = default_feature_network(dataset)
         options = dict(self.feature_options)
-        if own_classifier(name) == self.dataset_name:
+        if dataset is not None and own_classifier(name) == dataset:
             options = {**self.dataset_spec.options, **options}
         return plugins.build("feature_networks", name, **options).to(self.device)
 
-    def reference(self) -> Extracted:
-        """Features of the dataset's reference split, cached on disk."""
-        if self._reference is None:
-            split, network = self.reference_split, self.network
-            key = {"dataset": self.dataset_spec.model_dump(), "split": split,
-                   "network": network.identity()}
-
-            def compute() -> Extracted:
-                images = self.dataset_images(split)[0]
-                bar = self.progress(len(images), f"reference features ({split})")
-                return extract(network, images, self.batch_size, bar)
-
-            self._reference = cached_features(key, compute, f"{self.dataset_name}-{split}-{network.name}")
-        return self._reference
+    @functools.cached_property
+    def reference(self):
+        """The reference set (``cfkit.reference_sets``): the reference statistics file when
+        given, else the dataset's reference split."""
+        if self.reference_stats is not None:
+            return FileReference(self.reference_stats, self.network, self.batch_size, self.progress)
+        return SplitReference(self, self.reference_split)
 
     def features(self, samples: SampleSet) -> Extracted:
         if samples.extracted is None:
@@ -255,18 +258,31 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,),
              generation: SamplingOptions | dict | None = None,
              metric_options: dict[str, dict] | None = None, features: str | None = None,
              feature_options: dict | None = None, reference_split: str = "train",
-             batch_size: int = 250, device: str = "cpu", progress: bool = True,
-             samples_out=None) -> EvalReport:
+             reference_stats=None, batch_size: int = 250, device: str = "cpu",
+             progress: bool = True, samples_out=None, group=None) -> EvalReport | None:
     """Evaluate a run or checkpoint: the report (see ``write_report``). ``generation``: the
     ``SamplingOptions`` (or a dict of its fields) but the AR steps, which ``ar_steps`` lists;
-    ``batch_size`` images at a time, batch ``b`` of a sample set drawn with seed ``seed + b``.
-    With ``samples_out``, each sample set is saved as ``samples-S{S}.npz`` there (readable by
-    ``cfkit fid``)."""
+    ``batch_size`` images at a time, image i of a sample set drawn from (seed, i). The
+    reference is the dataset's ``reference_split``, or the ``reference_stats`` file
+    (``cfkit.reference_sets.FileReference``). With ``samples_out``, each sample set is saved as
+    ``samples-S{S}.npz`` there (readable by ``cfkit fid``). Under a process ``group`` (a
+    ``cfkit.distributed.Distributed`` of torchrun's processes) every process calls it: they
+    share the sampling, and rank 0 alone scores and returns the report (the others None)."""
     started = time.perf_counter()
     directory = checkpoint.resolve(checkpoint_dir)
     built = build_metrics(list(metrics), metric_options)
     method = checkpoint.load(directory, device=device)
-    context = EvalContext(method, features, feature_options, reference_split, batch_size, device, progress)
+    main = group is None or group.is_main
+    context = EvalContext(method, features, feature_options, reference_split, batch_size, device,
+                          progress and main, reference_stats=reference_stats)
+    if not isinstance(generation, SamplingOptions):
+        generation = SamplingOptions.of(**dict(generation or {}))
+    generation = SamplingOptions.of(generation, batch_size=batch_size)
+    ar_steps = sorted(set(int(s) for s in ar_steps))
+    if not main:  # another torchrun process: it samples its share when rank 0 samples
+        if group.from_main(False):
+            _sample_share(context, num, ar_steps, generation, group)
+        return None
     skipped = {name: _skip_reason(metric, context) for name, metric in built.items()}
     skipped = {name: reason for name, reason in skipped.items() if reason is not None}
     active = {name: metric for name, metric in built.items() if name not in skipped}
@@ -275,19 +291,16 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,),
     on_captions = {name: m for name, m in active.items() if m.needs == "captions"}
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}", file=sys.stderr)
-
-    if not isinstance(generation, SamplingOptions):
-        generation = SamplingOptions.of(**dict(generation or {}))
-    generation = SamplingOptions.of(generation, batch_size=batch_size)
-    ar_steps = sorted(set(int(s) for s in ar_steps))
     # The EvalReport's fields, filled in stage by stage.
     parts = {"checkpoint": str(directory), "method": method.experiment.method.name, "results": [],
              "skipped": skipped, "seconds": {}}
-    if on_samples or on_model or on_captions:
+    if (on_samples or on_model or on_captions) and context.has_dataset:
         parts["dataset"] = context.dataset_spec.model_dump()
+    if group is not None:
+        group.from_main(bool(on_samples))
     if on_samples:
         _evaluate_samples(parts, context, on_samples, num=num, ar_steps=ar_steps, generation=generation,
-                          samples_out=samples_out)
+                          samples_out=samples_out, group=group)
     _evaluate_model(parts, context, on_model, ar_steps)
     if on_captions:
         _evaluate_captions(parts, context, on_captions, num=num, batch_size=batch_size, seed=generation.seed)
@@ -296,33 +309,48 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,),
 
 
 def _evaluate_samples(parts: dict, context: EvalContext, metrics: dict, *, num: int, ar_steps,
-                      generation: SamplingOptions, samples_out) -> None:
-    """Sample ``num`` images at each S_eval of ``ar_steps`` and add the sample metrics' records
-    (and the reference, feature network and generation settings) to the report's ``parts``."""
+                      generation: SamplingOptions, samples_out, group=None) -> None:
+    """Sample ``num`` images at each S_eval of ``ar_steps`` (the processes of ``group``
+    sharing the batches) and add the sample metrics' records (and the reference, feature
+    network and generation settings) to the report's ``parts``."""
     pipe = _pipeline(context.method)
-    reference = context.reference()  # fails early when the network does not take the dataset
+    parts["reference"] = context.reference.describe()  # fails early on a reference the network does not take
     parts["feature_network"] = context.network.identity()
-    parts["reference"] = {"split": context.reference_split, "num": len(reference)}
     given = {k: v for k, v in generation.fields().items() if k not in ("ar_steps", "step_sizes", "schedule")}
     parts["generation"] = {"num": num, "ar_steps": ar_steps, **{k: _jsonable(v) for k, v in given.items()}}
     device = next(pipe.model.parameters()).device
     chosen = precisions.resolve(generation.precision, device, pipe.model.config.hidden_size)
     parts["generation"].update(chosen.record())
-    prompts = labels = None
-    if pipe.text_conditioned:
-        captions, labels = context.held_out_captions(num)
-        prompts = [c[0] for c in captions]
+    prompts, labels = _conditions(pipe, context, num)
+    if prompts is not None:
         parts["generation"]["condition"] = "held-out captions"
     for s in ar_steps:
         tick = time.perf_counter()
         samples = sample(pipe, num, SamplingOptions.of(generation, ar_steps=s),
-                         context.progress(num, f"sampling S={s}"), prompts, labels)
+                         context.progress(num, f"sampling S={s}"), prompts, labels, group)
         parts["seconds"][f"sampling S={s}"] = round(time.perf_counter() - tick, 2)
         if samples_out is not None:
             save_sample_set(Path(samples_out) / f"samples-S{s}.npz", samples)
         tick = time.perf_counter()
         parts["results"] += score_samples(context, metrics, samples)
         parts["seconds"][f"metrics S={s}"] = round(time.perf_counter() - tick, 2)
+
+
+def _sample_share(context: EvalContext, num: int, ar_steps, generation: SamplingOptions, group) -> None:
+    """A process's share of the samples of every S_eval, gathered to rank 0 (which scores them)."""
+    pipe = _pipeline(context.method)
+    prompts, labels = _conditions(pipe, context, num)
+    for s in ar_steps:
+        sample(pipe, num, SamplingOptions.of(generation, ar_steps=s), None, prompts, labels, group)
+
+
+def _conditions(pipe, context: EvalContext, num: int) -> tuple[list[str] | None, torch.Tensor | None]:
+    """What ``num`` samples are generated for: a text-to-image checkpoint's held-out captions
+    (the first of each validation image) and their images' labels, else None (classes)."""
+    if not pipe.text_conditioned:
+        return None, None
+    captions, labels = context.held_out_captions(num)
+    return [c[0] for c in captions], labels
 
 
 def _evaluate_model(parts: dict, context: EvalContext, metrics: dict, ar_steps) -> None:
@@ -420,26 +448,28 @@ def _jsonable(value):
 
 
 def sample(pipe, num: int, options: SamplingOptions, progress=None,
-           prompts: list[str] | None = None, labels: torch.Tensor | None = None) -> SampleSet:
+           prompts: list[str] | None = None, labels: torch.Tensor | None = None,
+           group=None) -> SampleSet | None:
     """``num`` images sampled with ``options`` for the classes ``0, 1, ..., K-1, 0, ...`` or,
-    text-to-image, for ``prompts`` (with their images' ``labels``); ``options.batch_size`` at a
-    time, batch ``b`` drawn with seed ``options.seed + b``."""
+    text-to-image, for ``prompts`` (with their images' ``labels``): image i drawn from (seed,
+    i), ``options.batch_size`` at a time (``Pipeline.sample_set``); ``progress(n)`` after each
+    n images. Under a process ``group`` the processes share the batches and rank 0 alone gets
+    the set (the others None)."""
     if num < 2:
         raise MetricError(f"--num must be >= 2 (statistics of one image are undefined), got {num}")
-    batch_size, seed = options.batch_size, options.seed
     if prompts is None:
         labels = torch.arange(num) % pipe.model.config.num_classes
-    images = []
-    for b, start in enumerate(range(0, num, batch_size)):
-        chunk = labels[start:start + batch_size]
-        if prompts is None:
-            decoded = pipe.generate(chunk, options, seed=seed + b)
-        else:
-            decoded = pipe.text_to_image(prompts[start:start + batch_size], options, seed=seed + b)
-        images.append(torch.from_numpy(to_uint8(decoded)).permute(0, 3, 1, 2))
+    condition = {"classes": labels} if prompts is None else {"prompts": prompts}
+    batches = []
+    for _, batch in pipe.sample_set(options, **condition, group=group):
+        batches.append(batch)
         if progress is not None:
-            progress(len(chunk))
-    return SampleSet(torch.cat(images), labels, options.ar_steps)
+            progress(len(batch))
+    if group is not None and not group.is_main:
+        return None
+    # one memory layout however the batches came, so that feature networks compute alike
+    images = torch.cat(batches).permute(0, 3, 1, 2).contiguous()
+    return SampleSet(images, labels, options.ar_steps)
 
 
 def caption_held_out(context, num: int, batch_size: int, seed: int = 0) -> tuple[dict, dict]:
@@ -491,8 +521,8 @@ def summary(report: EvalReport) -> str:
         held_out = "" if accuracy is None else f", held-out accuracy {accuracy:.2%}"
         condition = gen.get("condition", "class-balanced")
         lines += [f"{gen['num']} samples ({condition}) per S_eval ({settings}).",
-                  f"Feature network {network['name']}{held_out}; reference: the {reference['split']} "
-                  f"split ({reference['num']} images).", ""]
+                  f"Feature network {network['name']}{held_out}; reference: "
+                  f"{_reference_text(reference)}.", ""]
     results = report.results
     measured = [r for r in results if r.name is not None]
     lines += _per_s_table([r for r in measured if r.ar_steps is not None])
@@ -524,6 +554,14 @@ def _per_s_table(records: list[Record]) -> list[str]:
     return lines
 
 
+def _reference_text(reference: dict) -> str:
+    """"the train split (1437 images)" or "FILE (10000 images; mu, sigma, arr_0)"."""
+    if "split" in reference:
+        return f"the {reference['split']} split ({reference['num']} images)"
+    count = "statistics" if reference["num"] is None else f"{reference['num']} images"
+    return f"{reference['file']} ({count}; {', '.join(reference['holds'])})"
+
+
 def _component(spec: dict) -> str:
     options = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
     return spec["name"] + (f" ({options})" if options else "")
@@ -544,18 +582,20 @@ def set_statistics(path, network, batch_size: int = 250, show_progress: bool = T
     """``(Statistics, description)`` of a folder of images, an image ``.npz`` or a statistics
     ``.npz`` (``mu``, ``sigma``: must come from ``network``); images are checked by it."""
     if is_statistics_file(path):
-        statistics, meta = Statistics.load(path)
-        made_by = meta.get("feature_network")
-        if made_by is not None and made_by != network.name:
-            raise MetricError(f"{path} holds statistics of feature network {made_by}, not "
-                              f"{network.name}: give --features {made_by}")
-        if statistics.mean.size != network.num_features:
-            raise MetricError(f"{path} holds statistics of {statistics.mean.size} features; "
-                              f"{network.name} gives {network.num_features}")
+        statistics = load_statistics(path, network)
         return statistics, f"statistics of {statistics.num}"
+    statistics, _, shape = image_statistics(path, network, batch_size, show_progress)
+    return statistics, shape
+
+
+def image_statistics(path, network, batch_size: int = 250, show_progress: bool = True):
+    """``(Statistics, spatial Statistics or None, (N, C, H, W))`` of the pool and spatial
+    features of a folder of images or an image ``.npz``."""
     images = read_images(path)
     bar = progress_bar(len(images), f"features {Path(path).name}", show_progress)
-    return Statistics.of(extract(network, images, batch_size, bar).features), tuple(images.shape)
+    extracted = extract(network, images, batch_size, bar)
+    spatial = None if extracted.spatial is None else Statistics.of(extracted.spatial)
+    return Statistics.of(extracted.features), spatial, tuple(images.shape)
 
 
 def fid_between(path_a, path_b, features: str | None = None, feature_options: dict | None = None,
@@ -574,9 +614,14 @@ def fid_between(path_a, path_b, features: str | None = None, feature_options: di
 
 def save_statistics(path, out, features: str | None = None, feature_options: dict | None = None,
                     batch_size: int = 250, show_progress: bool = True, device: str = "cpu") -> Statistics:
-    """Write the statistics of a set as ``out`` (``mu``, ``sigma``, pytorch-fid's keys)."""
+    """Write the statistics of a set of images as ``out`` (``mu``, ``sigma``, pytorch-fid's
+    keys, and from a network with spatial features sFID's ``mu_s``, ``sigma_s``, the ADM
+    evaluator's)."""
     network = feature_network(features, feature_options, device)
-    statistics, _ = set_statistics(path, network, batch_size, show_progress)
-    statistics.save(out, feature_network=network.name,
+    if is_statistics_file(path):
+        raise MetricError(f"{path} holds statistics already; --save-stats takes a folder of images or "
+                          "an image .npz (arr_0)")
+    statistics, spatial, _ = image_statistics(path, network, batch_size, show_progress)
+    statistics.save(out, spatial, feature_network=network.name,
                     feature_identity=json.dumps(network.identity(), sort_keys=True))
     return statistics

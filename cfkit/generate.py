@@ -27,12 +27,14 @@ from cfkit.methods import CAUSAL_GENERATION, TEXT_CONDITIONING, can
 from cfkit.orderings import check_order
 from cfkit.plan import Plan
 from cfkit.precision import Precision
-from cfkit.samplers import noise_like, respaced
+from cfkit.samplers import SampleGenerators, noise_like, respaced, shared_generator
 from cfkit.schedules import check_step_sizes, equal_split, step_index
 from cfkit.transformer import CausalTransformer, guide, patchify, unpatchify
 
 KEEP_REGIONS = ("centre", "top", "bottom")
 Progress = Callable[[int, int], None]  # (diffusion steps done, total)
+# One generator for the batch, or one per sample; None: torch's global generator.
+Generators = torch.Generator | SampleGenerators | None
 
 
 class GenerationError(ValueError):
@@ -49,8 +51,9 @@ class SamplingOptions:
     object); each AR step runs ``steps`` diffusion steps (N, ``ddimN`` or a comma list), shared
     across the AR steps with ``split_steps``. ``cfg`` is the guidance scale (1 = none) applied at
     network timesteps ``cfg_interval[0] <= t < cfg_interval[1]``; ``sampler`` a registered
-    sampler (built with ``sampler_options``) or an object. A ``Pipeline`` draws with ``seed``
-    (batch ``b`` of a sample set with ``seed + b``), ``batch_size`` images at a time.
+    sampler (built with ``sampler_options``) or an object. A ``Pipeline`` draws sample ``i``
+    of a set from generators seeded by ``(seed, i)`` (``cfkit.samplers.SampleGenerators``),
+    ``batch_size`` images at a time: the set does not depend on the batch size.
     ``cached=False`` recomputes the context at every diffusion step (the KV cache's oracle).
     ``precision`` is ``fp32``, ``bf16`` (autocast) or ``auto`` (``cfkit.precision``); the
     ``Generated`` result says which ran and why.
@@ -226,7 +229,7 @@ def denoises_whole_image(model) -> bool:
 
 
 def reverse_process(predict: Callable, diffusion, sampler, x: torch.Tensor, prediction: str,
-                    generator: torch.Generator | None = None,
+                    generator: Generators = None,
                     on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """x_T ``(N, n, d)`` -> x_0 through every step of the (respaced) ``diffusion``;
     ``predict(x_t, network_t)`` is the network output for x_t."""
@@ -291,9 +294,14 @@ def guidance_for(model: CausalTransformer, scale: float, interval) -> Guidance:
 
 
 def generation_order(order, batch_size: int, grid: tuple[int, int],
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """``(N, L)`` raster indices in generation order from an ordering (name or object)."""
-    result = build_component("orderings", order)(batch_size, grid, generator)
+                     generator: Generators = None) -> torch.Tensor:
+    """``(N, L)`` raster indices in generation order from an ordering (name or object); with
+    ``SampleGenerators``, row i is the ordering's draw for one image from sample i's."""
+    ordering = build_component("orderings", order)
+    if isinstance(generator, SampleGenerators):
+        result = torch.cat([ordering(1, grid, row) for row in generator.rows])
+    else:
+        result = ordering(batch_size, grid, generator)
     try:
         return check_order(result, batch_size, grid, order)
     except ValueError as error:
@@ -301,9 +309,10 @@ def generation_order(order, batch_size: int, grid: tuple[int, int],
 
 
 def ar_step_sizes(num_tokens: int, ar_steps: int | None = None, step_sizes=None, schedule=None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: Generators = None) -> torch.Tensor:
     """Sizes ``(S,)`` of the AR steps over ``num_tokens``: ``ar_steps`` equal steps, explicit
-    ``step_sizes`` or one draw of a ``schedule`` (name or object); one AR step if none."""
+    ``step_sizes`` or one draw of a ``schedule`` (name or object; from ``SampleGenerators``'
+    shared generator, so that every batch of a set draws the same split); one AR step if none."""
     chosen = [name for name, value in (("ar_steps", ar_steps), ("step_sizes", step_sizes),
                                        ("schedule", schedule)) if value is not None]
     if len(chosen) > 1:
@@ -311,7 +320,7 @@ def ar_step_sizes(num_tokens: int, ar_steps: int | None = None, step_sizes=None,
     if step_sizes is not None:
         sizes = step_sizes
     elif schedule is not None:
-        sizes = build_component("schedules", schedule)(num_tokens, generator)
+        sizes = build_component("schedules", schedule)(num_tokens, shared_generator(generator))
     else:
         steps = 1 if ar_steps is None else int(ar_steps)
         if not 1 <= steps <= num_tokens:
@@ -371,13 +380,14 @@ def keep_mask(keep, grid: tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model: CausalTransformer, diffusion, labels, options: SamplingOptions | None = None, *,
-             prediction: str = "eps", generator: torch.Generator | None = None,
+             prediction: str = "eps", generator: Generators = None,
              progress: Progress | None = None, **fields) -> Generated:
     """Class-conditional generation of ``len(labels)`` images' tokens with the
     ``SamplingOptions`` ``options`` (any of its fields may also be given as keywords).
 
     ``diffusion`` is the model's (unrespaced) diffusion, respaced to ``options.steps`` for
-    each AR step; ``prediction`` the network's parameterisation.
+    each AR step; ``prediction`` the network's parameterisation; ``generator`` draws the
+    orders, step sizes and noise: one for the batch, or ``SampleGenerators`` (one per image).
     """
     options = SamplingOptions.of(options, **fields)
     return _from_noise(model, diffusion, check_labels(model, labels), options, prediction, generator,
@@ -386,7 +396,7 @@ def generate(model: CausalTransformer, diffusion, labels, options: SamplingOptio
 
 @torch.no_grad()
 def text_to_image(model, diffusion, text, options: SamplingOptions | None = None, *,
-                  prediction: str = "eps", generator: torch.Generator | None = None,
+                  prediction: str = "eps", generator: Generators = None,
                   progress: Progress | None = None, **fields) -> Generated:
     """Text-to-image generation with a ``cfkit.multimodal.MultimodalTransformer``: framed
     caption ids ``text`` ``(N, max_text_len)`` (e.g. ``method.frame(captions)``) go into the KV cache before
@@ -420,7 +430,7 @@ def _from_noise(model, diffusion, condition, options: SamplingOptions, predictio
 @torch.no_grad()
 def edit(model: CausalTransformer, diffusion, image_latents: torch.Tensor, keep, labels,
          options: SamplingOptions | None = None, *, prediction: str = "eps",
-         generator: torch.Generator | None = None, progress: Progress | None = None,
+         generator: Generators = None, progress: Progress | None = None,
          **fields) -> Generated:
     """Zero-shot editing: the ``keep`` tokens of ``image_latents`` ``(N, C, H, W)`` (a bool
     ``(h, w)`` grid or one of ``KEEP_REGIONS``) are the first AR step's clean context; the

@@ -1,13 +1,15 @@
 """Evaluation metrics: feature networks, feature statistics, the Fréchet distance and its kin.
 
 A feature network (``register_feature_networks``) maps uint8 images ``(N, C, H, W)`` to
-features ``(N, F)`` and, when it is a classifier, to logits ``(N, K)`` too; its
+features ``(N, F)`` and, when it is a classifier, to logits ``(N, K)`` too, and, when it has
+them, to spatial features ``(N, S)`` (sFID's: Inception's ``mixed_6/conv``); its
 ``identity()`` says what its features depend on (name, weights), which keys the cache of a
 dataset's reference features. Every metric on images works on extracted features, so that
 they are computed once per sample set and cached once per dataset:
 
 - FID through torchmetrics' ``FrechetInceptionDistance``, fed the sufficient statistics it
-  accumulates (count, sum, sum of outer products) of the two feature sets;
+  accumulates (count, sum, sum of outer products) of the two feature sets, and sFID: the same
+  distance on the spatial features;
 - Inception Score through torchmetrics' ``InceptionScore`` on the logits;
 - precision and recall of the k-NN manifolds (Kynkäänniemi et al., 2019);
 - KID through torchmetrics' ``KernelInceptionDistance`` on the same features;
@@ -39,7 +41,7 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,6 +54,9 @@ from cfkit import checkpoint, plugins
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 NEEDS = ("samples", "model", "captions")
 BETTER = ("lower", "higher")
+# The arrays of a statistics .npz (pytorch-fid's names; sFID's as the ADM evaluator's) and of
+# an image .npz (the ADM reference batch's and cfkit sample's)
+POOL_KEYS, SPATIAL_KEYS, IMAGE_KEY = ("mu", "sigma"), ("mu_s", "sigma_s"), "arr_0"
 
 
 class MetricError(ValueError):
@@ -64,10 +69,12 @@ class MetricSkipped(Exception):
 
 @dataclass(frozen=True)
 class Extracted:
-    """``features`` ``(N, F)`` and, from a classifier, ``logits`` ``(N, K)`` (else None)."""
+    """``features`` ``(N, F)``, from a classifier ``logits`` ``(N, K)`` and from a network with
+    spatial features ``spatial`` ``(N, S)`` (each None otherwise)."""
 
     features: torch.Tensor
     logits: torch.Tensor | None = None
+    spatial: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -79,6 +86,7 @@ class FeatureNetwork(Protocol):
 
     name: str  # as reports name it: "FID-10k (digits-cnn)"
     num_features: int
+    num_spatial_features: int | None  # the size of sFID's spatial features; None: none
     classes: str | None  # the dataset whose class labels the logits predict, if any
 
     def __call__(self, images: torch.Tensor) -> Extracted: ...
@@ -170,15 +178,16 @@ def extract(network: FeatureNetwork, images: torch.Tensor, batch_size: int = 250
     """``network`` over ``images`` in batches; ``progress(n)`` after each batch of n."""
     if len(images) == 0:
         raise MetricError("no images to extract features from")
-    features, logits = [], []
+    parts: dict[str, list[torch.Tensor]] = {"features": [], "logits": [], "spatial": []}
     for start in range(0, len(images), batch_size):
         out = network(images[start:start + batch_size])
-        features.append(out.features.float().cpu())
-        if out.logits is not None:
-            logits.append(out.logits.float().cpu())
+        for name, found in parts.items():
+            value = getattr(out, name)
+            if value is not None:
+                found.append(value.float().cpu())
         if progress is not None:
             progress(len(out.features))
-    return Extracted(torch.cat(features), torch.cat(logits) if logits else None)
+    return Extracted(**{name: torch.cat(found) if found else None for name, found in parts.items()})
 
 
 def read_images(path) -> torch.Tensor:
@@ -195,10 +204,10 @@ def read_images(path) -> torch.Tensor:
     if path.suffix != ".npz":
         raise MetricError(f"{path}: give a folder of images or an .npz file")
     with open_npz(path) as data:
-        if "arr_0" not in data:
+        if IMAGE_KEY not in data:
             raise MetricError(f"{path}: no arr_0 images in it (keys: {', '.join(data.files)}); an "
                               "image .npz holds arr_0 uint8 (N, H, W, C)")
-        array = read_array(data, "arr_0", path)
+        array = read_array(data, IMAGE_KEY, path)
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
         raise MetricError(f"{path}: arr_0 must be uint8 (N, H, W, 1|3), got {array.dtype} {array.shape}")
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
@@ -268,10 +277,13 @@ class Statistics:
             raise MetricError(f"statistics need features (N >= 2, F), got shape {x.shape}")
         return cls(x.shape[0], x.mean(0), np.atleast_2d(np.cov(x, rowvar=False)))
 
-    def save(self, path, **meta: str) -> None:
-        """An ``.npz`` with ``mu`` and ``sigma`` (as pytorch-fid's), ``num`` and ``meta``."""
+    def save(self, path, spatial: Statistics | None = None, **meta: str) -> None:
+        """An ``.npz`` with ``mu`` and ``sigma`` (as pytorch-fid's), with the ``spatial``
+        statistics as ``mu_s`` and ``sigma_s`` (as the ADM evaluator's), ``num`` and ``meta``."""
         arrays = {"mu": self.mean, "sigma": self.cov, "num": np.int64(self.num),
                   **{k: np.str_(v) for k, v in meta.items()}}
+        if spatial is not None:
+            arrays.update(mu_s=spatial.mean, sigma_s=spatial.cov)
 
         def write(tmp):
             with open(tmp, "wb") as f:
@@ -280,16 +292,19 @@ class Statistics:
         checkpoint.atomic_write(Path(path), write)
 
     @classmethod
-    def load(cls, path) -> tuple[Statistics, dict[str, str]]:
-        """Statistics of an ``.npz`` with ``mu`` ``(F,)`` and ``sigma`` ``(F, F)``, both finite,
-        and the strings saved with it; anything else is a MetricError naming the file."""
+    def load(cls, path, keys: tuple[str, str] = POOL_KEYS) -> tuple[Statistics, dict[str, str]]:
+        """Statistics of an ``.npz`` with a mean ``(F,)`` and a covariance ``(F, F)``, both
+        finite, under ``keys`` (``mu``, ``sigma``; sFID's: ``mu_s``, ``sigma_s``), and the
+        strings saved with it; anything else is a MetricError naming the file. An ADM
+        reference batch's images (``arr_0``) are not read."""
         with open_npz(path) as data:
-            if not {"mu", "sigma"} <= set(data.files):
-                raise MetricError(f"{path}: no mu and sigma in it (keys: {', '.join(data.files)})")
-            arrays = {key: read_array(data, key, path) for key in data.files}
-        mean, cov = (_finite(arrays[key], key, path) for key in ("mu", "sigma"))
+            if not set(keys) <= set(data.files):
+                raise MetricError(f"{path}: no {' and '.join(keys)} in it (keys: {', '.join(data.files)})")
+            others = {IMAGE_KEY, *POOL_KEYS, *SPATIAL_KEYS} - set(keys)
+            arrays = {key: read_array(data, key, path) for key in data.files if key not in others}
+        mean, cov = (_finite(arrays[key], key, path) for key in keys)
         if mean.ndim != 1 or mean.size == 0 or cov.shape != (mean.size, mean.size):
-            raise MetricError(f"{path}: mu must be (F,) and sigma (F, F) with F >= 1, got "
+            raise MetricError(f"{path}: {keys[0]} must be (F,) and {keys[1]} (F, F) with F >= 1, got "
                               f"{mean.shape}, {cov.shape}")
         num = arrays.get("num", np.int64(2))  # any n >= 2: FID needs only mu and sigma
         if num.shape != () or num.dtype.kind not in "iu" or num < 2:
@@ -317,7 +332,12 @@ def is_statistics_file(path) -> bool:
     if path.suffix != ".npz" or not path.is_file():
         return False
     with open_npz(path) as data:
-        return {"mu", "sigma"} <= set(data.files)
+        return set(POOL_KEYS) <= set(data.files)
+
+
+# torchmetrics' metrics sync their states across an initialised process group when they
+# compute; under torchrun rank 0 alone scores the gathered samples, so they must not
+LOCAL = {"sync_on_compute": False}
 
 
 class _Given(nn.Identity):
@@ -340,7 +360,7 @@ def frechet_distance(a: Statistics, b: Statistics) -> float:
     if b.mean.size != dim:
         raise MetricError(f"the feature sets have {dim} and {b.mean.size} features: statistics of "
                           "different feature networks cannot be compared")
-    metric = FrechetInceptionDistance(feature=_Given(dim))
+    metric = FrechetInceptionDistance(feature=_Given(dim), **LOCAL)
     metric.update(torch.empty(0, dim, dtype=torch.float64), real=True)  # sets the dtype; adds nothing
     metric.merge_state({**_sums("real", a), **_sums("fake", b)})
     return float(metric.compute())
@@ -363,7 +383,7 @@ def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tu
                           f"got {len(logits)} samples in {splits} splits")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = InceptionScore(feature=_Given(logits.shape[1]), splits=splits)
+        metric = InceptionScore(feature=_Given(logits.shape[1]), splits=splits, **LOCAL)
     metric.update(logits.double())
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -387,7 +407,7 @@ def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subsets: i
                           "features of different feature networks cannot be compared")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=_Given(real.shape[1]), subsets=subsets,
+        metric = KernelInceptionDistance(feature=_Given(real.shape[1]), subsets=subsets, **LOCAL,
                                          subset_size=subset_size)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
@@ -507,14 +527,13 @@ def cache_root() -> Path:
 def cached_features(key: dict, compute: Callable[[], Extracted], prefix: str) -> Extracted:
     """``compute()``, cached in ``$CFKIT_CACHE/features/{prefix}-{digest(key)}.npz``."""
     path = cache_root() / "features" / f"{prefix}-{digest(key)}.npz"
+    names = [f.name for f in fields(Extracted)]
     if path.is_file():
         with np.load(path, allow_pickle=False) as data:
-            logits = torch.from_numpy(data["logits"]) if "logits" in data.files else None
-            return Extracted(torch.from_numpy(data["features"]), logits)
+            return Extracted(**{name: torch.from_numpy(data[name]) for name in names if name in data.files})
     out = compute()
-    arrays = {"features": out.features.numpy(), "key": np.str_(json.dumps(key, sort_keys=True))}
-    if out.logits is not None:
-        arrays["logits"] = out.logits.numpy()
+    arrays = {name: getattr(out, name).numpy() for name in names if getattr(out, name) is not None}
+    arrays["key"] = np.str_(json.dumps(key, sort_keys=True))
 
     def write(tmp):
         with open(tmp, "wb") as f:

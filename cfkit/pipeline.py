@@ -4,17 +4,23 @@
 target, and the checkpoint's image tokenizer when that maps images to the model's latents.
 ``generate``, ``edit`` and (text-conditioned checkpoints) ``text_to_image`` return images in
 [-1, 1] ``(N, C, H, W)`` when there is such a tokenizer, else latents; ``caption`` returns
-one caption per image. ``save_samples`` writes ``samples.npz`` (``latents``, ``labels``
-and, when decoded, ``arr_0`` uint8 ``(N, H, W, C)``), one PNG per image and ``grid.png``.
+one caption per image. Image i of a call is drawn from generators seeded by ``(seed, i)``
+(``cfkit.samplers.SampleGenerators``), and ``sample_set`` draws image i of a set of any size
+the same way, batch by batch and, under torchrun, split across the processes: a set does not
+depend on the batch size or the number of processes. ``save_samples`` writes ``samples.npz``
+(``latents``, ``labels`` and, when decoded, ``arr_0`` uint8 ``(N, H, W, C)``), one PNG per
+image and ``grid.png``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +32,7 @@ from cfkit.generate import edit as edit_tokens
 from cfkit.generate import generate as generate_tokens
 from cfkit.generate import text_to_image as text_to_image_tokens
 from cfkit.methods import SAMPLING, TEXT_CONDITIONING, can
+from cfkit.samplers import SampleGenerators
 from cfkit.tokenizers import from_uint8, to_uint8
 
 
@@ -61,12 +68,13 @@ class Pipeline:
         return self.model.config.input_size * self.tokenizer.downsample
 
     def generate_latents(self, classes, options: SamplingOptions | None = None, *, progress=None,
-                         **fields) -> Generated:
+                         generator=None, **fields) -> Generated:
         """Tokens and latents for ``classes`` (an int or one per image) with the
         ``SamplingOptions`` ``options`` (or its fields as keywords: ar_steps, order, steps,
-        cfg, cfg_interval, seed, ...)."""
+        cfg, cfg_interval, seed, ...); ``generator`` (default: image i's seeded by
+        ``(seed, i)``) draws the orders and noise."""
         options = SamplingOptions.of(options, **fields)
-        generator = torch.Generator().manual_seed(options.seed)
+        generator = _per_image(options, torch.as_tensor(classes).numel()) if generator is None else generator
         return generate_tokens(self.model, self.diffusion, classes, options, prediction=self.prediction,
                                generator=generator, progress=progress)
 
@@ -76,11 +84,11 @@ class Pipeline:
         return self.decode(self.generate_latents(classes, options, progress=progress, **fields).latents)
 
     def edit_latents(self, images: torch.Tensor, keep, classes, options: SamplingOptions | None = None,
-                     *, progress=None, **fields) -> Generated:
+                     *, progress=None, generator=None, **fields) -> Generated:
         """Edit ``images`` (latents when there is no image tokenizer): keep the ``keep``
         tokens and generate the others for ``classes``; options as ``generate_latents``'."""
         options = SamplingOptions.of(options, **fields)
-        generator = torch.Generator().manual_seed(options.seed)
+        generator = _per_image(options, len(images)) if generator is None else generator
         return edit_tokens(self.model, self.diffusion, self.encode(images), keep, classes, options,
                            prediction=self.prediction, generator=generator, progress=progress)
 
@@ -101,13 +109,13 @@ class Pipeline:
         return self.method
 
     def text_to_image_latents(self, prompts, options: SamplingOptions | None = None, *,
-                              progress=None, **fields) -> Generated:
+                              progress=None, generator=None, **fields) -> Generated:
         """Tokens and latents of one image per caption of ``prompts`` (a string or a list);
         options as ``generate_latents``'."""
         options = SamplingOptions.of(options, **fields)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         text = self._text_method().frame(prompts).to(self.model.pos_embed.device)
-        generator = torch.Generator().manual_seed(options.seed)
+        generator = _per_image(options, len(prompts)) if generator is None else generator
         return text_to_image_tokens(self.model, self.diffusion, text, options, prediction=self.prediction,
                                     generator=generator, progress=progress)
 
@@ -117,26 +125,64 @@ class Pipeline:
         return self.decode(self.text_to_image_latents(prompts, options, progress=progress, **fields).latents)
 
     def write_samples(self, out, options: SamplingOptions | None = None, *, classes=None,
-                      prompts: list[str] | None = None, progress=None, **fields) -> list[Path]:
-        """Generate one image per class of ``classes`` (or caption of ``prompts``),
-        ``options.batch_size`` at a time with seed ``options.seed + b`` for batch ``b``, and
-        write each batch into the folder ``out`` as it comes (``SampleWriter``); returns the
-        paths written. ``progress(done, total)`` counts the diffusion steps of every batch."""
+                      prompts: list[str] | None = None, group=None, progress=None,
+                      **fields) -> list[Path]:
+        """Generate one image per class of ``classes`` (or caption of ``prompts``) by
+        ``sample_set`` and write each batch into the folder ``out`` as it comes
+        (``SampleWriter``; rank 0 of a process ``group`` alone writes); returns the paths
+        written."""
         options = SamplingOptions.of(options, **fields)
-        batch_size = options.batch_size
         labels = torch.full((len(prompts),), -1) if prompts is not None else torch.as_tensor(classes)
-        batches = math.ceil(len(labels) / batch_size)
-        with SampleWriter(out, labels.reshape(-1), prompts) as writer:
-            for b in range(batches):
-                rows = slice(b * batch_size, (b + 1) * batch_size)
-                done = None if progress is None else functools.partial(_of_batches, progress, b, batches)
-                batch = SamplingOptions.of(options, seed=options.seed + b)
-                if prompts is not None:
-                    result = self.text_to_image_latents(prompts[rows], batch, progress=done)
-                else:
-                    result = self.generate_latents(labels[rows], batch, progress=done)
-                writer.add(result.latents, None if self.tokenizer is None else self.decode(result.latents))
-        return writer.written
+        main = group is None or group.is_main
+        writer = SampleWriter(out, labels.reshape(-1), prompts) if main else None
+        with writer or contextlib.nullcontext():
+            for latents, images in self.sample_set(options, classes=classes, prompts=prompts,
+                                                   group=group, progress=progress):
+                writer.add(latents, images)  # sample_set gives batches to rank 0 alone
+        return [] if writer is None else writer.written
+
+    def sample_set(self, options: SamplingOptions | None = None, *, classes=None,
+                   prompts: list[str] | None = None, group=None, progress=None,
+                   **fields) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """One image per class of ``classes`` (or caption of ``prompts``), in order, as
+        batches ``(latents, images)``: latents ``(n, C, h, w)`` float32 and uint8 images
+        ``(n, H, W, C)`` (None without an image tokenizer), on the CPU. Image i is drawn from
+        generators seeded by ``(options.seed, i)``, ``options.batch_size`` images at a time.
+        Under a process ``group`` (``cfkit.distributed.Distributed``) of W processes, process
+        r generates batches r, r + W, ... and each round of W batches is gathered to rank 0,
+        which alone gets them: the set of one process. ``progress(done, total)`` counts this
+        process's diffusion steps."""
+        options = SamplingOptions.of(options, **fields)
+        condition = list(prompts) if prompts is not None else torch.as_tensor(classes).reshape(-1)
+        rank, size = (0, 1) if group is None else (group.rank, group.world_size)
+        batch_size = options.batch_size
+        rounds = math.ceil(math.ceil(len(condition) / batch_size) / size)
+        for r in range(rounds):
+            start = (r * size + rank) * batch_size
+            rows = range(min(start, len(condition)), min(start + batch_size, len(condition)))
+            done = None if progress is None else functools.partial(_of_batches, progress, r, rounds)
+            latents, images = self._sample_rows(condition, rows, prompts is not None, options, done)
+            if group is not None:
+                latents, images = group.gather(latents), images if images is None else group.gather(images)
+            if latents is not None:
+                yield latents, images
+
+    def _sample_rows(self, condition, rows: range, text: bool, options: SamplingOptions,
+                     progress) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents and uint8 images of the samples ``rows`` of a set (none past its end)."""
+        config, decodes = self.model.config, self.tokenizer is not None
+        if not rows:  # a process past the last batch still takes part in the gather
+            latents = torch.empty(0, config.latent_channels, config.input_size, config.input_size)
+            if not decodes:
+                return latents, None
+            side = self.image_size
+            return latents, torch.empty(0, side, side, self.tokenizer.channels, dtype=torch.uint8)
+        chunk = condition[rows.start:rows.stop]
+        generator = SampleGenerators(options.seed, rows)
+        sample = self.text_to_image_latents if text else self.generate_latents
+        latents = sample(chunk, options, progress=progress, generator=generator).latents
+        images = torch.from_numpy(to_uint8(self.decode(latents))) if decodes else None
+        return latents.float(), images
 
     def caption(self, images: torch.Tensor, *, seed: int = 0, **decoding) -> list[str]:
         """One caption per image of ``images`` (latents when there is no image tokenizer);
@@ -156,6 +202,11 @@ class Pipeline:
             raise GenerationError(f"images must be (N, {self.tokenizer.channels}, {size}, {size}) "
                                   f"for this checkpoint, got {tuple(images.shape)}")
         return self.tokenizer.encode(images.to(self.model.patch_embed.weight))
+
+
+def _per_image(options: SamplingOptions, num: int) -> SampleGenerators:
+    """The generators of a call's ``num`` images: image i's seeded by ``(options.seed, i)``."""
+    return SampleGenerators(options.seed, range(num))
 
 
 def _of_batches(progress, batch: int, batches: int, done: int, total: int) -> None:
@@ -199,7 +250,7 @@ def save_samples(out, latents: torch.Tensor, labels: torch.Tensor,
     to the folder ``out``; returns the paths written. Text-to-image samples also store their
     ``prompts``."""
     with SampleWriter(out, labels, prompts) as writer:
-        writer.add(latents, images)
+        writer.add(latents, None if images is None else to_uint8(images))
     return writer.written
 
 
@@ -230,12 +281,12 @@ class SampleWriter:
             for handle in self.arrays.values():
                 handle.close()
 
-    def add(self, latents: torch.Tensor, images: torch.Tensor | None = None) -> None:
-        """The next ``n`` samples: latents ``(n, C, h, w)`` and images ``(n, C, H, W)`` in
-        [-1, 1] (None when the checkpoint's tokenizer does not decode)."""
+    def add(self, latents: torch.Tensor, images: torch.Tensor | np.ndarray | None = None) -> None:
+        """The next ``n`` samples: latents ``(n, C, h, w)`` and uint8 images ``(n, H, W, C)``
+        (None when the checkpoint's tokenizer does not decode)."""
         batch = {"latents": latents.float().cpu().numpy()}
         if images is not None:
-            batch["arr_0"] = to_uint8(images)
+            batch["arr_0"] = np.asarray(images)
             for i, image in enumerate(batch["arr_0"], self.count):
                 self.written.append(self.out / f"{i:06d}.png")
                 save_png(self.written[-1], image)

@@ -5,6 +5,9 @@ standard weights file ``pt_inception-2015-12-05-6726825d.pth`` (also torch-fidel
 ``weights-inception-2015-12-05-6726825d.pth``) loads as it is. The FID variant differs from
 torchvision's network in its pooling: average pools ignore padding and the last block's pool
 is a max pool. Input: images in [0, 1], resized to 299x299 bilinearly as pytorch-fid does.
+Besides the pool3 features (FID's) it gives sFID's spatial features as the ADM evaluator
+takes them: the TensorFlow graph's ``mixed_6/conv`` (the 1x1 branch of ``Mixed_6d``, 17x17),
+its first 7 channels flattened in TensorFlow's (H, W, C) order: 7 * 17 * 17 = 2023.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 NUM_FEATURES, NUM_LOGITS = 2048, 1008
+SPATIAL_CHANNELS, SPATIAL_SIDE = 7, 17
+NUM_SPATIAL_FEATURES = SPATIAL_CHANNELS * SPATIAL_SIDE * SPATIAL_SIDE  # 2023, about pool3's 2048
 
 
 class BasicConv2d(nn.Module):
@@ -141,8 +146,9 @@ class InceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """Images in [0, 1] ``(N, 3, H, W)`` -> pool3 features ``(N, 2048)`` and unbiased
-    logits ``(N, 1008)`` (the final layer without its bias, as the Inception Score uses)."""
+    """Images in [0, 1] ``(N, 3, H, W)`` -> pool3 features ``(N, 2048)``, unbiased logits
+    ``(N, 1008)`` (the final layer without its bias, as the Inception Score uses) and sFID's
+    spatial features ``(N, 2023)``."""
 
     def __init__(self):
         super().__init__()
@@ -164,7 +170,7 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7c = InceptionE(2048, max_pool=True)
         self.fc = nn.Linear(NUM_FEATURES, NUM_LOGITS)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         x = 2 * x - 1
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
@@ -173,5 +179,7 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, f"Mixed_{name}")(x)
+            if name == "6d":  # its output starts with the 1x1 branch, TensorFlow's mixed_6/conv
+                spatial = x[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
         features = x.mean(dim=(2, 3))
-        return features, features @ self.fc.weight.T
+        return features, features @ self.fc.weight.T, spatial

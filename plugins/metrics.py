@@ -1,4 +1,4 @@
-"""Built-in metrics (fid, kid, is, precision-recall, class-accuracy, probe, heldout-loss,
+"""Built-in metrics (fid, sfid, kid, is, precision-recall, class-accuracy, probe, heldout-loss,
 clip-score, cider) and
 feature networks (mnist-cnn, digits-cnn, shapes-cnn: classifiers cfkit trains on its embedded datasets
 and caches, so that FID works offline; inception: the FID Inception from a local file), and the
@@ -47,6 +47,7 @@ from cfkit.metrics import (
     read_caption_results,
     to_signed,
 )
+from cfkit.reference_sets import spatial_features
 
 INCEPTION_WEIGHTS_ENV = "CFKIT_INCEPTION_WEIGHTS"
 CLIP_WEIGHTS_ENV = "CFKIT_CLIP_WEIGHTS"
@@ -93,7 +94,7 @@ class DatasetClassifier:
         except (TypeError, ValueError) as error:
             raise MetricError(f"{dataset}-cnn: dataset {dataset!r} with options {options}: {error}") from None
         self.name, self.classes = f"{dataset}-cnn", dataset
-        self.num_classes = self.dataset.num_classes
+        self.num_classes, self.num_spatial_features = self.dataset.num_classes, None
         self.num_features = CLASSIFIER_RECIPE["widths"][-1]
         self.image_shape = (self.dataset.channels, self.dataset.image_size, self.dataset.image_size)
         self.key = {"network": self.name, "dataset": {"name": dataset, **options},
@@ -197,16 +198,17 @@ def dataset_classifier(dataset: str):
 
 
 class Inception:
-    """The FID Inception v3 (pool3 features, 2048; unbiased logits, 1008) from a local weights
-    file: the option ``weights`` or ``$CFKIT_INCEPTION_WEIGHTS`` (``.pth`` read with
-    ``torch.load(weights_only=True)``, or ``.safetensors``); nothing is downloaded. Takes
-    uint8 images of any size, grey (repeated to RGB) or RGB; resizes them to 299x299."""
+    """The FID Inception v3 (pool3 features, 2048; unbiased logits, 1008; sFID's spatial
+    features, 2023) from a local weights file: the option ``weights`` or
+    ``$CFKIT_INCEPTION_WEIGHTS`` (``.pth`` read with ``torch.load(weights_only=True)``, or
+    ``.safetensors``); nothing is downloaded. Takes uint8 images of any size, grey (repeated
+    to RGB) or RGB; resizes them to 299x299."""
 
     name, num_features, classes = "inception", 2048, None
     default = True  # the feature network of images without their own classifier
 
     def __init__(self, weights: str | None = None):
-        from cfkit_plugins.inception import NUM_LOGITS, FIDInceptionV3
+        from cfkit_plugins.inception import NUM_LOGITS, NUM_SPATIAL_FEATURES, FIDInceptionV3
 
         path = weights or os.environ.get(INCEPTION_WEIGHTS_ENV)
         if not path:
@@ -217,7 +219,7 @@ class Inception:
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise MetricError(f"inception: weights file not found: {self.path}")
-        self.num_classes = NUM_LOGITS
+        self.num_classes, self.num_spatial_features = NUM_LOGITS, NUM_SPATIAL_FEATURES
         self.model = FIDInceptionV3()
         load_strict(self.model, read_state_dict(self.path), f"inception: {self.path}")
         self.model.eval()
@@ -229,15 +231,16 @@ class Inception:
             raise MetricError(f"inception takes grey or RGB images (N, 1|3, H, W), got {tuple(images.shape)}")
         x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
         with torch.no_grad():
-            features, logits = self.model(x.to(self.model.fc.weight.device).float() / 255)
-        return Extracted(features, logits)
+            features, logits, spatial = self.model(x.to(self.model.fc.weight.device).float() / 255)
+        return Extracted(features, logits, spatial)
 
     def to(self, device) -> Inception:
         self.model.to(device)
         return self
 
     def identity(self) -> dict:
-        return {"name": self.name, "weights": self.digest}
+        # the spatial features key the reference features cached before sFID apart
+        return {"name": self.name, "weights": self.digest, "spatial_features": "mixed_6/conv[:7]"}
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -275,31 +278,65 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], who: str) -> N
 
 # -- metrics on samples ---------------------------------------------------------------------
 class Fid:
-    """FID of the samples against the dataset's reference features (see cfkit.metrics)."""
+    """FID of the samples against the reference statistics (see cfkit.metrics)."""
 
     needs, better = "samples", "lower"
     headline = True  # of an image table: plotted against S_eval, the baselines' yardstick
 
     def __call__(self, context, samples=None) -> dict[str, float]:
-        real = Statistics.of(context.reference().features)
+        real = context.reference.statistics()
         fake = Statistics.of(context.features(samples).features)
         label = f"FID-{count_label(len(samples))} ({context.network.name})"
         return {label: frechet_distance(real, fake)}
 
 
+class SpatialFid:
+    """sFID (Nash et al., 2021) as the ADM evaluator computes it: the Fréchet distance of the
+    feature network's spatial features (Inception's: the first 7 channels of ``mixed_6/conv``,
+    7 x 17 x 17 = 2023) against the reference's (an ADM reference batch's ``mu_s``,
+    ``sigma_s``)."""
+
+    needs, better = "samples", "lower"
+
+    def check(self, context) -> None:
+        if spatial_features(context.network) is None:
+            raise MetricSkipped(f"feature network {context.network.name} has no spatial features; "
+                                "sFID takes Inception's (--features inception)")
+        reason = context.reference.unavailable("spatial")
+        if reason is not None:
+            raise MetricSkipped(reason)
+
+    def __call__(self, context, samples=None) -> dict[str, float]:
+        real = context.reference.statistics(spatial=True)
+        fake = Statistics.of(context.features(samples).spatial)
+        label = f"sFID-{count_label(len(samples))} ({context.network.name})"
+        return {label: frechet_distance(real, fake)}
+
+
+def needs_reference_features(context) -> None:
+    """MetricSkipped when the reference has no per-image features (statistics only)."""
+    reason = context.reference.unavailable("features")
+    if reason is not None:
+        raise MetricSkipped(reason)
+
+
 class Kid:
-    """KID of the samples against the dataset's reference, on FID's features (see
-    ``cfkit.metrics.kernel_inception_distance``): mean and std over ``subsets`` random
-    subsets of ``subset_size`` (default: 1000, or half the smaller set's size, so that the
-    subsets differ and the std says something)."""
+    """KID of the samples against the reference images, on FID's features of any feature
+    network (see ``cfkit.metrics.kernel_inception_distance``): mean and std over ``subsets``
+    random subsets of ``subset_size`` (default: 1000, or half the smaller set's size, so
+    that the subsets differ and the std says something). Skipped against a reference of
+    statistics only, which has no per-image features."""
 
     needs, better = "samples", "lower"
 
     def __init__(self, subsets: int = 50, subset_size: int | None = None, seed: int = 0):
         self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
 
+    def check(self, context) -> None:
+        needs_reference_features(context)
+
     def __call__(self, context, samples=None) -> dict[str, float]:
-        real, fake = context.reference().features, context.features(samples).features
+        real, fake = context.reference.features().features, context.features(samples).features
         size = self.subset_size or max(2, min(1000, min(len(fake), len(real)) // 2))
         mean, std = kernel_inception_distance(real, fake, self.subsets, size, self.seed)
         count, name = count_label(len(samples)), context.network.name
@@ -332,8 +369,11 @@ class PrecisionRecall:
     def __init__(self, k: int = 3):
         self.k = k
 
+    def check(self, context) -> None:
+        needs_reference_features(context)
+
     def __call__(self, context, samples=None) -> dict[str, float]:
-        precision, recall = precision_recall(context.reference().features,
+        precision, recall = precision_recall(context.reference.features().features,
                                              context.features(samples).features, self.k)
         suffix = f"({context.network.name}, k={self.k})"
         return {f"precision {suffix}": precision, f"recall {suffix}": recall}
@@ -346,6 +386,9 @@ class ClassAccuracy:
 
     def check(self, context) -> None:
         network = context.network
+        if not context.has_dataset:
+            raise MetricSkipped("this run names no dataset (it trains on shards): class-accuracy "
+                                "needs a feature network that classifies the dataset's classes")
         if network.classes != context.dataset_name:
             raise MetricSkipped(
                 f"feature network {network.name} does not classify the {context.dataset_name} "
@@ -650,6 +693,7 @@ def register_feature_networks(register):
 @hookimpl
 def register_metrics(register):
     register("fid", Fid)
+    register("sfid", SpatialFid)
     register("kid", Kid)
     register("is", InceptionScore)
     register("precision-recall", PrecisionRecall)

@@ -70,6 +70,14 @@ def run_cfkit(*args: str, pythonpath: str | None = None, check_rc: int | None = 
     return result
 
 
+def torchrun_cfkit(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    """``cfkit ARGS`` under torchrun: ``processes`` processes on this machine, in a gloo
+    group on the CPU when the caller hides the GPUs (``CUDA_VISIBLE_DEVICES=``)."""
+    launcher = ("-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                f"--master_port={free_port()}", "-m", "cfkit")
+    return run_cfkit(*args, python=launcher)
+
+
 def assert_rc(result: subprocess.CompletedProcess, rc: int) -> None:
     assert result.returncode == rc, (
         f"rc {result.returncode} != {rc} for {result.args}\nstdout:\n{result.stdout}\n"

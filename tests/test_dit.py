@@ -12,7 +12,7 @@ from cfkit.cli import main
 from cfkit.generate import GenerationError, reverse_process
 from cfkit.methods import Batch
 from cfkit.pipeline import Pipeline
-from cfkit.samplers import noise_like, respaced
+from cfkit.samplers import SampleGenerators, noise_like, respaced
 from cfkit.transformer import guide, patchify, unpatchify
 
 TINY = {"preset": "DiT-tiny", "input_size": 8, "patch_size": 2, "num_classes": 10}
@@ -161,7 +161,7 @@ def test_generation_is_the_guided_reverse_process_of_the_whole_image():
     labels = torch.tensor([3, 7])
     got = pipe.generate_latents(labels, order="raster", steps=4, cfg=3.0, seed=5).latents
 
-    generator = torch.Generator().manual_seed(5)
+    generator = SampleGenerators(5, range(2))  # image i of a pipeline call draws from (5, i)
     both = torch.cat([labels, torch.full_like(labels, method.model.null_label)])
 
     def predict(x, t):  # CFG of the conditional and null-class forwards of the whole image

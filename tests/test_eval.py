@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import perturbed_checkpoint
+from conftest import assert_rc, perturbed_checkpoint, torchrun_cfkit
 
 from cfkit import checkpoint, evaluate, metrics, plugins
 from cfkit import config as configs
@@ -206,6 +206,67 @@ def test_a_feature_network_of_another_dataset_fails_before_sampling(checkpoints,
     err = capsys.readouterr().err
     assert "skipped class-accuracy: feature network shapes-cnn does not classify the digits classes" in err
     assert "shapes-cnn (trained on shapes images) takes images (N, 3, 16, 16), got (N, 1, 8, 8)" in err
+
+
+def test_two_torchrun_processes_evaluate_exactly_the_samples_of_one(checkpoints, tmp_path, monkeypatch):
+    """The FID-50k command at toy size: 2 gloo processes share the sampling (6 images in
+    batches of 4: rank 1 has the last 2) against an ADM reference batch of the train images;
+    rank 0 gathers, scores and writes exactly what one process writes."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a gloo group on the CPU
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    images, _ = metrics.dataset_images(plugins.build("datasets", "digits"), "train")
+    np.savez(tmp_path / "batch.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
+    args = ["eval", checkpoints["causalfusion"], "--metrics", "fid,kid", "--num-samples", 6,
+            "--batch-size", 4, "--ar-steps", 1, 2, "--steps", 3, "--reference-stats",
+            tmp_path / "batch.npz", "--save-samples", "--no-progress"]
+    assert cli(*args, "--out", tmp_path / "one") == 0
+    done = torchrun_cfkit(*map(str, args), "--out", str(tmp_path / "two"))
+    assert_rc(done, 0)
+    assert done.stdout.count("wrote ") == 1  # rank 0 alone reports
+    for s in (1, 2):
+        one, two = (np.load(tmp_path / name / f"samples-S{s}.npz") for name in ("one", "two"))
+        for key in ("arr_0", "labels"):
+            np.testing.assert_array_equal(two[key], one[key])
+    one, two = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("one", "two"))
+    assert two["results"] == one["results"] and len(one["results"]) == 6  # FID, KID, KID std x 2
+    assert two["reference"] == one["reference"]
+    assert one["reference"]["holds"] == ["arr_0"] and one["reference"]["num"] == 1437
+    summary = (tmp_path / "two" / "eval.md").read_text()
+    assert f"reference: {tmp_path / 'batch.npz'} (1437 images; arr_0)." in summary
+
+
+def test_a_bad_reference_file_fails_before_sampling(checkpoints, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(evaluate, "sample", lambda *a, **k: pytest.fail("sampled"))
+    np.savez(tmp_path / "other.npz", features=np.zeros(3))
+    np.savez(tmp_path / "inception.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    cases = {"other.npz": "no reference statistics or images in it (keys: features)",
+             "inception.npz": "holds statistics of 2048 features; digits-cnn gives 128",
+             "absent.npz": "no such reference statistics file"}
+    for name, message in cases.items():
+        assert cli("eval", checkpoints["causalfusion"], "--metrics", "fid,kid", "--reference-stats",
+                   tmp_path / name, "--out", tmp_path / "out", "--no-progress") == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "eval.json").exists()
+
+
+def test_a_run_on_shards_alone_is_evaluated_against_a_reference_file(tmp_path, cache, capsys):
+    experiment = configs.validate({
+        "name": "shards", "method": {"name": "causalfusion"}, "model": TINY,
+        "data": {"shards": str(tmp_path / "absent-{000..001}.tar"),
+                 "tokenizer": {"name": "pixels", "channels": 1}},
+    })
+    ckpt = perturbed_checkpoint(experiment, tmp_path / "ckpt")
+    options = ("--metrics", "fid,class-accuracy", "--features", "digits-cnn", "--num-samples", 4,
+               "--steps", 2, "--no-progress", "--out", tmp_path / "out")
+    assert cli("eval", ckpt, *options) == 2
+    assert "(sample metrics: give --reference-stats FILE)" in capsys.readouterr().err
+    images, _ = metrics.dataset_images(plugins.build("datasets", "digits"), "val")
+    np.savez(tmp_path / "batch.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
+    assert cli("eval", ckpt, *options, "--reference-stats", tmp_path / "batch.npz") == 0
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert report["dataset"] is None and report["reference"]["num"] == 360
+    assert [r["name"] for r in report["results"]] == ["FID-4 (digits-cnn)"]
+    assert "this run names no dataset" in report["skipped"]["class-accuracy"]
 
 
 CAPTIONS = {1: ["a red circle in the top left", "there is a red circle in the top left corner"],

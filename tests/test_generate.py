@@ -1,6 +1,7 @@
 """Generation: the KV-cached AR sampler equals the uncached full forward, S = 1 is plain
-in-context diffusion sampling, seeds reproduce, editing keeps its tokens, bad options say
-what is allowed, and third-party orderings and schedules are found by name."""
+in-context diffusion sampling, seeds reproduce, per-sample generators make an image
+independent of its batch, editing keeps its tokens, bad options say what is allowed, and
+third-party orderings and schedules are found by name."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from generation_plugins import install_third_party
 from cfkit import plugins
 from cfkit.diffusion import GaussianDiffusion
 from cfkit.generate import GenerationError, SamplingOptions, ar_step_sizes, edit, generate, keep_mask
+from cfkit.samplers import SampleGenerators
 from cfkit.transformer import CausalTransformer, TransformerConfig, patchify
 
 DIFFUSION = GaussianDiffusion.named("linear", 1000)
@@ -96,6 +98,23 @@ def test_a_seed_reproduces_a_generation_and_another_seed_changes_it(model):
     first = run(model, seed=1, ar_steps=2)
     torch.testing.assert_close(run(model, seed=1, ar_steps=2).tokens, first.tokens, atol=0, rtol=0)
     assert not torch.allclose(run(model, seed=2, ar_steps=2).tokens, first.tokens)
+
+
+@pytest.mark.parametrize("options", [dict(ar_steps=2, cfg=2.0), dict(schedule="uniform")],
+                         ids=["ar-steps-cfg", "schedule"])
+def test_with_per_sample_generators_an_image_does_not_depend_on_its_batch(model, options):
+    """Image i is drawn from (seed, i): its order and noise are the same in any batch (and a
+    schedule's split, from the seed alone, in every batch); float64 leaves only rounding."""
+    labels, options = [0, 3, 1, 4, 2], {"steps": 4, "order": "random", **options}
+    whole = generate(model, DIFFUSION, labels, generator=SampleGenerators(7, range(5)), **options)
+    parts = [generate(model, DIFFUSION, labels[rows.start:rows.stop], generator=SampleGenerators(7, rows),
+                      **options) for rows in (range(0, 2), range(2, 5))]
+    torch.testing.assert_close(torch.cat([p.tokens for p in parts]), whole.tokens, atol=1e-9, rtol=0)
+    assert torch.equal(torch.cat([p.order for p in parts]), whole.order)
+    assert all(torch.equal(p.step_sizes, whole.step_sizes) for p in parts)
+    assert len(set(map(tuple, whole.order.tolist()))) == 5  # each image its own order
+    other = generate(model, DIFFUSION, labels, generator=SampleGenerators(8, range(5)), **options)
+    assert not torch.allclose(other.tokens, whole.tokens)
 
 
 def test_earlier_ar_steps_do_not_depend_on_the_later_split(model):

@@ -1,7 +1,8 @@
 """Metrics: the Fréchet distance against an independent SciPy one, KID against an independent
-NumPy MMD, IS, precision/recall,
-image reading, the feature networks (dataset classifiers, the FID Inception), the linear
-probe and the networks' feature entry points, CIDEr-D against pycocoevalcap."""
+NumPy MMD, IS, precision/recall, sFID (the Inception's mixed_6/conv features, stored or
+computed reference statistics), image reading, the feature networks (dataset classifiers, the
+FID Inception), the linear probe and the networks' feature entry points, CIDEr-D against
+pycocoevalcap."""
 
 import json
 import shutil
@@ -20,7 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from cfkit import metrics, plugins
+from cfkit import evaluate, metrics, plugins
+from cfkit.evaluate import EvalContext, SampleSet, score_samples
 from cfkit.metrics import Extracted, MetricError, Statistics, frechet_distance
 from cfkit.plan import Plan
 from cfkit.transformer import CausalTransformer, TransformerConfig, patchify
@@ -136,7 +138,8 @@ def test_the_kid_metric_reads_fids_features_and_names_the_count_and_network():
     rng = np.random.default_rng(2)
     real = Extracted(torch.from_numpy(rng.normal(size=(300, 8))).float())
     fake = Extracted(torch.from_numpy(rng.normal(1, 1, size=(50, 8))).float())
-    context = types.SimpleNamespace(reference=lambda: real, features=lambda samples: fake,
+    context = types.SimpleNamespace(reference=types.SimpleNamespace(features=lambda: real),
+                                    features=lambda samples: fake,
                                     network=types.SimpleNamespace(name="net"))
     values = plugins.build("metrics", "kid", subsets=5)(context, samples=range(50))
     assert list(values) == ["KID-50 (net)", "KID-50 std (net)"]
@@ -148,7 +151,7 @@ def test_every_metric_declares_whether_lower_or_higher_is_better():
     registry = plugins.registry()
     better = {name: registry.component("metrics", name).factory.better for name in registry.names("metrics")}
     assert set(better.values()) <= set(metrics.BETTER)
-    assert {n for n, b in better.items() if b == "lower"} >= {"fid", "kid", "heldout-loss"}
+    assert {n for n, b in better.items() if b == "lower"} >= {"fid", "sfid", "kid", "heldout-loss"}
     assert {n for n, b in better.items() if b == "higher"} >= {
         "is", "precision-recall", "class-accuracy", "probe", "clip-score", "cider"}
 
@@ -317,6 +320,102 @@ def test_inception_without_weights_or_with_wrong_ones_says_what_to_do(tmp_path, 
     torch.save({"fc.weight": types.SimpleNamespace(a=1)}, tmp_path / "pickle.pth")
     with pytest.raises(MetricError, match="torch can read safely"):
         plugins.build("feature_networks", "inception", weights=str(tmp_path / "pickle.pth"))
+
+
+# -- sFID -----------------------------------------------------------------------------------
+def test_spatial_features_are_the_first_7_channels_of_mixed_6_conv_in_tensorflow_order():
+    """As the ADM evaluator takes them: TensorFlow's mixed_6/conv is the 1x1 branch of
+    Mixed_6d (17x17); its first 7 channels, flattened in (H, W, C) order, are 2023 features."""
+    torch.manual_seed(0)
+    model = FIDInceptionV3().eval()
+    seen = []
+    model.Mixed_6d.branch1x1.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    with torch.no_grad():
+        _, _, spatial = model(torch.rand(2, 3, 20, 24))
+    (branch,) = seen
+    assert branch.shape == (2, 192, 17, 17) and spatial.shape == (2, 2023)
+    assert torch.equal(spatial, branch[:, :7].permute(0, 2, 3, 1).reshape(2, 2023))
+    assert torch.equal(spatial.view(2, 17, 17, 7)[:, 3, 5], branch[:, :7, 3, 5])
+    assert spatial.abs().sum() > 0
+
+
+class SpatialStandIn:
+    """A feature network of 3 pool and 5 spatial features of (3, 2, 2) images: cheap enough
+    to check what sFID compares."""
+
+    name, num_features, num_spatial_features, classes = "stand-in", 3, 5, None
+
+    def __call__(self, images: torch.Tensor) -> Extracted:
+        x = images.double().flatten(1)
+        return Extracted(x[:, :3], None, x[:, 3:8] + x[:, :5].sqrt())
+
+    def identity(self) -> dict:
+        return {"name": self.name}
+
+    def to(self, device):
+        return self
+
+
+def test_sfid_compares_the_spatial_features_with_stored_statistics_else_the_images(tmp_path):
+    network, rng = SpatialStandIn(), np.random.default_rng(0)
+    real = rng.integers(0, 256, (40, 2, 2, 3), dtype=np.uint8)
+    fake = torch.from_numpy(rng.integers(0, 128, (30, 3, 2, 2), dtype=np.uint8))
+    real_spatial = network(torch.from_numpy(real).permute(0, 3, 1, 2)).spatial.numpy()
+    fake_spatial = network(fake).spatial.numpy()
+    other = rng.normal(size=(50, 5))
+    np.savez(tmp_path / "batch.npz", arr_0=real)  # an ADM reference batch of images alone
+    stored = Statistics.of(other)
+    np.savez(tmp_path / "stored.npz", arr_0=real, mu_s=stored.mean, sigma_s=stored.cov)
+    Statistics.of(real_spatial[:, :3]).save(tmp_path / "pool.npz")
+
+    def sfid(name: str):
+        context = EvalContext(None, show_progress=False, reference_stats=tmp_path / name)
+        context.network = network
+        (record,) = score_samples(context, ["sfid"], SampleSet(fake, torch.zeros(30), ar_steps=1))
+        return record
+
+    assert sfid("batch.npz").name == "sFID-30 (stand-in)"
+    assert sfid("batch.npz").value == pytest.approx(scipy_fid(real_spatial, fake_spatial), rel=1e-6)
+    assert sfid("stored.npz").value == pytest.approx(scipy_fid(other, fake_spatial), rel=1e-6)
+    assert sfid("pool.npz").skipped == ("the reference pool.npz holds no sFID statistics (mu_s, sigma_s) "
+                                        "and no arr_0 images")
+
+
+def test_saved_statistics_of_a_network_with_spatial_features_hold_sfids_too(tmp_path):
+    spatial = Statistics.of(np.random.default_rng(1).normal(size=(9, 4)))
+    Statistics.of(np.eye(3)).save(tmp_path / "stats.npz", spatial, feature_network="x")
+    saved = np.load(tmp_path / "stats.npz")
+    assert sorted(saved.files) == ["feature_network", "mu", "mu_s", "num", "sigma", "sigma_s"]
+    loaded, meta = Statistics.load(tmp_path / "stats.npz", metrics.SPATIAL_KEYS)
+    assert np.array_equal(loaded.cov, spatial.cov) and meta == {"feature_network": "x"}
+    Statistics.of(np.eye(3)).save(tmp_path / "pool.npz")
+    with pytest.raises(MetricError, match="no mu_s and sigma_s in it"):
+        Statistics.load(tmp_path / "pool.npz", metrics.SPATIAL_KEYS)
+
+
+@pytest.mark.slow
+def test_the_fid_inception_scores_fid_sfid_and_kid_against_an_adm_batch(inception_weights, tmp_path):
+    """End to end with the real architecture (random weights): an ADM batch of images and
+    the statistics ``cfkit fid --save-stats`` writes of it give the same FID and sFID."""
+    rng, options = np.random.default_rng(0), {"weights": str(inception_weights)}
+    np.savez(tmp_path / "batch.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    evaluate.save_statistics(tmp_path / "batch.npz", tmp_path / "stats.npz", features="inception",
+                             feature_options=options, show_progress=False)
+    assert np.load(tmp_path / "stats.npz")["mu_s"].shape == (2023,)
+    fake = SampleSet(torch.from_numpy(rng.integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)),
+                     torch.zeros(5), ar_steps=1)
+    scored = {}
+    for name in ("batch.npz", "stats.npz"):
+        context = EvalContext(None, "inception", options, show_progress=False,
+                              reference_stats=tmp_path / name)
+        records = score_samples(context, ["fid", "sfid", "kid"], fake)
+        scored[name] = {r.name or r.metric: r.value for r in records}
+    assert set(scored["batch.npz"]) == {"FID-5 (inception)", "sFID-5 (inception)", "KID-5 (inception)",
+                                        "KID-5 std (inception)"}
+    for name in ("FID-5 (inception)", "sFID-5 (inception)"):
+        assert scored["stats.npz"][name] == pytest.approx(scored["batch.npz"][name], rel=1e-6)
+        assert scored["batch.npz"][name] > 0
+    assert scored["stats.npz"]["kid"] is None  # statistics alone: skipped
 
 
 # -- the linear probe and the networks' features ---------------------------------------------
@@ -492,5 +591,5 @@ def test_extract_batches_and_reports_progress(digits_cnn):
 
 
 def test_cfkit_exposes_the_metric_kinds():
-    assert {"fid", "kid", "is", "precision-recall", "class-accuracy", "probe", "heldout-loss",
+    assert {"fid", "sfid", "kid", "is", "precision-recall", "class-accuracy", "probe", "heldout-loss",
             "clip-score", "cider"} <= set(plugins.registry().names("metrics"))

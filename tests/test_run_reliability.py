@@ -154,8 +154,8 @@ def sample_peak_rss(checkpoint_dir: Path, out: Path, num: int) -> int:
     return usage.ru_maxrss * 1024  # kilobytes on Linux
 
 
-def test_cli_sample_memory_is_flat_in_num_and_batch_b_draws_with_seed_plus_b(tmp_path,
-                                                                               tiny_checkpoint):
+def test_cli_sample_memory_is_flat_in_num_and_image_i_draws_from_seed_and_i(tmp_path,
+                                                                             tiny_checkpoint):
     small = sample_peak_rss(tiny_checkpoint, tmp_path / "small", 64)
     large = sample_peak_rss(tiny_checkpoint, tmp_path / "large", 1024)
     # One 1024-image batch peaks ~130 MB above one of 64; batches of 64 stay within a few MB.
@@ -163,7 +163,7 @@ def test_cli_sample_memory_is_flat_in_num_and_batch_b_draws_with_seed_plus_b(tmp
     few, many = (np.load(tmp_path / name / "samples.npz") for name in ("small", "large"))
     assert many["arr_0"].shape == (1024, 8, 8, 1) and many["latents"].shape == (1024, 1, 8, 8)
     assert many["labels"].tolist() == [1, 2] * 512
-    np.testing.assert_array_equal(many["arr_0"][:64], few["arr_0"])  # batch 0: the same seed
+    np.testing.assert_array_equal(many["arr_0"][:64], few["arr_0"])  # images 0..63: the same seeds
     assert not np.array_equal(many["arr_0"][64:128], few["arr_0"])
     names = sorted(p.name for p in (tmp_path / "large").iterdir())
     assert names == [f"{i:06d}.png" for i in range(1024)] + ["grid.png", "samples.npz"]

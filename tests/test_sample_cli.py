@@ -1,11 +1,12 @@
 """The generation interfaces: ``cfkit.load(...)`` pipelines and the ``cfkit sample`` and
 ``cfkit edit`` commands, on a checkpoint whose tokenizer decodes to images and on a converted
-official checkpoint (latents only)."""
+official checkpoint (latents only); a sample set is the same in any batch size and under
+torchrun (2 gloo processes write exactly the files of 1)."""
 
 import numpy as np
 import pytest
 import torch
-from conftest import perturbed_checkpoint
+from conftest import assert_rc, perturbed_checkpoint, torchrun_cfkit
 from generation_plugins import install_third_party
 from PIL import Image
 from refdata import reference_files
@@ -102,6 +103,47 @@ def test_cli_sample_with_dpm_solver_pp_in_20_steps_equals_the_api(pixels_checkpo
     images = cfkit.load(pixels_checkpoint).generate([1, 2], sampler="dpm-solver++", steps=20,
                                                      ar_steps=2, seed=3)
     np.testing.assert_array_equal(np.load(out / "samples.npz")["arr_0"], to_uint8(images))
+
+
+def test_a_sample_set_is_the_same_in_any_batch_size(pixels_checkpoint, tmp_path):
+    """Image i is drawn from (seed, i): batches of 1 give the images of one batch of 5 (up to
+    float32 rounding, which may move a pixel by one level), and one batch is the API's call."""
+    saved = {}
+    for batch_size in (1, 2, 5):
+        out = tmp_path / f"batch-{batch_size}"
+        assert cli("sample", pixels_checkpoint, "--class", 1, 2, 3, "--num", 5, "--batch-size",
+                   batch_size, *OPTIONS, "--out", out) == 0
+        saved[batch_size] = np.load(out / "samples.npz")
+    expected = cfkit.load(pixels_checkpoint).generate_latents([1, 2, 3, 1, 2], **API_OPTIONS).latents
+    np.testing.assert_array_equal(saved[5]["latents"], expected.numpy())
+    for batch_size in (1, 2):
+        np.testing.assert_allclose(saved[batch_size]["latents"], saved[5]["latents"], atol=1e-4, rtol=1e-5)
+        levels = np.abs(saved[batch_size]["arr_0"].astype(int) - saved[5]["arr_0"])
+        assert levels.max() <= 1 and levels.mean() < 0.05
+    # the seed + b per batch it replaced gave batches of 1 five copies of one draw
+    assert not np.allclose(saved[1]["latents"][0], saved[1]["latents"][3])
+
+
+def test_two_torchrun_processes_write_exactly_the_samples_of_one(pixels_checkpoint, tmp_path,
+                                                                 monkeypatch):
+    """5 images in batches of 2: rank 0 generates batches 0 and 2, rank 1 batch 1 (and
+    nothing in the last round); rank 0 gathers and writes them in order."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a gloo group on the CPU
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ("sample", pixels_checkpoint, "--class", 1, 2, 3, "--num-samples", 5, "--batch-size", 2, *OPTIONS)
+    assert cli(*args, "--out", tmp_path / "one") == 0
+    done = torchrun_cfkit(*map(str, args), "--out", str(tmp_path / "two"))
+    assert_rc(done, 0)
+    assert done.stdout.count("wrote 5 sample(s)") == 1  # rank 0 alone writes and says so
+    one, two = (sorted((tmp_path / name).iterdir()) for name in ("one", "two"))
+    assert [p.name for p in two] == [p.name for p in one]  # no staging folder left behind
+    for a, b in zip(one, two, strict=True):
+        if a.suffix == ".png":
+            assert a.read_bytes() == b.read_bytes(), a.name
+    first, second = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
+    assert sorted(second.files) == sorted(first.files) == ["arr_0", "labels", "latents"]
+    for key in first.files:
+        np.testing.assert_array_equal(second[key], first[key])
 
 
 def test_cli_sample_without_an_image_tokenizer_writes_latents_only(official_checkpoint, tmp_path):

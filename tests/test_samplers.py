@@ -1,5 +1,6 @@
 """Diffusion samplers: DDPM equals the reference's ancestral step, DDPM, DDIM and DPM-Solver++
-equal diffusers' schedulers on the same inputs and noise, and respacing from ``steps``."""
+equal diffusers' schedulers on the same inputs and noise, respacing from ``steps``, and
+per-sample generators whose draws do not depend on the batch."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from refdata import reference_files
 
 from cfkit import plugins
 from cfkit.diffusion import GaussianDiffusion
-from cfkit.samplers import respaced
+from cfkit.samplers import SampleGenerators, noise_like, respaced, sample_seed, shared_generator
 
 BASE = GaussianDiffusion.named("linear", 1000)
 
@@ -232,3 +233,35 @@ def test_bad_sampler_options_name_the_problem():
         plugins.build("samplers", "ddpm", variance="learned")
     with pytest.raises(ValueError, match="eta must be >= 0"):
         plugins.build("samplers", "ddim", eta=-0.1)
+
+
+# -- per-sample generators --------------------------------------------------------------------
+def test_each_sample_draws_the_same_noise_in_any_batch():
+    whole = noise_like(torch.empty(5, 3, 2), SampleGenerators(7, range(5)))
+    split = [noise_like(torch.empty(len(rows), 3, 2), SampleGenerators(7, rows))
+             for rows in (range(0, 2), range(2, 3), range(3, 5))]
+    assert torch.equal(torch.cat(split), whole)
+    alone = SampleGenerators(7, [3]).randn((1, 3, 2))
+    assert torch.equal(alone[0], whole[3])
+    assert not torch.equal(SampleGenerators(8, [3]).randn((1, 3, 2)), alone)  # another seed
+
+
+def test_sample_seeds_differ_for_neighbouring_seeds_and_indices():
+    seeds = {sample_seed(seed, index) for seed in range(20) for index in range(20)}
+    assert len(seeds) == 400
+    assert sample_seed(0) not in seeds and sample_seed(0) == sample_seed(0)  # the shared one
+    assert all(0 <= s < 2**64 for s in seeds)
+
+
+def test_draws_every_sample_shares_come_from_the_shared_generator():
+    generators = SampleGenerators(3, [4, 9])
+    assert shared_generator(generators) is generators.shared
+    one = torch.Generator()
+    assert shared_generator(one) is one and shared_generator(None) is None
+    expected = torch.Generator().manual_seed(sample_seed(3))
+    assert torch.equal(torch.rand(4, generator=generators.shared), torch.rand(4, generator=expected))
+
+
+def test_sample_generators_refuse_another_number_of_rows():
+    with pytest.raises(ValueError, match="2 sample generators cannot draw 3 rows"):
+        SampleGenerators(0, [0, 1]).randn((3, 4))

@@ -12,6 +12,8 @@ Masks are boolean with True = may attend (the reference stores the opposite).
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,8 @@ import torch
 from cfkit.schedules import check_step_sizes, step_index
 
 COND, CLEAN, NOISY = 0, 1, 2
+BLOCK_MASK_CACHE = 32  # BlockMasks kept (``Layout.block_mask``)
+_BLOCK_MASKS: OrderedDict = OrderedDict()
 
 
 def may_attend(q_kind, q_step, q_copy, k_kind, k_step, k_copy):
@@ -92,15 +96,33 @@ class Layout:
 
         return mod
 
-    def block_mask(self, block_size: int = 128):
-        """A FlexAttention BlockMask for a batched layout ``(B, T)`` (on the layout's device)."""
+    def block_mask(self, block_size: int = 128, device=None):
+        """A FlexAttention BlockMask for a batched layout ``(B, T)`` on ``device`` (default the
+        layout's). Building one evaluates the rule over every block, so the last
+        ``BLOCK_MASK_CACHE`` are kept, keyed by the layout's values: a plan of the same split
+        and copies (any order, any noise) reuses its mask."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        batch, length = self.kind.shape
-        return create_block_mask(
-            self.mask_mod(), batch, None, length, length,
-            device=self.kind.device, BLOCK_SIZE=block_size,
-        )
+        device = torch.device(device) if device is not None else self.kind.device
+        key = (str(device), block_size, self.digest())
+        mask = _BLOCK_MASKS.pop(key, None)
+        if mask is None:
+            layout = self.to(device)
+            batch, length = self.kind.shape
+            mask = create_block_mask(layout.mask_mod(), batch, None, length, length,
+                                     device=device, BLOCK_SIZE=block_size)
+        _BLOCK_MASKS[key] = mask  # the most recently used last
+        while len(_BLOCK_MASKS) > BLOCK_MASK_CACHE:
+            _BLOCK_MASKS.popitem(last=False)
+        return mask
+
+    def digest(self) -> str:
+        """A hash of the layout's shape and values."""
+        h = hashlib.blake2b(digest_size=16)
+        for values in (self.kind, self.step, self.copy):
+            h.update(str(tuple(values.shape)).encode())
+            h.update(values.detach().to("cpu", torch.long).contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def to(self, device) -> Layout:
         return Layout(self.kind.to(device), self.step.to(device), self.copy.to(device))

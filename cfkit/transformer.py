@@ -7,6 +7,7 @@ serves CausalFusion (any S), In-context DiT (S = 1) and, through its KV cache, g
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -294,10 +295,17 @@ def attend(q, k, v, mask, backend: str) -> torch.Tensor:
             scores = scores.masked_fill(~mask, float("-inf"))
         return scores.softmax(dim=-1) @ v
     if backend == "flex" and mask is not None and not isinstance(mask, torch.Tensor):
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return flex_attention(q, k, v, block_mask=mask)
+        return flex_attention(q.is_cuda)(q, k, v, block_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@functools.cache
+def flex_attention(compiled: bool):
+    """FlexAttention, compiled where it runs on CUDA: uncompiled it materialises the scores (slow
+    on a GPU). On the CPU it stays eager (its compiled CPU kernel has no backward)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    return torch.compile(flex, dynamic=False) if compiled else flex
 
 
 class Mlp(nn.Module):
@@ -438,12 +446,15 @@ class CausalTransformer(nn.Module):
                 x = block(x, mask, cache, layer, update_cache)
         return x
 
-    def attention_mask(self, layout: Layout, context_len: int | None = None, copies: int = 1):
-        """The mask for ``layout`` ``(B, T)`` in the form the attention backend takes: a
-        BlockMask (flex), a SplitMask (sdpa on ``[context | copies]`` sequences) or a dense
-        ``(B|1, 1, T, T)`` bool mask (eager, the reference's way)."""
+    def attention_mask(self, layout: Layout, context_len: int | None = None, copies: int = 1,
+                       device=None):
+        """The mask for ``layout`` ``(B, T)`` on ``device`` (default the layout's) in the form
+        the attention backend takes: a BlockMask (flex, cached per layout), a SplitMask (sdpa on
+        ``[context | copies]`` sequences) or a dense ``(B|1, 1, T, T)`` bool mask (eager, the
+        reference's way)."""
         if self.config.attention == "flex":
-            return layout.block_mask()
+            return layout.block_mask(device=device)
+        layout = layout if device is None else layout.to(device)
         if self.config.attention == "sdpa" and context_len is not None:
             return SplitMask.from_layout(layout, context_len, copies)
         return _one_if_shared(layout.dense()).unsqueeze(1)
@@ -476,7 +487,7 @@ class CausalTransformer(nn.Module):
             layout = _concat_layouts(layout, t_layout)
             pieces.append(self.timestep_embedder(t_tokens))
             context_len = None  # timestep tokens break the [context | copies] shape
-        mask = self.attention_mask(layout.to(x_start.device), context_len, copies)
+        mask = self.attention_mask(layout, context_len, copies, x_start.device)
         x = self.run(torch.cat(pieces, dim=1), mask)
         start = config.cond_len + clean_len
         out = self.final_layer(x[:, start:start + copies * length])

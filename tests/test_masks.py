@@ -4,12 +4,15 @@ The expected masks here are built token by token from the paper's rules with Pyt
 independently of ``cfkit.masks.may_attend``.
 """
 
+from collections import OrderedDict
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import splits
 
+from cfkit import masks
 from cfkit.masks import Layout, batch_layout, generalized_causal_mask, sequence_layout
 from cfkit.plan import Plan
 from cfkit.schedules import step_index
@@ -208,3 +211,19 @@ def test_block_mask_keeps_exactly_the_blocks_with_an_attended_pair():
     expected = padded.reshape(2, blocks, block, blocks, block).any(dim=4).any(dim=2)
     assert torch.equal(block_mask.to_dense()[:, 0].bool(), expected)
     assert not bool(expected.all())  # some blocks really are skipped
+
+
+def test_block_masks_are_built_once_per_layout_and_kept_for_the_last_few(monkeypatch):
+    pytest.importorskip("torch.nn.attention.flex_attention", reason="this torch has no FlexAttention")
+    monkeypatch.setattr(masks, "_BLOCK_MASKS", OrderedDict())
+    monkeypatch.setattr(masks, "BLOCK_MASK_CACHE", 2)
+
+    def layout(sizes):
+        return batch_layout(3, step_index(torch.tensor(sizes)).expand(2, -1), copies=2)
+
+    first = layout([2, 3, 1]).block_mask(block_size=8)
+    assert layout([2, 3, 1]).block_mask(block_size=8) is first  # equal values: the same mask
+    other = layout([1, 5]).block_mask(block_size=8)
+    assert other is not first and layout([2, 3, 1]).block_mask(block_size=16) is not first
+    assert len(masks._BLOCK_MASKS) == 2  # the oldest was dropped
+    assert layout([2, 3, 1]).block_mask(block_size=8) is not first

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from cfkit import config as configs
-from cfkit import plugins, preflight
+from cfkit import plugins, preflight, progress
 from cfkit.convert import CheckpointError
 from cfkit.generate import KEEP_REGIONS, SamplingOptions
 from cfkit.runlock import FolderInUse
@@ -353,22 +353,9 @@ def _say_written(pipe, num: int, out) -> None:
 
 
 def _progress_bar(args):
-    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr from its first call
-    (so that bad options fail before any bar) and closing it when done."""
-    from tqdm import tqdm
-
-    bars = []
-
-    def progress(done: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, unit="step", desc="diffusion steps",
-                             disable=args.no_progress, file=sys.stderr))
-        bars[0].total = total  # batches of a drawn schedule differ in steps
-        bars[0].update(done - bars[0].n)
-        if done == total:
-            bars[0].close()
-
-    return progress
+    """The diffusion steps' ``progress(done, total)``: a bar on a terminal (not with
+    --no-progress), else lines (``cfkit.progress``)."""
+    return progress.of_steps("diffusion steps", "steps", bar=not args.no_progress)
 
 
 def add_sample_command(sub) -> None:
@@ -630,6 +617,7 @@ def cmd_bench(args) -> int:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    progress.show_warnings()
     try:
         preflight.check(args)
         return args.run(args)

@@ -31,6 +31,7 @@ from cfkit import checkpoint, data, runlock
 from cfkit import config as configs
 from cfkit.distributed import Distributed, barrier
 from cfkit.methods import Batch
+from cfkit.progress import Progress, say
 from cfkit.runlog import RunLog
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,8 @@ class Trainer:
         else:
             raise TrainingError(f"nothing to resume: every checkpoint in {self.run_dir / 'checkpoints'} "
                                 "is corrupt (see the warnings above)")
-        log.info("resumed from %s at step %d", last, self.step)
+        if self.dist.is_main:
+            say(f"resumed from {last} at step {self.step}")
 
     def _load(self, folder: Path) -> None:
         """Resume from the checkpoint ``folder``, or CheckpointError naming its bad file. Every
@@ -259,7 +261,7 @@ class Trainer:
         batches = iter(data.loader(stream, self.experiment.data.num_workers))
         errors = data.LoaderErrors()
         previous = signal.signal(signal.SIGTERM, self._request_stop)
-        bar = self._progress_bar()
+        progress = self._progress()
         try:
             last_time, images = time.perf_counter(), 0
             while self.step < self.settings.max_steps:
@@ -267,15 +269,11 @@ class Trainer:
                 errors.update(item)
                 loss, grad_norm = self.train_step(self.batch(item, tokenizer))
                 images += self.settings.batch_size
+                progress.update(1)
                 if self.step % self.settings.log_every == 0 or self.step == self.settings.max_steps:
                     now = time.perf_counter()
-                    rate = images / (now - last_time)
-                    self._log_metrics(loss, grad_norm, rate)
+                    self._log_metrics(progress, loss, grad_norm, images / (now - last_time))
                     last_time, images = now, 0
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
-                if bar is not None:
-                    bar.update(1)
                 # SIGTERM reaches the processes at different steps: they agree on one to stop at
                 stop = self.dist.mean(float(self.stop_requested)) > 0
                 if self.step % self.settings.ckpt_every == 0 or stop:
@@ -290,25 +288,28 @@ class Trainer:
                             errors.shards, errors.samples)
         finally:
             signal.signal(signal.SIGTERM, previous)
-            if bar is not None:
-                bar.close()
+            progress.close()
         if self.dist.is_main:
             self.runlog.plot()
+            if self.step >= self.settings.max_steps:
+                say(f"finished: {self.run_dir} at step {self.step} "
+                    f"({time.perf_counter() - progress.start:.0f} s)")
         return self.run_dir
 
     def _request_stop(self, signum, frame):
         self.stop_requested = True
 
-    def _progress_bar(self):
-        if not (self.progress and self.dist.is_main):
-            return None
-        from tqdm import tqdm
+    def _progress(self) -> Progress:
+        """The steps' progress, rank 0's: a bar (``progress``, on a terminal), else a line each
+        ``log_every`` steps (``_log_metrics``)."""
+        return Progress(f"train {self.run_dir.name}", "steps", self.settings.max_steps, done=self.step,
+                        bar=self.progress, show=self.dist.is_main, every=None)
 
-        return tqdm(total=self.settings.max_steps, initial=self.step, desc="train", unit="step")
-
-    def _log_metrics(self, loss: float, grad_norm: float, rate: float) -> None:
+    def _log_metrics(self, progress: Progress, loss: float, grad_norm: float, rate: float) -> None:
+        """One ``log_every`` row of metrics.csv, and the same on the bar or as a line."""
         if self.dist.is_main:
             self.runlog.write(self.step, loss, self.optimizer.param_groups[0]["lr"], grad_norm, rate)
+        progress.report(f"loss {loss:.4f}", f"{rate:.1f} images/s")
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -328,6 +329,7 @@ class Trainer:
         final = checkpoint.write_step(self.run_dir, self.step, self.experiment, model_state,
                                       ema_state, opt_tensors, state)
         checkpoint.keep_last(self.run_dir, self.settings.keep_last)
+        say(f"saved checkpoint {final}")
         barrier()
         return final
 

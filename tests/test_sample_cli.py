@@ -2,6 +2,10 @@
 ``cfkit edit`` commands, on a checkpoint whose tokenizer decodes to images and on a converted
 official checkpoint (latents only)."""
 
+import io
+import re
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -175,9 +179,25 @@ def test_cli_edit_bad_input_exits_2(pixels_checkpoint, official_checkpoint, tmp_
     assert "no config.json" in capsys.readouterr().err
 
 
-def test_cli_sample_shows_a_progress_bar_over_every_diffusion_step(pixels_checkpoint, tmp_path,
-                                                                    capsys):
+@pytest.mark.parametrize("flags", [[], ["--no-progress"]])
+def test_cli_sample_logs_every_diffusion_step_in_a_line_off_a_terminal(pixels_checkpoint, tmp_path,
+                                                                      capsys, flags):
     assert cli("sample", pixels_checkpoint, "--class", 1, "--steps", 3, "--ar-steps", 2,
-               "--out", tmp_path / "bar") == 0
+               "--out", tmp_path / "bar", *flags) == 0
     err = capsys.readouterr().err
-    assert "diffusion steps: 100%" in err and "6/6" in err  # T x S diffusion steps
+    # T x S diffusion steps; stderr is no terminal here: no bar's carriage returns
+    assert re.fullmatch(r"diffusion steps: 6/6 steps, [\d.]+ steps/s, in 00:00\n", err)
+
+
+def test_cli_sample_draws_a_bar_on_a_terminal_unless_no_progress(pixels_checkpoint, tmp_path,
+                                                                  monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for flags, bar in (([], True), (["--no-progress"], False)):
+        terminal = Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert cli("sample", pixels_checkpoint, "--class", 1, "--steps", 3, "--ar-steps", 2,
+                   "--out", tmp_path / str(bar), *flags) == 0
+        assert ("\r" in terminal.getvalue()) == bar and "diffusion steps: 6/6 steps, " in terminal.getvalue()

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import splits
 
-from cfkit.masks import Layout, batch_layout, generalized_causal_mask, sequence_layout
+from cfkit.masks import Layout, batch_layout, draw, generalized_causal_mask, sequence_layout
 from cfkit.plan import Plan
 from cfkit.schedules import step_index
 
@@ -208,3 +208,18 @@ def test_block_mask_keeps_exactly_the_blocks_with_an_attended_pair():
     expected = padded.reshape(2, blocks, block, blocks, block).any(dim=4).any(dim=2)
     assert torch.equal(block_mask.to_dense()[:, 0].bool(), expected)
     assert not bool(expected.all())  # some blocks really are skipped
+
+
+def test_a_drawn_mask_marks_where_condition_clean_and_noisy_tokens_begin():
+    lines = draw(sequence_layout(1, [1, 2]))  # T = 1 condition + 1 clean + 3 noisy tokens
+    assert lines[0].startswith("row: query, column: key, # = may attend; C condition")
+    assert lines[1:] == [
+        "  C|c|nnn",
+        "C #|.|...",
+        "  -+-+---",
+        "c #|#|...",
+        "  -+-+---",
+        "n #|.|#..",
+        "n #|#|.##",
+        "n #|#|.##",
+    ]

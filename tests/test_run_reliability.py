@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import perturbed_checkpoint
-from refdata import reference_files
+from refdata import missing, reference_files
 
 from cfkit import checkpoint, plugins, runlock, runlog
 from cfkit import config as configs
@@ -208,7 +208,7 @@ OFFICIAL = reference_files("official_tiny_*.pt")
 
 
 @pytest.mark.reference
-@pytest.mark.skipif(not OFFICIAL, reason="no official_tiny_*.pt in CFKIT_REFERENCE_DIR")
+@pytest.mark.skipif(not OFFICIAL, reason=missing("official_tiny_*.pt"))
 def test_convert_of_a_truncated_checkpoint_or_kwargs_of_other_shapes_is_a_one_line_error(
         tmp_path, capsys):
     source, out = tmp_path / "official.pt", tmp_path / "out"

@@ -12,7 +12,7 @@ import torch
 from conftest import perturbed_checkpoint
 from generation_plugins import install_third_party
 from PIL import Image
-from refdata import reference_files
+from refdata import missing, reference_files
 
 import cfkit
 from cfkit import config as configs
@@ -45,7 +45,7 @@ def official_checkpoint(tmp_path_factory):
     """The reference's tiny model, converted: 4 latent channels that no tokenizer decodes."""
     found = reference_files("official_tiny_*.pt")
     if not found:
-        pytest.skip("no official_tiny_*.pt in the reference folder")
+        pytest.skip(missing("official_tiny_*.pt"))
     return convert_official(found[0], tmp_path_factory.mktemp("official") / "ckpt")
 
 
@@ -64,6 +64,7 @@ def test_load_gives_a_pipeline_generating_reproducible_images(pixels_checkpoint)
     assert not torch.equal(pipe.generate([1, 4], **{**API_OPTIONS, "seed": 4}), images)
 
 
+@pytest.mark.reference
 def test_without_an_image_tokenizer_the_pipeline_returns_latents(official_checkpoint):
     pipe = cfkit.load(official_checkpoint)
     assert pipe.tokenizer is None

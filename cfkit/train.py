@@ -96,6 +96,7 @@ class Trainer:
         self.runlog = RunLog(self.run_dir, self.settings.tensorboard)
         self.step = 0
         self.corrupt: list[Path] = []  # checkpoints resume skipped, set aside at the next save
+        self.resumed_from: Path | None = None  # said once the data is found: a refused run did not resume
         if resume:
             self._resume()
         self.stop_requested = False
@@ -136,8 +137,7 @@ class Trainer:
         else:
             raise TrainingError(f"nothing to resume: every checkpoint in {self.run_dir / 'checkpoints'} "
                                 "is corrupt (see the warnings above)")
-        if self.dist.is_main:
-            say(f"resumed from {last} at step {self.step}")
+        self.resumed_from = last
 
     def _load(self, folder: Path) -> None:
         """Resume from the checkpoint ``folder``, or CheckpointError naming its bad file. Every
@@ -258,6 +258,8 @@ class Trainer:
             checkpoint.write_json(self.run_dir / "config.json",
                                   {"experiment": self.experiment.model_dump(mode="json")})
             self.runlog.start(self.step)
+            if self.resumed_from is not None:
+                say(f"resumed from {self.resumed_from} at step {self.step}")
         batches = iter(data.loader(stream, self.experiment.data.num_workers))
         errors = data.LoaderErrors()
         previous = signal.signal(signal.SIGTERM, self._request_stop)

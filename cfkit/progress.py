@@ -101,15 +101,16 @@ class Progress:
             parts.append(f"ETA {tqdm.format_interval((self.total - self.done) / rate)}")
         print(", ".join(parts), file=self.stream, flush=True)
 
-    def close(self, *fields: str) -> None:
+    def close(self, *fields: str, failed: bool = False) -> None:
         """Close the bar and show the last line (with ``fields``) unless a line just showed
-        this count (the job's last ``report``); again does nothing."""
+        this count (the job's last ``report``) or the job ``failed`` (its error says what
+        happened); again does nothing."""
         if self.closed:
             return
         self.closed = True
         if self.bar is not None:
             self.bar.close()
-        if fields or self.shown_at != self.done:
+        if not failed and (fields or self.shown_at != self.done):
             self.line(*fields)
 
 

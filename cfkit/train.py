@@ -288,9 +288,12 @@ class Trainer:
             if errors.shards or errors.samples:
                 log.warning("skipped %d corrupt shard(s) and %d corrupt sample(s)",
                             errors.shards, errors.samples)
+        except BaseException:
+            progress.close(failed=True)  # no last line: the error says where it stopped
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
-            progress.close()
+        progress.close()
         if self.dist.is_main:
             self.runlog.plot()
             if self.step >= self.settings.max_steps:

@@ -114,3 +114,13 @@ def test_events_and_cfkit_warnings_are_lines_on_stderr_once(capfd):
         "warning: skipped corrupt sample a of b.tar",
         "warning: imagefolder: skipped x.png",
     ]
+
+
+def test_a_failed_job_closes_its_bar_without_a_last_line():
+    log, terminal = Log(False), Log(True)
+    for stream in (log, terminal):
+        steps = Progress("train", "steps", 10, stream=stream)
+        steps.update(3)
+        steps.close(failed=True)
+    assert log.getvalue() == "" and "train: 3/10 steps" not in terminal.getvalue()
+    assert terminal.getvalue().endswith("\n")  # the bar closed: what follows starts a line

@@ -246,5 +246,8 @@ def test_resume_warns_of_a_corrupt_last_checkpoint_and_continues_bitwise_from_th
 
     for folder in checkpoint.checkpoints(run):
         truncate(folder / "ema.safetensors")
+    capsys.readouterr()  # the logs of the runs above
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
-    assert "nothing to resume: every checkpoint in" in error_line(capsys)
+    *warnings, error = capsys.readouterr().err.splitlines()  # the error says "see the warnings above"
+    assert error.startswith("error: nothing to resume: every checkpoint in")
+    assert len(warnings) == 2 and all(w.startswith("warning: checkpoint ") for w in warnings), warnings

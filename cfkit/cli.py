@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from cfkit import config as configs
-from cfkit import plugins, preflight
+from cfkit import plugins, preflight, progress
 from cfkit.convert import CheckpointError
 from cfkit.generate import KEEP_REGIONS, SamplingOptions
 from cfkit.precision import PRECISIONS
@@ -23,6 +23,40 @@ from cfkit.train import TrainingError
 
 # torchrun's own parser takes a prefix of one of its options (--numa-binding) as that option
 TORCHRUN_NUM = "torchrun reads --num as its own option"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that ends each option's text with its default, unless the text says it already;
+    defaults that mean "not given" (None, off, an empty list) are left out."""
+
+    def _get_help_string(self, action) -> str:
+        text, default = action.help or "", action.default
+        unset = default is None or default is False or default == [] or default is argparse.SUPPRESS
+        required_positional = not action.option_strings and action.nargs not in ("?", "*")
+        if "default" in text or unset or required_positional:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"  # argparse %-formats help
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` with ``HelpFormatter``; its subcommands' parsers (plugins' too) are
+    ``Parser``s, as ``add_subparsers`` makes them of the parser's own class."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+def _set_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one config value (a TOML literal, else a string), e.g. "
+                   "train.max_steps=1000 or method.name=dit; repeatable; `cfkit config show` lists the keys")
+
+
+def _no_progress_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar, even on a terminal (off one there is none): the progress "
+                   "lines and the events (resumed, checkpoint saved, finished) stay")
 
 
 def add_plugins_command(sub) -> None:
@@ -50,9 +84,11 @@ def cmd_plugins(args) -> int:
 def add_config_command(sub) -> None:
     """``cfkit config``: its arguments, beside its function."""
     p = sub.add_parser("config", help="validate or show an experiment config")
-    p.add_argument("action", choices=["validate", "show"])
-    p.add_argument("file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("action", choices=["validate", "show"],
+                   help="validate: check the config, naming a bad field and what it allows; show: "
+                   "print it as TOML with every default filled in")
+    p.add_argument("file", help="experiment config (TOML), e.g. benchmarks/configs/digits-tiny.toml")
+    _set_argument(p)
     p.set_defaults(run=cmd_config)
 
 
@@ -68,12 +104,14 @@ def cmd_config(args) -> int:
 def add_plan_command(sub) -> None:
     """``cfkit plan``: its arguments, beside its function."""
     p = sub.add_parser("plan", help="draw and show one batch's factorisation plan")
-    p.add_argument("config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--show-mask", action="store_true", help="print sample 0's mask (# = attend)")
+    p.add_argument("config", help="experiment config (TOML), e.g. benchmarks/configs/factorisation-demo.toml")
+    _set_argument(p)
+    p.add_argument("--batch", type=int, default=2, help="samples whose plans are drawn")
+    p.add_argument("--seed", type=int, default=None, help="seed of the draw (default: the config's seed)")
+    p.add_argument("--json", action="store_true", help="print the plans as one JSON object")
+    p.add_argument("--show-mask", action="store_true",
+                   help="print sample 0's attention mask (row: query, column: key, # = may attend), "
+                   "its condition, clean and noisy tokens marked")
     p.set_defaults(run=cmd_plan)
 
 
@@ -92,7 +130,8 @@ def cmd_plan(args) -> int:
         plan.step_start().unsqueeze(1), t, plan.num_tokens, diffusion.alphas_cumprod,
         factorisation.ar_weighting.build(), factorisation.diffusion_weighting.build(),
     )
-    mask = plan.layout(network.cond_len).dense()
+    layout = plan.layout(network.cond_len)
+    mask = layout.dense()
     report = {
         "grid": list(network.grid),
         "samples": [
@@ -117,8 +156,10 @@ def cmd_plan(args) -> int:
         print(f"  weights    {sample['loss_weights']}")
     print(f"sequence length T={report['sequence_length']}, mask density {report['mask_density']}")
     if args.show_mask:
-        for row in mask[0].tolist():
-            print("".join("#" if v else "." for v in row))
+        from cfkit.masks import Layout, draw
+
+        print(f"mask of sample 0 (T={mask.shape[-1]})")
+        print("\n".join(draw(Layout(layout.kind[0], layout.step[0], layout.copy[0]))))
     return 0
 
 
@@ -127,12 +168,14 @@ def add_convert_command(sub) -> None:
     p = sub.add_parser("convert", help="import a checkpoint from another implementation")
     p.add_argument("source", help="where the checkpoint comes from: a converter a plugin registers "
                    "(`cfkit plugins` lists them), e.g. official: the reference trainer's .pt")
-    p.add_argument("path")
+    p.add_argument("path", help="the checkpoint file to import, e.g. a .pt")
     p.add_argument("--out", required=True, help="cfkit checkpoint folder to write")
     p.add_argument("--kwargs", help="JSON of the official constructor kwargs (default: the "
                    "checkpoint's .json sidecar if present)")
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--latent-channels", type=int)
+    p.add_argument("--patch-size", type=int, help="replaces the constructor kwargs' patch_size "
+                   "(default: theirs)")
+    p.add_argument("--latent-channels", type=int, help="replaces the constructor kwargs' "
+                   "latent_channels (default: theirs)")
     p.set_defaults(run=cmd_convert)
 
 
@@ -157,11 +200,13 @@ def cmd_convert(args) -> int:
 def add_train_command(sub) -> None:
     """``cfkit train``: its arguments, beside its function."""
     p = sub.add_parser("train", help="train an experiment into a run folder")
-    p.add_argument("config", nargs="?")
-    p.add_argument("--out", help="run folder")
+    p.add_argument("config", nargs="?", help="experiment config (TOML), e.g. "
+                   "benchmarks/configs/digits-tiny.toml; not with --resume (the run folder keeps its own)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run folder to create: config.json, metrics.csv, "
+                   "loss.png, checkpoints/step-N/")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
+    _set_argument(p)
+    _no_progress_argument(p)
     p.add_argument("--allow-remote-shards", action="store_true",
                    help="read pipe: and URL shards (pipe:CMD runs CMD; a config or run folder "
                    "alone never may); same as CFKIT_ALLOW_REMOTE_SHARDS=1")
@@ -210,9 +255,10 @@ def add_shards_command(sub) -> None:
     p.add_argument("name", help="dataset plugin (e.g. digits, shapes, imagefolder, webdataset)")
     p.add_argument("source", nargs="?", help="a path for datasets that read one (imagefolder: a "
                    "folder; webdataset: shards, e.g. 'train-{000000..000146}.tar')")
-    p.add_argument("--out", required=True)
-    p.add_argument("--split", default="train", choices=["train", "val"])
-    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--out", required=True, help="folder of the shards: new or empty (or, with "
+                   "--force, of shards)")
+    p.add_argument("--split", default="train", choices=["train", "val"], help="the dataset's split")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--encode", metavar="TOKENIZER", help="write latents of this image tokenizer")
     p.add_argument("--tokenizer-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of the --encode tokenizer, as in a config's tokenizer table, "
@@ -224,7 +270,7 @@ def add_shards_command(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace the shards already in --out (the whole set, atomically), or "
                    "discard an unfinished write of other settings")
-    p.add_argument("--no-progress", action="store_true")
+    _no_progress_argument(p)
     p.set_defaults(run=cmd_shards)
 
 
@@ -270,7 +316,8 @@ def add_tokenizer_train_command(sub) -> None:
                         help="a dataset plugin with captions (e.g. shapes): its train captions")
     t.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="--dataset option, e.g. size=2000")
-    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens of the vocabulary (the 256 "
+                   "bytes, the merges and the special tokens)")
     t.add_argument("--out", required=True, help="tokenizer.json to write")
     t.set_defaults(run=cmd_tokenizer_train)
 
@@ -306,13 +353,14 @@ def _generation_arguments(p: argparse.ArgumentParser) -> None:
     _sampling_arguments(p)
     _device_argument(p)
     p.add_argument("--out", required=True, help="folder for samples.npz and the PNGs")
-    p.add_argument("--no-progress", action="store_true")
+    _no_progress_argument(p)
 
 
 def _sampling_arguments(p: argparse.ArgumentParser) -> None:
     """How each AR step is sampled (``cfkit sample``, ``edit`` and ``eval``)."""
     p.add_argument("--order", help=f"a registered ordering (default {_shown_default('sampling.order')})")
-    p.add_argument("--steps", default="250", help="diffusion steps: N, ddimN or a comma list")
+    p.add_argument("--steps", default="250", help="diffusion steps per AR step (all of them with "
+                   "--split-steps): N, ddimN or a comma list, a respacing of the trained steps")
     p.add_argument("--split-steps", action="store_true",
                    help="split the --steps across the AR steps instead of --steps per AR step")
     p.add_argument("--cfg", type=float, default=1.0, metavar="SCALE", help="CFG scale (1 = none)")
@@ -322,7 +370,8 @@ def _sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, help="the sampler's eta option (ddim)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="bf16 autocast or fp32; auto: bf16 where its matmuls are native and pay")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (image i draws from (seed, i)) "
+                   "and of drawn orders and schedules")
 
 
 def _shown_default(key: str) -> str:
@@ -363,22 +412,9 @@ def _say_written(pipe, num: int, out) -> None:
 
 
 def _progress_bar(args):
-    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr from its first call
-    (so that bad options fail before any bar) and closing it when done."""
-    from tqdm import tqdm
-
-    bars = []
-
-    def progress(done: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, unit="step", desc="diffusion steps",
-                             disable=args.no_progress, file=sys.stderr))
-        bars[0].total = total  # batches of a drawn schedule differ in steps
-        bars[0].update(done - bars[0].n)
-        if done == total:
-            bars[0].close()
-
-    return progress
+    """The diffusion steps' ``progress(done, total)``: a bar on a terminal (not with
+    --no-progress), else lines (``cfkit.progress``)."""
+    return progress.of_steps("diffusion steps", "steps", bar=not args.no_progress)
 
 
 def add_sample_command(sub) -> None:
@@ -452,7 +488,7 @@ def add_caption_command(sub) -> None:
     decoding.add_argument("--top-p", type=float, metavar="P", help="sample from the top-p nucleus")
     decoding.add_argument("--beams", type=int, metavar="B", help="beam search with B beams")
     p.add_argument("--temperature", type=float, default=1.0, help="of top-k / top-p sampling")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of top-k / top-p sampling (batch b: seed + b)")
     _device_argument(p)
     p.add_argument("--json", action="store_true", help="print a JSON list of {image, caption}")
     p.set_defaults(run=cmd_caption)
@@ -478,7 +514,7 @@ def add_edit_command(sub) -> None:
     p = sub.add_parser("edit", help="zero-shot editing: keep a region, regenerate the rest")
     p.add_argument("checkpoint", help="cfkit checkpoint folder")
     p.add_argument("--image", required=True, help="image file (PNG) at the checkpoint's size")
-    p.add_argument("--keep", required=True, choices=KEEP_REGIONS)
+    p.add_argument("--keep", required=True, choices=KEEP_REGIONS, help="the region of --image kept")
     p.add_argument("--class", dest="class_", type=int, required=True, metavar="C",
                    help="the class of the regenerated tokens")
     _generation_arguments(p)
@@ -527,7 +563,7 @@ def add_eval_command(sub) -> None:
     _device_argument(p)
     p.add_argument("--out", help="folder for eval.json and eval.md (default: the evaluated folder)")
     p.add_argument("--save-samples", action="store_true", help="also write samples-S{S}.npz to --out")
-    p.add_argument("--no-progress", action="store_true")
+    _no_progress_argument(p)
     p.set_defaults(run=cmd_eval)
 
 
@@ -574,13 +610,14 @@ def add_fid_command(sub) -> None:
     p.add_argument("path_b", help="the same; with --save-stats, the .npz to write")
     p.add_argument("--features", help="feature network (default: the one a plugin declares the "
                    "default; the built-in inception needs its weights, see README)")
-    p.add_argument("--feature-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--feature-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="feature network option, e.g. weights=pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--save-stats", action="store_true",
                    help="write the statistics of PATH_A to PATH_B (mu, sigma) instead")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=250, help="images featurised at a time")
     _device_argument(p)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _no_progress_argument(p)
     p.set_defaults(run=cmd_fid)
 
 
@@ -603,7 +640,7 @@ def cmd_fid(args) -> int:
 def parser() -> argparse.ArgumentParser:
     """The ``cfkit`` parser: the built-in subcommands, then those plugins add through the
     ``register_commands`` hook."""
-    root = argparse.ArgumentParser(prog="cfkit", description=__doc__)
+    root = Parser(prog="cfkit", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
     for add in (add_plugins_command,
                 add_config_command,
@@ -642,7 +679,7 @@ def add_bench_command(sub) -> None:
                    help="instead: run every benchmark of cfkit.perf and write one table")
     p.add_argument("--size", default="small", choices=["tiny", "small", "issue"],
                    help="--perf model sizes (default small)")
-    p.add_argument("--no-progress", action="store_true")
+    _no_progress_argument(p)
     p.set_defaults(run=cmd_bench)
 
 
@@ -673,6 +710,7 @@ def cmd_bench(args) -> int:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    progress.show_warnings()
     try:
         preflight.check(args)
         return args.run(args)

@@ -136,7 +136,7 @@ def write_shards(dataset, out_dir, split: str = "train", shard_size: int = 1000,
     time on ``device`` replace pixels. The set is written in a work folder beside ``out_dir``,
     which then replaces it: a reader finds the old set or the new one, never a mix. An
     ``out_dir`` holding shards is replaced only with ``force``; one holding anything else never
-    is. ``progress``: a ``Progress`` of the images written.
+    is. ``progress``: a bar of the images written on a terminal (else lines, ``cfkit.progress``).
 
     Without ``resume`` a failed write leaves nothing. With it the work folder is
     ``.{name}.partial`` and every shard there is complete (temp file + rename), so a write that
@@ -163,7 +163,7 @@ def write_shards(dataset, out_dir, split: str = "train", shard_size: int = 1000,
         _group_barrier(world)
         encoder = Encoder(tokenizer, batch_size, device) if tokenizer is not None else None
         names = _write_set(dataset, work, split, shard_size, encoder, prefix, group,
-                           _progress(prefix, split, progress and rank == 0, world))
+                           _progress(prefix, split, progress, rank, world))
         _group_barrier(world)
         if rank == 0:
             _finish_work_folder(work, names)
@@ -181,11 +181,12 @@ def _group_barrier(world: int) -> None:
         barrier()
 
 
-def _progress(prefix: str, split: str, show: bool, world: int):
+def _progress(prefix: str, split: str, bar: bool, rank: int, world: int):
+    """The images written, rank 0's: a bar (``bar``, on a terminal) or a line every 30 s."""
     from cfkit.progress import Progress
 
     ranks = f" (rank 0 of {world})" if world > 1 else ""
-    return Progress(f"shards of {prefix} {split}{ranks}", "images", show=show)
+    return Progress(f"shards of {prefix} {split}{ranks}", "images", bar=bar, show=rank == 0)
 
 
 WORK_FILE = "cfkit-write.json"  # in a work folder: what its shards are of
@@ -246,8 +247,8 @@ def _write_set(dataset, folder: Path, split: str, shard_size: int, encoder: Enco
         progress.update(len(chunk))
     if not names:
         raise ValueError(f"dataset {prefix} has no {split} samples: no shards to write")
-    done = f", {skipped} were complete already" if skipped else ""
-    progress.close(f"; {len(names)} shard(s) in all{done}")
+    done = [f"{skipped} were complete already"] if skipped else []
+    progress.close(f"{len(names)} shard(s) in all", *done)
     return names
 
 

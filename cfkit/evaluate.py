@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -48,6 +47,7 @@ from cfkit.metrics import (
     own_classifier,
     read_images,
 )
+from cfkit.progress import counter, say
 from cfkit.reference_sets import FileReference, SplitReference, load_statistics
 from cfkit.tokenizers import from_uint8
 
@@ -216,17 +216,9 @@ class EvalContext:
 
 
 def progress_bar(total: int, desc: str, show: bool = True):
-    """``update(n)``: a tqdm bar on stderr over ``total`` images, closed when full."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not show, file=sys.stderr)
-
-    def update(n: int) -> None:
-        bar.update(n)
-        if bar.n >= total:
-            bar.close()
-
-    return update
+    """``update(n)`` over ``total`` images: a bar on a terminal when ``show``, else lines
+    (``cfkit.progress``)."""
+    return counter(desc, "images", total, bar=show)
 
 
 def build_metrics(names, options: dict[str, dict] | None = None) -> dict:
@@ -290,7 +282,7 @@ def evaluate(checkpoint_dir, metrics, *, num: int = 1000, ar_steps=(1,),
     on_model = {name: m for name, m in active.items() if m.needs == "model"}
     on_captions = {name: m for name, m in active.items() if m.needs == "captions"}
     for name, reason in skipped.items():
-        print(f"skipped {name}: {reason}", file=sys.stderr)
+        say(f"skipped {name}: {reason}")
     # The EvalReport's fields, filled in stage by stage.
     parts = {"checkpoint": str(directory), "method": method.experiment.method.name, "results": [],
              "skipped": skipped, "seconds": {}}
@@ -401,7 +393,7 @@ def _per_ar_steps_records(name: str, metric, context, ar_steps: int) -> list[Rec
     try:
         return _records(name, metric(context, ar_steps=ar_steps), ar_steps=ar_steps)
     except MetricSkipped as reason:
-        print(f"skipped {name} at S_eval={ar_steps}: {reason}", file=sys.stderr)
+        say(f"skipped {name} at S_eval={ar_steps}: {reason}")
         return [_skipped(name, ar_steps, str(reason))]
 
 

@@ -181,3 +181,26 @@ def generalized_causal_mask(cond_len: int, step_sizes, copies: int = 1) -> torch
     """Dense ``(T, T)`` bool mask (True = may attend) in the reference layout, with
     ``T = cond_len + (L - step_sizes[-1]) + copies * L``."""
     return sequence_layout(cond_len, step_sizes, copies).dense()
+
+
+KIND_LETTERS = {COND: "C", CLEAN: "c", NOISY: "n"}  # the heads of a drawn mask's rows and columns
+
+
+def draw(layout: Layout) -> list[str]:
+    """One sample's layout ``(T,)`` as text lines: a legend, then its dense mask (row: query,
+    column: key; ``#`` = may attend), each row and column headed by its token's kind and
+    ``|`` / ``-`` rules where a block of condition, clean or noisy tokens (a noised copy) begins."""
+    kinds, copies = layout.kind.tolist(), layout.copy.tolist()
+    starts = {i for i in range(1, len(kinds)) if (kinds[i], copies[i]) != (kinds[i - 1], copies[i - 1])}
+    letters = [KIND_LETTERS[k] for k in kinds]
+
+    def row(head: str, cells: list[str], rule: str = "|") -> str:
+        return f"{head} " + "".join((rule if j in starts else "") + cell for j, cell in enumerate(cells))
+
+    lines = ["row: query, column: key, # = may attend; C condition, c clean, n noisy tokens; "
+             "| and - where each block begins", row(" ", letters)]
+    for i, allowed in enumerate(layout.dense().tolist()):
+        if i in starts:
+            lines.append(row(" ", ["-"] * len(kinds), "+"))
+        lines.append(row(letters[i], ["#" if a else "." for a in allowed]))
+    return lines

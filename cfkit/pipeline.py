@@ -2,14 +2,14 @@
 
 ``cfkit.load(CHECKPOINT)`` gives a ``Pipeline``: the network, its diffusion and prediction
 target, and the checkpoint's image tokenizer when that maps images to the model's latents.
-``generate``, ``edit`` and (text-conditioned checkpoints) ``text_to_image`` return images in
-[-1, 1] ``(N, C, H, W)`` when there is such a tokenizer, else latents; ``caption`` returns
-one caption per image. Image i of a call is drawn from generators seeded by ``(seed, i)``
-(``cfkit.samplers.SampleGenerators``), and ``sample_set`` draws image i of a set of any size
-the same way, batch by batch and, under torchrun, split across the processes: a set does not
-depend on the batch size or the number of processes. ``save_samples`` writes ``samples.npz``
-(``latents``, ``labels`` and, when decoded, ``arr_0`` uint8 ``(N, H, W, C)``), one PNG per
-image and ``grid.png``.
+``generate``, ``edit`` and (text-conditioned checkpoints) ``text_to_image`` return float
+images in [-1, 1] ``(N, C, H, W)`` when there is such a tokenizer, else latents; ``to_pil``
+turns the images into PIL images; ``caption`` returns one caption per image. Image i of a call
+is drawn from generators seeded by ``(seed, i)`` (``cfkit.samplers.SampleGenerators``), and
+``sample_set`` draws image i of a set of any size the same way, batch by batch and, under
+torchrun, split across the processes: a set does not depend on the batch size or the number of
+processes. ``save_samples`` writes ``samples.npz`` (``latents``, ``labels`` and, when decoded,
+``arr_0`` uint8 ``(N, H, W, C)``), one PNG per image and ``grid.png`` (upscaled tiles, grey gaps).
 """
 
 from __future__ import annotations
@@ -197,11 +197,23 @@ class Pipeline:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if self.tokenizer is None:
             return images
+        self._check_images(images)
+        return self.tokenizer.encode(images.to(self.model.patch_embed.weight))
+
+    def to_pil(self, images: torch.Tensor) -> list:
+        """``generate``'s (``edit``'s, ``text_to_image``'s) images ``(N, C, H, W)`` in [-1, 1] as
+        N PIL images (mode L for 1 channel, RGB for 3), to ``.save("x.png")`` or show."""
+        if self.tokenizer is None:
+            raise GenerationError("this checkpoint's image tokenizer does not decode its latents: "
+                                  "generate returns latents, not images")
+        self._check_images(images)
+        return [pil_image(image) for image in to_uint8(images)]
+
+    def _check_images(self, images: torch.Tensor) -> None:
         size = self.image_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (self.tokenizer.channels, size, size):
             raise GenerationError(f"images must be (N, {self.tokenizer.channels}, {size}, {size}) "
                                   f"for this checkpoint, got {tuple(images.shape)}")
-        return self.tokenizer.encode(images.to(self.model.patch_embed.weight))
 
 
 def _per_image(options: SamplingOptions, num: int) -> SampleGenerators:
@@ -226,21 +238,43 @@ def read_image(path, channels: int) -> torch.Tensor:
     return from_uint8(array.reshape(1, *array.shape[:2], channels))
 
 
-def image_grid(images: np.ndarray) -> np.ndarray:
-    """uint8 ``(N, H, W, C)`` -> one ``(rows*H, cols*W, C)`` image, ceil(sqrt(N)) columns."""
-    n, h, w, c = images.shape
+GRID_TILE = 64  # grid.png shows an image at least this many pixels wide: 8x8 digits are legible
+
+
+def compose(rows: list[list[np.ndarray]], pad: int = 1) -> np.ndarray:
+    """uint8 images ``(H, W, C)`` in rows -> one ``(R*(H+2p), K*(W+2p), C)`` array, each image
+    framed by ``pad`` grey pixels (so neighbours stay apart), empty cells grey."""
+    h, w, c = rows[0][0].shape
+    width = max(len(r) for r in rows)
+    grid = np.full((len(rows) * (h + 2 * pad), width * (w + 2 * pad), c), 96, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            top, left = i * (h + 2 * pad) + pad, j * (w + 2 * pad) + pad
+            grid[top:top + h, left:left + w] = image
+    return grid
+
+
+def image_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
+    """uint8 ``(N, H, W, C)`` -> one image of ceil(sqrt(N)) columns: each image upscaled
+    (nearest) ``s = ceil(GRID_TILE / max(H, W))`` times and ``compose``d with ``pad``-pixel
+    frames, ``(rows*(s*H+2*pad), cols*(s*W+2*pad), C)``."""
+    n, h, w, _ = images.shape
+    scale = max(1, math.ceil(GRID_TILE / max(h, w)))
+    tiles = images.repeat(scale, axis=1).repeat(scale, axis=2)
     cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    padded = np.zeros((rows * cols, h, w, c), dtype=images.dtype)
-    padded[:n] = images
-    return padded.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+    return compose([list(tiles[i:i + cols]) for i in range(0, n, cols)], pad)
+
+
+def pil_image(image: np.ndarray):
+    """uint8 ``(H, W, 1|3)`` -> a PIL image of mode L or RGB."""
+    from PIL import Image
+
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
     """uint8 ``(H, W, 1|3)`` -> PNG, written to a temporary name and renamed."""
-    from PIL import Image
-
-    picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    picture = pil_image(image)
     checkpoint.atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 

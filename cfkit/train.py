@@ -37,6 +37,7 @@ from cfkit import checkpoint, data, precision, runlock
 from cfkit import config as configs
 from cfkit.distributed import Distributed, barrier
 from cfkit.methods import Batch
+from cfkit.progress import Progress, say
 from cfkit.runlog import RunLog, require_trackers
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,6 @@ class Trainer:
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.precision = precision.resolve(self.settings.precision, self.dist.device,
                                            network_width(self.net))
-        log.info("precision %s: %s", self.precision.name, self.precision.reason)
         # before the optimizer: FSDP replaces the parameters by their shards
         self.forward = self._wrap(self.net)
         self.optimizer = adamw(self.net, self.settings, self.sharded)
@@ -118,6 +118,7 @@ class Trainer:
         self.runlog = RunLog(self.run_dir, self.settings, experiment)
         self.step = 0
         self.corrupt: list[Path] = []  # checkpoints resume skipped, set aside at the next save
+        self.resumed_from: Path | None = None  # said once the data is found: a refused run did not resume
         if resume:
             self._resume()
         self.stop_requested = False
@@ -168,7 +169,7 @@ class Trainer:
         else:
             raise TrainingError(f"nothing to resume: every checkpoint in {self.run_dir / 'checkpoints'} "
                                 "is corrupt (see the warnings above)")
-        log.info("resumed from %s at step %d", last, self.step)
+        self.resumed_from = last
 
     def _load(self, folder: Path) -> None:
         """Resume from the checkpoint ``folder``, or CheckpointError naming its bad file. Every
@@ -315,10 +316,13 @@ class Trainer:
             checkpoint.write_json(self.run_dir / "config.json",
                                   {"experiment": self.experiment.model_dump(mode="json")})
             self.runlog.start(self.step)
+            say(f"precision {self.precision.name}: {self.precision.reason}")
+            if self.resumed_from is not None:
+                say(f"resumed from {self.resumed_from} at step {self.step}")
         batches = iter(data.loader(stream, self.experiment.data.num_workers))
         errors = data.LoaderErrors()
         previous = signal.signal(signal.SIGTERM, self._request_stop)
-        bar = self._progress_bar()
+        progress = self._progress()
         try:
             last_time, images = time.perf_counter(), 0
             while self.step < self.settings.max_steps:
@@ -326,15 +330,11 @@ class Trainer:
                 errors.update(item)
                 loss, grad_norm = self.train_step(self.micro_batches(item, tokenizer))
                 images += self.settings.batch_size
+                progress.update(1)
                 if self.step % self.settings.log_every == 0 or self.step == self.settings.max_steps:
                     now = time.perf_counter()
-                    rate = images / (now - last_time)
-                    self._log_metrics(loss, grad_norm, rate)
+                    self._log_metrics(progress, loss, grad_norm, images / (now - last_time))
                     last_time, images = now, 0
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
-                if bar is not None:
-                    bar.update(1)
                 # SIGTERM reaches the processes at different steps: they agree on one to stop at
                 stop = self.dist.mean(float(self.stop_requested)) > 0
                 if self.step % self.settings.ckpt_every == 0 or stop:
@@ -347,29 +347,35 @@ class Trainer:
             if errors.shards or errors.samples:
                 log.warning("skipped %d corrupt shard(s) and %d corrupt sample(s)",
                             errors.shards, errors.samples)
+        except BaseException:
+            progress.close(failed=True)  # no last line: the error says where it stopped
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
-            if bar is not None:
-                bar.close()
             if self.dist.is_main:
                 self.runlog.close()
+        progress.close()
         if self.dist.is_main:
             self.runlog.plot()
+            if self.step >= self.settings.max_steps:
+                say(f"finished: {self.run_dir} at step {self.step} "
+                    f"({time.perf_counter() - progress.start:.0f} s)")
         return self.run_dir
 
     def _request_stop(self, signum, frame):
         self.stop_requested = True
 
-    def _progress_bar(self):
-        if not (self.progress and self.dist.is_main):
-            return None
-        from tqdm import tqdm
+    def _progress(self) -> Progress:
+        """The steps' progress, rank 0's: a bar (``progress``, on a terminal), else a line each
+        ``log_every`` steps (``_log_metrics``)."""
+        return Progress(f"train {self.run_dir.name}", "steps", self.settings.max_steps, done=self.step,
+                        bar=self.progress, show=self.dist.is_main, every=None)
 
-        return tqdm(total=self.settings.max_steps, initial=self.step, desc="train", unit="step")
-
-    def _log_metrics(self, loss: float, grad_norm: float, rate: float) -> None:
+    def _log_metrics(self, progress: Progress, loss: float, grad_norm: float, rate: float) -> None:
+        """One ``log_every`` row of metrics.csv, and the same on the bar or as a line."""
         if self.dist.is_main:
             self.runlog.write(self.step, loss, self.optimizer.param_groups[0]["lr"], grad_norm, rate)
+        progress.report(f"loss {loss:.4f}", f"{rate:.1f} images/s")
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -389,6 +395,7 @@ class Trainer:
         final = checkpoint.write_step(self.run_dir, self.step, self.experiment, model_state,
                                       ema_state, opt_tensors, state)
         checkpoint.keep_last(self.run_dir, self.settings.keep_last)
+        say(f"saved checkpoint {final}")
         barrier()
         return final
 

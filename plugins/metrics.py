@@ -679,7 +679,7 @@ def register_commands(subparsers):
     p.add_argument("--tokenizer", default="auto", choices=["auto", "ptb", "simple"],
                    help="ptb: pycocoevalcap's (java); simple: its pure-Python approximation; "
                    "auto: ptb when java is present")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=cmd_cider)
 
 

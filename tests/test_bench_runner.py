@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,10 @@ dit = ["method.name=dit", "model.preset=DiT-tiny"]
     assert [options["ar_steps"] for metrics, options in calls if "probe" in metrics] == [[1, 4]] * 4
     printed = capsys.readouterr()
     assert "| method | seeds |" in printed.out and "paper (ImageNet 256):" in printed.out
+    # a log (no terminal, --no-progress): each run's steps and sampling as lines, no bar's \r
+    assert "\r" not in printed.err and printed.err.count("finished: ") == 4
+    assert re.search(r"^train \w+: 4/4 steps, loss ", printed.err, re.M)
+    assert re.search(r"^sampling S=4: 6/6 images, ", printed.err, re.M)
     results = json.loads((out / "results.json").read_text())
     table, = results["tables"]
     rows = {row["label"]: row for row in table["rows"]}

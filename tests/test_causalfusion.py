@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from refdata import reference_files
+from refdata import reference_params
 
 from cfkit import config
 from cfkit.methods import Batch
@@ -11,7 +11,6 @@ from cfkit.plan import Plan
 from cfkit.schedules import step_index
 from cfkit.transformer import patchify
 
-OFFICIAL = reference_files("official_tiny_*.npz")
 TINY = {"preset": "CausalFusion-tiny", "input_size": 4, "latent_channels": 2, "hidden_size": 32,
         "depth": 2, "num_heads": 2}
 
@@ -26,7 +25,7 @@ def batch(n=4, seed=0):
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("npz", OFFICIAL, ids=[p.name for p in OFFICIAL])
+@pytest.mark.parametrize("npz", reference_params("official_tiny_*.npz"))
 def test_plan_loss_equals_the_official_loss(npz, tmp_path):
     """With the recorded order, split, t, noise and dropped labels, the method's weighted
     loss is the official one (AR weights linear 2 -> 1)."""

@@ -1,13 +1,17 @@
 """The ``cfkit`` command line: config validate/show and plan (run in-process for speed;
 tests/test_plugins.py runs the CLI in fresh interpreters)."""
 
+import argparse
 import json
+import re
 
 import pytest
+import torch
 
 from cfkit import config
-from cfkit.cli import main
+from cfkit.cli import main, parser
 from cfkit.config import Experiment
+from cfkit.masks import sequence_layout
 from cfkit.plugins import registry
 
 
@@ -145,14 +149,25 @@ def test_plan_is_reproducible_from_the_seed(capsys, demo_config):
     assert plan_json(capsys, demo_config, "--seed", "4") != first
 
 
-def test_plan_prints_a_readable_summary_and_the_mask(capsys, demo_config):
-    rc, out, _ = run(capsys, "plan", str(demo_config), "--batch", "1", "--show-mask")
+@pytest.mark.parametrize("copies", [1, 2])
+def test_plan_prints_a_readable_summary_and_the_mask_marking_where_each_block_begins(
+    capsys, demo_config, copies
+):
+    args = ("--batch", "1", "--seed", "5", "--set", f"factorisation.copies={copies}")
+    rc, out, _ = run(capsys, "plan", str(demo_config), *args, "--show-mask")
     lines = out.splitlines()
     assert rc == 0 and lines[0].startswith("sample 0: ")
-    mask_rows = [line for line in lines if set(line) <= {"#", "."} and line]
-    length = int(next(line for line in lines if line.startswith("sequence length T=")).split("=")[1]
-                 .split(",")[0])
-    assert len(mask_rows) == length and all(len(row) == length for row in mask_rows)
+    heads = next(line for line in lines if line.startswith("  C"))
+    rows = [line for line in lines if line[:2] in ("C ", "c ", "n ")]
+    drawn = torch.tensor([[cell == "#" for cell in row[2:].replace("|", "")] for row in rows])
+    step_sizes = plan_json(capsys, demo_config, *args)["samples"][0]["step_sizes"]
+    cond_len = config.load(demo_config).network_config().cond_len
+    layout = sequence_layout(cond_len, step_sizes, copies)
+    assert torch.equal(drawn, layout.dense())  # the mask the model trains with, row by row
+    letters = "C" * cond_len + "c" * (sum(step_sizes) - step_sizes[-1]) + "n" * sum(step_sizes) * copies
+    assert heads[2:].replace("|", "") == letters and [row[0] for row in rows] == list(letters)
+    # a | before each block's first column, a rule line above its first row: 2 + copies blocks
+    assert heads.count("|") == 1 + copies and out.count("\n  -") == 1 + copies
 
 
 def test_plan_of_a_missing_config_exits_2(capsys, tmp_path):
@@ -167,3 +182,42 @@ def test_a_linear_schedule_too_short_to_build_is_a_config_error(capsys, demo_con
     override = ("--set", "diffusion.num_timesteps=21")
     assert run(capsys, "config", "validate", str(demo_config), *override)[0] == 0
     assert run(capsys, "plan", str(demo_config), "--json", *override)[0] == 0
+
+
+# -- help -------------------------------------------------------------------------------------
+def subcommands(command: argparse.ArgumentParser, name: str = "cfkit"):
+    """(name, parser) of every subcommand: nested ones and those plugins add included."""
+    for action in command._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, sub_parser in action.choices.items():
+                yield f"{name} {sub}", sub_parser
+                yield from subcommands(sub_parser, f"{name} {sub}")
+
+
+def shown_default(default) -> str:
+    return " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+
+
+@pytest.mark.parametrize("name, command", [pytest.param(*c, id=c[0]) for c in subcommands(parser())])
+def test_every_help_describes_each_argument_and_shows_each_default(name, command):
+    text = " ".join(command.format_help().split())  # argparse wraps lines anywhere
+    for action in command._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        what = f"{name} {'/'.join(action.option_strings) or action.dest}"
+        assert action.help, f"{what}: no help text"
+        default = action.default
+        if default is None or default is False or default == []:
+            continue  # not given: the text says what then, e.g. --num "one per --class"
+        assert re.search(rf"\(default:? {re.escape(shown_default(default))}[);]", text), what
+
+
+def test_sample_help_says_steps_are_per_ar_step_and_train_help_describes_config_and_set(capsys):
+    helps = {name: " ".join(command.format_help().split()) for name, command in subcommands(parser())}
+    assert "--steps STEPS diffusion steps per AR step" in helps["cfkit sample"]
+    assert "(default: 250)" in helps["cfkit sample"]
+    assert "config experiment config (TOML)" in helps["cfkit train"]
+    assert "--set KEY=VALUE change one config value" in helps["cfkit train"]
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    assert "(default: 0.0 inf)" in " ".join(capsys.readouterr().out.split())  # --cfg-interval

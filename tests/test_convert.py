@@ -25,7 +25,7 @@ from cfkit.transformer import patchify
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
-from refdata import reference_files  # noqa: E402
+from refdata import missing, reference_files, reference_params  # noqa: E402
 
 OFFICIAL = reference_files("official_tiny_*.npz")
 
@@ -40,7 +40,7 @@ def gather_tokens(tokens, order):
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("npz", OFFICIAL, ids=[p.name for p in OFFICIAL])
+@pytest.mark.parametrize("npz", reference_params("official_tiny_*.npz"))
 @pytest.mark.parametrize("backend", ["sdpa", "eager", "flex"])
 def test_training_forward_matches_the_official_per_token_error(npz, backend):
     model, config, d = official(npz)
@@ -69,15 +69,17 @@ def test_training_forward_matches_the_official_per_token_error(npz, backend):
 
 
 def inference_cases():
-    for npz in OFFICIAL:
-        keys = np.load(npz).files
-        for key in keys:
-            if re.fullmatch(r"infer_cfg[\d.]+_lo\d+_hi\d+_t\d+_z", key):
-                yield pytest.param(npz, key[:-2], id=f"{npz.name}-{key[:-2]}")
+    """(file, case) for every recorded ``infer_cfg..._z`` of every official_tiny_*.npz."""
+
+    def recorded(path) -> list[str]:
+        with np.load(path) as npz:
+            return [key[:-2] for key in npz.files if re.fullmatch(r"infer_cfg[\d.]+_lo\d+_hi\d+_t\d+_z", key)]
+
+    return reference_params("official_tiny_*.npz", recorded)
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("npz,case", list(inference_cases()))
+@pytest.mark.parametrize("npz,case", inference_cases())
 def test_kv_cached_diffusion_matches_the_official_outputs(npz, case):
     model, config, d = official(npz)
     scale, lo, hi, t = re.fullmatch(r"infer_cfg([\d.]+)_lo(\d+)_hi(\d+)_t(\d+)", case).groups()
@@ -96,7 +98,7 @@ def test_kv_cached_diffusion_matches_the_official_outputs(npz, case):
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("npz", OFFICIAL, ids=[p.name for p in OFFICIAL])
+@pytest.mark.parametrize("npz", reference_params("official_tiny_*.npz"))
 def test_two_step_ar_kv_cache_matches_the_official_output(npz):
     model, config, d = official(npz)
     y = torch.from_numpy(d["y"])
@@ -116,7 +118,7 @@ def test_two_step_ar_kv_cache_matches_the_official_output(npz):
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("npz", OFFICIAL, ids=[p.name for p in OFFICIAL])
+@pytest.mark.parametrize("npz", reference_params("official_tiny_*.npz"))
 def test_convert_cli_writes_a_checkpoint_that_reloads_identically(npz, tmp_path):
     out = tmp_path / "ckpt"
     result = subprocess.run(
@@ -151,7 +153,7 @@ def official_layout_checkpoint(path, extra=None, drop=(), add=()):
 
 
 @pytest.mark.reference
-@pytest.mark.skipif(not OFFICIAL, reason="no official_tiny_*.npz in CFKIT_REFERENCE_DIR")
+@pytest.mark.skipif(not OFFICIAL, reason=missing("official_tiny_*.npz"))
 def test_a_checkpoint_with_another_pickled_object_is_refused(tmp_path):
     path = official_layout_checkpoint(tmp_path / "evil.pt", extra=datetime.date(2024, 1, 1))
     with pytest.raises(CheckpointError, match="refused"):
@@ -159,7 +161,7 @@ def test_a_checkpoint_with_another_pickled_object_is_refused(tmp_path):
 
 
 @pytest.mark.reference
-@pytest.mark.skipif(not OFFICIAL, reason="no official_tiny_*.npz in CFKIT_REFERENCE_DIR")
+@pytest.mark.skipif(not OFFICIAL, reason=missing("official_tiny_*.npz"))
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
     path = official_layout_checkpoint(
         tmp_path / "odd.pt", drop=("final_layer.1.bias",), add=("blocks.0.attn.rope",)
@@ -171,7 +173,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
 
 
 @pytest.mark.reference
-@pytest.mark.skipif(not OFFICIAL, reason="no official_tiny_*.npz in CFKIT_REFERENCE_DIR")
+@pytest.mark.skipif(not OFFICIAL, reason=missing("official_tiny_*.npz"))
 def test_patch_size_must_be_given_when_the_weights_cannot_tell():
     state = read_official(OFFICIAL[0].with_suffix(".pt"))["ema"]
     with pytest.raises(CheckpointError, match="--patch-size 1 --latent-channels 16"):

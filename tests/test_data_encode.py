@@ -5,7 +5,6 @@ as one process, and existing WebDataset shards (``webdataset`` dataset) as the s
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import subprocess
@@ -22,7 +21,6 @@ from PIL import Image
 from test_data import TINY_VAE, tiny_vae  # noqa: F401  (a fixture: the tiny MAR VAE checkpoint)
 
 from cfkit import cli, data, plugins
-from cfkit.progress import Progress
 from cfkit.tokenizers import from_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,42 +99,15 @@ def test_an_unfinished_write_of_other_settings_is_refused_until_force(tmp_path, 
     assert len(list(out.glob("*.tar"))) == 4 and not (tmp_path / ".out.partial").exists()
 
 
-def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_log():
-    class Log(io.StringIO):
-        def __init__(self, terminal: bool):
-            super().__init__()
-            self.terminal = terminal
-
-        def isatty(self):
-            return self.terminal
-
-    log = Log(False)
-    progress = Progress("encode", "images", every=0.0, stream=log)
-    assert progress.bar is None
-    progress.update(3)
-    progress.update(4)
-    progress.close("; done")
-    lines = log.getvalue().splitlines()
-    counts = [line.split(" (")[0] for line in lines]
-    assert counts == ["encode: 3 images", "encode: 7 images", "encode: 7 images"]
-    assert lines[-1].endswith("images/s); done") and "\r" not in log.getvalue()
-    quiet = Log(False)
-    Progress("encode", "images", every=3600.0, stream=quiet).update(5)  # not yet due: no line
-    assert quiet.getvalue() == ""
-    terminal = Log(True)
-    bar = Progress("encode", "images", stream=terminal)
-    bar.update(2)
-    bar.bar.close()
-    assert bar.bar is not None and "\r" in terminal.getvalue()
-
-
-def test_the_cli_reports_progress_and_the_shards_it_wrote(tmp_path, capsys):
+@pytest.mark.parametrize("flags", [[], ["--no-progress"]])
+def test_the_cli_reports_progress_and_the_shards_it_wrote(tmp_path, capsys, flags):
     rc = cli.main(["shards", "shapes", "--out", str(tmp_path / "s"), "--option", "size=10",
                    "--option", "image_size=8", "--shard-size", "4", "--encode", "pixels",
-                   "--tokenizer-option", "channels=3", "--batch-size", "2"])
+                   "--tokenizer-option", "channels=3", "--batch-size", "2", *flags])
     out = capsys.readouterr()
     assert rc == 0, out.err
-    assert "shards of shapes train: 10 images" in out.err and "3 shard(s) in all" in out.err
+    # off a terminal (and with --no-progress) a line, never a bar's carriage returns
+    assert "shards of shapes train: 10 images, 3 shard(s) in all, " in out.err and "\r" not in out.err
     assert "wrote 3 shard(s)" in out.out
 
 

@@ -295,6 +295,8 @@ def test_training_skips_every_kind_of_bad_record_and_finishes(capsys, caplog, tm
     for name in ("huge.tar", "empty.tar", "garbage.tar", "out-of-range", "negative", "unlabelled",
                  "bigger", "rgb"):
         assert name in caplog.text, name
+    # the totals, an event --no-progress keeps, on stderr
+    assert re.search(r"^warning: skipped \d+ corrupt shard\(s\) and \d+ corrupt sample\(s\)$", err, re.M), err
 
 
 def test_a_run_on_shards_without_a_usable_sample_ends_in_one_line(capsys, tmp_path):

@@ -175,6 +175,8 @@ def test_dit_is_evaluated_in_one_ar_step_and_several_are_an_error(checkpoints, c
     assert cli("eval", checkpoints["dit"], "--metrics", "fid", "--num", 4, "--steps", 2,
                "--out", tmp_path, "--no-progress") == 0
     assert json.loads((tmp_path / "eval.json").read_text())["results"][0]["ar_steps"] == 1
+    err = capsys.readouterr().err  # --no-progress keeps a line per phase; no bar's \r
+    assert "sampling S=1: 4/4 images, " in err and "features S=1: 4/4 images, " in err and "\r" not in err
     assert cli("eval", checkpoints["dit"], "--metrics", "fid", "--num", 4, "--ar-steps", 4,
                "--no-progress") == 2
     assert "generates in 1 AR step" in capsys.readouterr().err

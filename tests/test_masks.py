@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from strategies import splits
 
 from cfkit import masks
-from cfkit.masks import Layout, batch_layout, generalized_causal_mask, sequence_layout
+from cfkit.masks import Layout, batch_layout, draw, generalized_causal_mask, sequence_layout
 from cfkit.plan import Plan
 from cfkit.schedules import step_index
 
@@ -227,3 +227,18 @@ def test_block_masks_are_built_once_per_layout_and_kept_for_the_last_few(monkeyp
     assert other is not first and layout([2, 3, 1]).block_mask(block_size=16) is not first
     assert len(masks._BLOCK_MASKS) == 2  # the oldest was dropped
     assert layout([2, 3, 1]).block_mask(block_size=8) is not first
+
+
+def test_a_drawn_mask_marks_where_condition_clean_and_noisy_tokens_begin():
+    lines = draw(sequence_layout(1, [1, 2]))  # T = 1 condition + 1 clean + 3 noisy tokens
+    assert lines[0].startswith("row: query, column: key, # = may attend; C condition")
+    assert lines[1:] == [
+        "  C|c|nnn",
+        "C #|.|...",
+        "  -+-+---",
+        "c #|#|...",
+        "  -+-+---",
+        "n #|.|#..",
+        "n #|#|.##",
+        "n #|#|.##",
+    ]

@@ -8,13 +8,16 @@ file name and the case, e.g. ``masks.npz-case3``.
 from __future__ import annotations
 
 import functools
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from refdata import reference_dir, reference_files
+from refdata import reference_params
 from scipy.stats import chi2_contingency
 
 import cfkit
@@ -27,19 +30,13 @@ pytestmark = pytest.mark.reference
 
 def cases(pattern: str, keys) -> list:
     """``pytest.param(file, case)`` for every case ``keys(npz)`` lists in every file matching
-    ``pattern``; a single skipped param says why when there is nothing to check."""
-    folder = reference_dir()
-    if not folder.is_dir():
-        reason = f"no reference folder {folder} (set CFKIT_REFERENCE_DIR)"
-        return [pytest.param(None, None, id="no-reference-dir", marks=pytest.mark.skip(reason))]
-    params = []
-    for path in reference_files(pattern):
+    ``pattern``; a single skipped param names the folder when there is nothing to check."""
+
+    def listed(path: Path) -> list[str]:
         with np.load(path) as npz:
-            params += [pytest.param(path, case, id=f"{path.name}-{case}") for case in keys(npz)]
-    if not params:
-        reason = f"no {pattern} vectors in {folder}"
-        return [pytest.param(None, None, id=f"no-{pattern}", marks=pytest.mark.skip(reason))]
-    return params
+            return keys(npz)
+
+    return reference_params(pattern, listed)
 
 
 def numbered(prefix: str):
@@ -270,3 +267,25 @@ def test_the_distribution_checks_reject_gamma_off_by_005(path, case, wrong_gamma
     assert num_steps_p_value(ours_steps, theirs_steps) < P_MAX_OFF
     distance = total_variation(ours_sizes, theirs_sizes)
     assert distance > TV_NOISE_FACTOR * tv_noise(theirs_sizes, int(ours_sizes.sum()))
+
+
+# --- without the reference folder --------------------------------------------------------
+
+
+def test_without_the_vectors_every_parity_test_is_skipped_naming_the_folder(tmp_path, request):
+    """pytest -m reference -rs with CFKIT_REFERENCE_DIR missing, then empty: every parity test
+    is skipped and each reason names the folder (not "got empty parameter set")."""
+    assert "CFKIT_CHECKING_SKIPS" not in os.environ, "ran inside itself: --deselect missed it"
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(str(path.relative_to(root)) for path in (root / "tests").glob("test_*.py")
+                   if "from refdata import" in path.read_text())
+    for folder in (tmp_path / "absent", tmp_path):
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-m", "reference", "-rs", "-q",
+             f"--deselect={request.node.nodeid}", *files],  # not this test itself
+            capture_output=True, text=True, cwd=root, timeout=120,
+            env={**os.environ, "CFKIT_REFERENCE_DIR": str(folder), "CFKIT_CHECKING_SKIPS": "1"})
+        summary = re.search(r"^(\d+) skipped, \d+ deselected in ", result.stdout, re.M)
+        assert result.returncode == 0 and summary, result.stdout + result.stderr  # nothing ran
+        reasons = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
+        assert len(reasons) >= 10 and all(str(folder) in line for line in reasons), "\n".join(reasons)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import perturbed_checkpoint
-from refdata import reference_files
+from refdata import missing, reference_files
 
 from cfkit import checkpoint, plugins, runlock, runlog
 from cfkit import config as configs
@@ -208,7 +208,7 @@ OFFICIAL = reference_files("official_tiny_*.pt")
 
 
 @pytest.mark.reference
-@pytest.mark.skipif(not OFFICIAL, reason="no official_tiny_*.pt in CFKIT_REFERENCE_DIR")
+@pytest.mark.skipif(not OFFICIAL, reason=missing("official_tiny_*.pt"))
 def test_convert_of_a_truncated_checkpoint_or_kwargs_of_other_shapes_is_a_one_line_error(
         tmp_path, capsys):
     source, out = tmp_path / "official.pt", tmp_path / "out"
@@ -246,5 +246,8 @@ def test_resume_warns_of_a_corrupt_last_checkpoint_and_continues_bitwise_from_th
 
     for folder in checkpoint.checkpoints(run):
         truncate(folder / "ema.safetensors")
+    capsys.readouterr()  # the logs of the runs above
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
-    assert "nothing to resume: every checkpoint in" in error_line(capsys)
+    *warnings, error = capsys.readouterr().err.splitlines()  # the error says "see the warnings above"
+    assert error.startswith("error: nothing to resume: every checkpoint in")
+    assert len(warnings) == 2 and all(w.startswith("warning: checkpoint ") for w in warnings), warnings

@@ -3,18 +3,23 @@
 official checkpoint (latents only); a sample set is the same in any batch size and under
 torchrun (2 gloo processes write exactly the files of 1)."""
 
+import io
+import re
+import sys
+
 import numpy as np
 import pytest
 import torch
 from conftest import assert_rc, perturbed_checkpoint, torchrun_cfkit
 from generation_plugins import install_third_party
 from PIL import Image
-from refdata import reference_files
+from refdata import missing, reference_files
 
 import cfkit
 from cfkit import config as configs
 from cfkit.cli import main
 from cfkit.convert import convert_official
+from cfkit.generate import GenerationError
 from cfkit.tokenizers import to_uint8
 
 OPTIONS = ["--ar-steps", "2", "--steps", "4", "--cfg", "2", "--seed", "3", "--no-progress"]
@@ -41,7 +46,7 @@ def official_checkpoint(tmp_path_factory):
     """The reference's tiny model, converted: 4 latent channels that no tokenizer decodes."""
     found = reference_files("official_tiny_*.pt")
     if not found:
-        pytest.skip("no official_tiny_*.pt in the reference folder")
+        pytest.skip(missing("official_tiny_*.pt"))
     return convert_official(found[0], tmp_path_factory.mktemp("official") / "ckpt")
 
 
@@ -60,6 +65,7 @@ def test_load_gives_a_pipeline_generating_reproducible_images(pixels_checkpoint)
     assert not torch.equal(pipe.generate([1, 4], **{**API_OPTIONS, "seed": 4}), images)
 
 
+@pytest.mark.reference
 def test_without_an_image_tokenizer_the_pipeline_returns_latents(official_checkpoint):
     pipe = cfkit.load(official_checkpoint)
     assert pipe.tokenizer is None
@@ -67,6 +73,20 @@ def test_without_an_image_tokenizer_the_pipeline_returns_latents(official_checkp
     config = pipe.model.config
     assert latents.shape == (3, config.latent_channels, config.input_size, config.input_size)
     assert latents.abs().max() > 1  # raw latents, not clamped images
+    with pytest.raises(GenerationError, match="generate returns latents, not images"):
+        pipe.to_pil(latents)
+
+
+def test_to_pil_gives_the_generated_images_as_pil_images_to_save(pixels_checkpoint, tmp_path):
+    pipe = cfkit.load(pixels_checkpoint)
+    images = pipe.generate([1, 4], **API_OPTIONS)  # float (N, C, H, W) in [-1, 1]
+    pictures = pipe.to_pil(images)
+    assert [(p.mode, p.size) for p in pictures] == [("RGB", (4, 4))] * 2
+    pictures[1].save(tmp_path / "one.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "one.png")), to_uint8(images)[1])
+    with pytest.raises(GenerationError, match=r"images must be \(N, 3, 4, 4\) for this checkpoint, "
+                       r"got \(2, 1, 4, 4\)"):
+        pipe.to_pil(images[:, :1])
 
 
 def test_pipeline_edit_keeps_the_kept_region(pixels_checkpoint):
@@ -90,10 +110,15 @@ def test_cli_sample_writes_npz_pngs_and_a_grid_equal_to_the_api(pixels_checkpoin
     assert saved["arr_0"].shape == (3, 4, 4, 3) and saved["latents"].shape == (3, 3, 4, 4)
     for i in range(3):
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"{i:06d}.png")), saved["arr_0"][i])
-    grid = np.asarray(Image.open(out / "grid.png"))  # 2 x 2 cells, the last one empty
-    assert grid.shape == (8, 8, 3)
-    np.testing.assert_array_equal(grid[4:, :4], saved["arr_0"][2])
-    assert not grid[4:, 4:].any()
+    # 2 x 2 cells, the last one empty; the 4x4 images upscaled 16 times, 2 grey pixels around each
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape == (2 * 68, 2 * 68, 3)
+    tile = np.kron(saved["arr_0"][2], np.ones((16, 16, 1), np.uint8))
+    np.testing.assert_array_equal(grid[68 + 2:68 + 66, 2:66], tile)
+    frame = np.ones(grid.shape[:2], bool)
+    for top, left in ((2, 2), (2, 70), (70, 2)):
+        frame[top:top + 64, left:left + 64] = False
+    assert (grid[frame] == 96).all()  # the gaps and the empty cell
 
 
 def test_cli_sample_with_dpm_solver_pp_in_20_steps_equals_the_api(pixels_checkpoint, tmp_path):
@@ -217,9 +242,25 @@ def test_cli_edit_bad_input_exits_2(pixels_checkpoint, official_checkpoint, tmp_
     assert "no config.json" in capsys.readouterr().err
 
 
-def test_cli_sample_shows_a_progress_bar_over_every_diffusion_step(pixels_checkpoint, tmp_path,
-                                                                    capsys):
+@pytest.mark.parametrize("flags", [[], ["--no-progress"]])
+def test_cli_sample_logs_every_diffusion_step_in_a_line_off_a_terminal(pixels_checkpoint, tmp_path,
+                                                                      capsys, flags):
     assert cli("sample", pixels_checkpoint, "--class", 1, "--steps", 3, "--ar-steps", 2,
-               "--out", tmp_path / "bar") == 0
+               "--out", tmp_path / "bar", *flags) == 0
     err = capsys.readouterr().err
-    assert "diffusion steps: 100%" in err and "6/6" in err  # T x S diffusion steps
+    # T x S diffusion steps; stderr is no terminal here: no bar's carriage returns
+    assert re.fullmatch(r"diffusion steps: 6/6 steps, [\d.]+ steps/s, in 00:00\n", err)
+
+
+def test_cli_sample_draws_a_bar_on_a_terminal_unless_no_progress(pixels_checkpoint, tmp_path,
+                                                                  monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for flags, bar in (([], True), (["--no-progress"], False)):
+        terminal = Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert cli("sample", pixels_checkpoint, "--class", 1, "--steps", 3, "--ar-steps", 2,
+                   "--out", tmp_path / str(bar), *flags) == 0
+        assert ("\r" in terminal.getvalue()) == bar and "diffusion steps: 6/6 steps, " in terminal.getvalue()

@@ -5,7 +5,7 @@ per-sample generators whose draws do not depend on the batch."""
 import numpy as np
 import pytest
 import torch
-from refdata import reference_files
+from refdata import reference_params
 
 from cfkit import plugins
 from cfkit.diffusion import GaussianDiffusion
@@ -16,11 +16,12 @@ BASE = GaussianDiffusion.named("linear", 1000)
 
 def reference_steps():
     """(file, respacing) for every ``p_step_t_<respacing>`` of every diffusion*.npz."""
-    for path in reference_files("diffusion*.npz"):
-        for key in np.load(path).files:
-            if key.startswith("p_step_t_"):
-                respacing = key.removeprefix("p_step_t_")
-                yield pytest.param(path, respacing, id=f"{path.name}-{respacing}")
+
+    def respacings(path) -> list[str]:
+        with np.load(path) as npz:
+            return [key.removeprefix("p_step_t_") for key in npz.files if key.startswith("p_step_t_")]
+
+    return reference_params("diffusion*.npz", respacings)
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -33,7 +34,7 @@ def inputs(seed: int = 1, shape=(4, 5, 8)):
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("path,respacing", list(reference_steps()))
+@pytest.mark.parametrize("path,respacing", reference_steps())
 def test_ddpm_step_equals_the_reference_ancestral_step_given_the_same_noise(path, respacing):
     d = np.load(path)
     diffusion = BASE.respace(respacing)

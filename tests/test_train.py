@@ -11,6 +11,7 @@ signals and torchrun.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -151,6 +152,55 @@ def test_resume_without_a_checkpoint_is_an_error(capsys, tmp_path, shards):
     rc, err = cli_train(capsys, "--resume", str(run))
     assert rc == 2
     assert "nothing to resume" in err
+
+
+# -- logs -------------------------------------------------------------------------------------
+LOG_LINE = re.compile(r"^train run: (\d+)/(\d+) steps, loss \d+\.\d{4}, [\d.]+ images/s, [\d.]+ steps/s, "
+                      r"(ETA|in) \d\d:\d\d$", re.M)
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-progress"]])
+def test_off_a_terminal_train_logs_a_line_every_log_every_steps_and_its_events(
+    capsys, tmp_path, shards, flags
+):
+    """stderr is no terminal here: no bar, and --no-progress changes nothing."""
+    run = tmp_path / "run"
+    rc = main(["train", str(CONFIG), "--out", str(run), *flags,
+               *sets(shards, "train.max_steps=6", "train.log_every=2", "train.ckpt_every=3")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "\r" not in err
+    assert LOG_LINE.findall(err) == [("2", "6", "ETA"), ("4", "6", "ETA"), ("6", "6", "in")]
+    lines = err.splitlines()
+    saved = [lines.index(f"saved checkpoint {run / 'checkpoints' / name}")
+             for name in ("step-0000003", "step-0000006")]
+    logged = [i for i, line in enumerate(lines) if LOG_LINE.match(line)]
+    assert logged[0] < saved[0] < logged[1] < logged[2] < saved[1]  # in the order they happened
+    assert re.fullmatch(rf"finished: {re.escape(str(run))} at step 6 \(\d+ s\)", lines[-1])
+    rc = main(["train", "--resume", str(run), "--set", "train.max_steps=8", *flags])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert err.splitlines()[0] == f"resumed from {run / 'checkpoints' / 'step-0000006'} at step 6"
+    assert LOG_LINE.findall(err) == [("8", "8", "in")] and "finished: " in err
+
+
+def test_on_a_terminal_train_draws_a_bar_and_writes_its_events_above_it(
+    capsys, monkeypatch, tmp_path, shards
+):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    run = tmp_path / "run"
+    assert main(["train", str(CONFIG), "--out", str(run),
+                 *sets(shards, "train.max_steps=4", "train.log_every=2", "train.ckpt_every=4")]) == 0
+    shown = terminal.getvalue()
+    assert "\r" in shown and "loss " in shown  # the bar, with the loss on it
+    assert not LOG_LINE.search(shown)  # instead of log lines
+    # the bar's line cleared (\r), the event on a line of its own, then the bar again below it
+    assert f"\rsaved checkpoint {run / 'checkpoints' / 'step-0000004'}\n" in shown
 
 
 # -- non-finite steps -------------------------------------------------------------------------

@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 from cfkit_plugins.vae import MAR_SCALE, KLAutoencoder, VAEConfig, mar_vae
-from refdata import reference_files
+from refdata import reference_params
 
 from cfkit import plugins
 from cfkit.convert import CheckpointError
 
-MAR_VECTORS = reference_files("mar_vae_*.npz")
 ARCH_OPTIONS = set(inspect.signature(mar_vae).parameters) - {"path", "scale"}
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, embed_dim=4, encoder_attn_resolutions=(16,),
             structural_resolution=32)  # two levels (32, 16 px); the encoder attends at the second
@@ -56,7 +55,7 @@ def save_state(path, state):
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("npz", MAR_VECTORS, ids=[p.name for p in MAR_VECTORS])
+@pytest.mark.parametrize("npz", reference_params("mar_vae_*.npz"))
 def test_mar_vae_matches_the_reference_posterior_and_decoder(npz):
     spec = json.loads(npz.with_suffix(".json").read_text())
     vectors = np.load(npz)

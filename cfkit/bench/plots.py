@@ -15,6 +15,7 @@ from cfkit.bench import stats
 from cfkit.bench.schema import EDIT_ROWS, Evaluation
 from cfkit.bench.stats import ARROWS, Table
 from cfkit.metrics import headline_metric
+from cfkit.pipeline import compose
 
 FONT = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
         "xtick.labelsize": 8, "ytick.labelsize": 8}
@@ -158,22 +159,10 @@ def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in text)
 
 
-def _compose(rows: list[list[np.ndarray]], pad: int = 1) -> np.ndarray:
-    """Images ``(H, W, C)`` in rows -> one ``(R*(H+2p), K*(W+2p), C)`` array, grey-framed."""
-    h, w, c = rows[0][0].shape
-    width = max(len(r) for r in rows)
-    grid = np.full((len(rows) * (h + 2 * pad), width * (w + 2 * pad), c), 96, dtype=np.uint8)
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            top, left = i * (h + 2 * pad) + pad, j * (w + 2 * pad) + pad
-            grid[top:top + h, left:left + w] = image
-    return grid
-
-
 def labelled_grid(plt, rows: list[list[np.ndarray]], row_labels: list[str], title: str,
                   column_labels: list[str] | None = None):
     """A figure of the image ``rows``, each labelled on the left."""
-    grid = _compose(rows)
+    grid = compose(rows)  # grey 1-pixel frames; imshow upscales
     h = rows[0][0].shape[0] + 2
     width = max(len(r) for r in rows)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.6 + 0.55 * width), 0.9 + 0.55 * len(rows)))

@@ -21,7 +21,6 @@ import datetime
 import itertools
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from cfkit.flops import FLOPS_COUNTED, training_flops
 from cfkit.generate import GenerationError, SamplingOptions, denoises_whole_image
 from cfkit.methods import AR_PLANS, TEXT_CONDITIONING, can
 from cfkit.pipeline import Pipeline
+from cfkit.progress import say
 
 
 def run_bench(path, out, overrides=(), progress: bool = True, report_only: bool = False,
@@ -163,10 +163,6 @@ def _run_task(task: str, path, out: Path, overrides: Overrides, key: str, thread
     else:
         evaluate_run(run, run.folder(out), bench.evaluation, False)
     return task
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def machine(device: str = "cpu") -> dict:

@@ -341,7 +341,7 @@ def cmd_tokenizer_train(args) -> int:
 def _device_argument(p: argparse.ArgumentParser) -> None:
     """``--device``, resolved by ``preflight.check`` (``auto``: CUDA when present, TF32 on)."""
     p.add_argument("--device", default=preflight.AUTO,
-                   help="cpu, cuda, cuda:N, mps or auto (default): CUDA when present, else the CPU")
+                   help="cpu, cuda, cuda:N, mps, or auto: CUDA when present, else the CPU")
 
 
 def _generation_arguments(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,8 @@ matmul at the network's width against the same in fp32, runs at least ``PAYS`` t
 Elsewhere (an AVX2-only CPU emulates bf16 about 100x slower than fp32; a 64-wide network's
 matmuls are too small to gain) it takes fp32. The probe's result is cached per machine, torch
 version and width in ``cfkit.data.cache_dir()``; every choice carries its reason, which the
-run log and the evaluation report state.
+run log and the evaluation report state. ``CFKIT_PRECISION=fp32`` (or ``bf16``) makes ``auto``
+mean that everywhere, e.g. for runs that must match across machines (the test suite sets it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-PAYS = 1.3  # bf16 / fp32 matmul speed from which auto takes bf16 on a CPU
+PAYS = 1.3  # bf16 / fp32 MLP speed from which auto takes bf16 on a CPU
+ENVIRONMENT = "CFKIT_PRECISION"  # fp32 or bf16: what auto means on this machine, whatever it probes
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,11 @@ def resolve(requested: str, device: torch.device | str, width: int = 1024,
     check(requested)
     if requested != "auto":
         return Precision(requested, f"{requested} asked for")
+    forced = os.environ.get(ENVIRONMENT)
+    if forced:
+        check(forced, ENVIRONMENT)
+        if forced != "auto":
+            return Precision(forced, f"auto: {ENVIRONMENT}={forced}")
     if dtype != torch.float32:
         return Precision("fp32", f"auto: the network's weights are {dtype}, kept as they are")
     device = torch.device(device)

@@ -316,7 +316,6 @@ class Trainer:
             checkpoint.write_json(self.run_dir / "config.json",
                                   {"experiment": self.experiment.model_dump(mode="json")})
             self.runlog.start(self.step)
-            say(f"precision {self.precision.name}: {self.precision.reason}")
             if self.resumed_from is not None:
                 say(f"resumed from {self.resumed_from} at step {self.step}")
         batches = iter(data.loader(stream, self.experiment.data.num_workers))
@@ -325,10 +324,14 @@ class Trainer:
         progress = self._progress()
         try:
             last_time, images = time.perf_counter(), 0
+            announce = self.dist.is_main
             while self.step < self.settings.max_steps:
                 item = next(batches)
                 errors.update(item)
                 loss, grad_norm = self.train_step(self.micro_batches(item, tokenizer))
+                if announce:  # once a step ran: a run refused at its first plan ends in its error alone
+                    say(f"precision {self.precision.name}: {self.precision.reason}")
+                    announce = False
                 images += self.settings.batch_size
                 progress.update(1)
                 if self.step % self.settings.log_every == 0 or self.step == self.settings.max_steps:

@@ -25,6 +25,10 @@ settings.register_profile(
 settings.register_profile("thorough", parent=settings.get_profile("cfkit"), max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cfkit"))
 
+# precision "auto" means fp32 in every test and in the cfkit processes they start, whatever this
+# machine's bf16 probe says: exact comparisons hold on every CPU (tests/test_precision.py unsets it)
+os.environ["CFKIT_PRECISION"] = "fp32"
+
 
 @pytest.fixture(scope="session")
 def demo_config() -> Path:

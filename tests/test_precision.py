@@ -12,6 +12,12 @@ from cfkit.generate import GenerationError, SamplingOptions, generate
 from cfkit.transformer import CausalTransformer, TransformerConfig
 
 
+@pytest.fixture(autouse=True)
+def unforced(monkeypatch):
+    """``auto`` decided by the machine, not by the suite's CFKIT_PRECISION=fp32 (conftest)."""
+    monkeypatch.delenv(precision.ENVIRONMENT, raising=False)
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CFKIT_CACHE", str(tmp_path))
@@ -49,6 +55,19 @@ def test_auto_on_a_native_bf16_cpu_follows_the_probe(speedup, expected, monkeypa
     chosen = precision.resolve("auto", "cpu", 384)
     assert chosen.name == expected
     assert "avx512_bf16" in chosen.reason and f"{speedup:.2f}x" in chosen.reason
+
+
+@pytest.mark.parametrize("forced", ["fp32", "bf16"])
+def test_cfkit_precision_says_what_auto_means_whatever_the_probe(forced, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(precision, "probe", lambda width: {"fp32": 10.0, "bf16": 0.1}[forced])
+    monkeypatch.setenv("CFKIT_PRECISION", forced)
+    chosen = precision.resolve("auto", "cpu", 384)
+    assert chosen.name == forced and chosen.reason == f"auto: CFKIT_PRECISION={forced}"
+    assert precision.resolve("fp32" if forced == "bf16" else "bf16", "cpu").name != forced
+    monkeypatch.setenv("CFKIT_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="CFKIT_PRECISION: unknown precision 'fp16'"):
+        precision.resolve("auto", "cpu")
 
 
 def test_auto_keeps_a_float64_network_in_float64(monkeypatch):

@@ -14,6 +14,7 @@ mean that everywhere, e.g. for runs that must match across machines (the test su
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -78,19 +79,25 @@ def resolve(requested: str, device: torch.device | str, width: int = 1024,
     return _cpu(width)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU flags of ``/proc/cpuinfo`` (empty where there is none)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU flags of ``/proc/cpuinfo`` (empty where there is none), read once."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags")
-            for flag in line.split(":", 1)[1].split()}
+        return frozenset()
+    return frozenset(flag for line in text.splitlines() if line.startswith("flags")
+                     for flag in line.split(":", 1)[1].split())
+
+
+def native_bf16() -> list[str]:
+    """This CPU's flags that show native bf16 (of ``NATIVE_BF16_FLAGS``); empty where bf16 is emulated."""
+    return sorted(set(NATIVE_BF16_FLAGS) & cpu_flags())
 
 
 def _cpu(width: int) -> Precision:
     capability = torch.backends.cpu.get_cpu_capability()
-    native = sorted(set(NATIVE_BF16_FLAGS) & cpu_flags())
+    native = native_bf16()
     if not native:
         return Precision("fp32", f"auto: CPU without native bf16 (torch capability {capability}, "
                                  f"no {' or '.join(NATIVE_BF16_FLAGS)} flag): bf16 would be emulated")
@@ -142,6 +149,7 @@ def _best_time(mlp: torch.nn.Module, x: torch.Tensor, bf16: bool, repeats: int) 
     return best
 
 
+@functools.cache
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else the machine type."""
     try:

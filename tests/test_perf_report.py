@@ -50,7 +50,7 @@ def test_tiny_report_has_a_positive_figure_for_every_benchmark_and_writes_both_f
     assert settings(rows, "train step") == TRAINED
     assert settings(rows, "MFU") == TRAINED
     # the precision training takes on this CPU: bf16 where it is native
-    fast = "bf16" if set(precision.NATIVE_BF16_FLAGS) & precision.cpu_flags() else "fp32"
+    fast = "bf16" if precision.native_bf16() else "fp32"
     assert settings(rows, "K copies") == {f"causalfusion K=1 {fast}", f"causalfusion K=2 {fast}"}
     assert settings(rows, "sampling") == {f"S=1 {fast}", f"S=4 {fast}", f"S=16 {fast}"}
     assert settings(rows, "matmul peak") == {"fp32 256^3", "bf16 256^3"}

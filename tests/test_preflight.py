@@ -55,20 +55,17 @@ def test_auto_is_the_cpu_without_cuda_and_leaves_tf32_alone(monkeypatch, tf32_of
     assert tf32() == (False, False)
 
 
-def test_auto_is_cuda_when_present_and_turns_tf32_on(monkeypatch, tf32_off):
+@pytest.mark.parametrize(("asked", "chosen", "tf32_on"), [
+    ("auto", "cuda", True),  # auto is CUDA when present and turns TF32 on
+    ("cpu", "cpu", False),  # an explicit cpu on a CUDA machine stays the CPU, without TF32
+])
+def test_on_a_cuda_machine_auto_is_cuda_with_tf32_and_cpu_stays_cpu(asked, chosen, tf32_on, monkeypatch,
+                                                                     tf32_off):
     fake_cuda(monkeypatch)
-    args = argparse.Namespace(command="sample", device="auto", out=None)
+    args = argparse.Namespace(command="sample", device=asked, out=None)
     preflight.check(args)
-    assert args.device == "cuda"
-    assert tf32() == (True, True)
-
-
-def test_an_explicit_cpu_on_a_cuda_machine_stays_the_cpu_without_tf32(monkeypatch, tf32_off):
-    fake_cuda(monkeypatch)
-    args = argparse.Namespace(command="sample", device="cpu", out=None)
-    preflight.check(args)
-    assert args.device == "cpu"
-    assert tf32() == (False, False)
+    assert args.device == chosen
+    assert tf32() == (tf32_on, tf32_on)
 
 
 def test_a_bad_device_names_auto_among_the_allowed():

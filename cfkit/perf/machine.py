@@ -17,7 +17,7 @@ def machine() -> dict:
     skews timings)."""
     return {"torch": torch.__version__, "cpu": precision.cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_native_bf16": sorted(set(precision.NATIVE_BF16_FLAGS) & precision.cpu_flags()),
+            "cpu_native_bf16": precision.native_bf16(),
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average_start": os.getloadavg()}
 

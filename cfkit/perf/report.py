@@ -253,7 +253,7 @@ def plan(size: Size, device: str) -> list[Job]:
     peak (for every MFU row); the run in the dtype training uses here gives the K = 1 row."""
     on_device = ("--device", device)
     # the precision training takes here: bf16 on CUDA and on CPUs with native bf16
-    native = bool(set(precision.NATIVE_BF16_FLAGS) & precision.cpu_flags())
+    native = bool(precision.native_bf16())
     fast = "bf16" if device == "cuda" or native else "fp32"
     train = (*size.network, *on_device, "--warmup", "1")
 

@@ -157,14 +157,19 @@ def load(directory, prefer_ema: bool = True, device="cpu"):
         method = configs.validate(experiment).build_method()
     except ValueError as error:  # a ConfigError, or a model the config cannot build
         raise CheckpointError(f"{path}: {error}") from None
-    weights = directory / "ema.safetensors"
-    if not (prefer_ema and weights.exists()):
-        weights = directory / "model.safetensors"
+    weights = weights_file(directory, prefer_ema)
     state = read_weights(weights, device)
     check_fits(method.model, state, weights, path)
     method.model.load_state_dict(state)
     method.model.to(device).eval()
     return method
+
+
+def weights_file(folder: Path, prefer_ema: bool = True) -> Path:
+    """A checkpoint folder's weights: ``ema.safetensors`` when preferred and present, else
+    ``model.safetensors``."""
+    ema = folder / "ema.safetensors"
+    return ema if prefer_ema and ema.exists() else folder / "model.safetensors"
 
 
 # -- a training run's checkpoints --------------------------------------------------------------
@@ -269,9 +274,9 @@ def init_weights_file(path) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"train.init_from {path}: not found; {allowed}")
     folder = resolve(path)
-    for name in ("ema", "model"):
-        if (folder / f"{name}.safetensors").exists():
-            return folder / f"{name}.safetensors"
+    weights = weights_file(folder)
+    if weights.exists():
+        return weights
     raise CheckpointError(f"train.init_from {path}: no ema.safetensors or model.safetensors in {folder}; "
                           f"{allowed}")
 

@@ -142,9 +142,9 @@ def write_shards(dataset, out_dir, split: str = "train", shard_size: int = 1000,
     ``.{name}.partial`` and every shard there is complete (temp file + rename), so a write that
     stopped (killed, preempted, failed) continues when run again, skipping those; the folder
     records what it is for (``identity``, e.g. the dataset's and tokenizer's options) and
-    refuses other settings until ``force``. ``group`` (rank, world size; see
-    ``process_group``): each process writes shards rank, rank + world, ... (a ``resume``
-    write), and the set is byte-identical to one process's."""
+    refuses other settings until ``force``. ``group`` (rank, world size, e.g. a
+    ``cfkit.distributed.Distributed``'s): each process writes shards rank, rank + world, ... (a
+    ``resume`` write), and the set is byte-identical to one process's."""
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
     rank, world = group
@@ -190,13 +190,6 @@ def _progress(prefix: str, split: str, bar: bool, rank: int, world: int):
 
 
 WORK_FILE = "cfkit-write.json"  # in a work folder: what its shards are of
-
-
-def process_group() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _open_work_folder(work: Path, about: dict, force: bool) -> None:

@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 from cfkit import checkpoint, plugins
-from cfkit import precision as precisions
-from cfkit.generate import SamplingOptions
+from cfkit.generate import SamplingOptions, network_precision
 from cfkit.methods import CAPTIONING, can
 from cfkit.metrics import (
     BETTER,
@@ -310,9 +309,7 @@ def _evaluate_samples(parts: dict, context: EvalContext, metrics: dict, *, num: 
     parts["feature_network"] = context.network.identity()
     given = {k: v for k, v in generation.fields().items() if k not in ("ar_steps", "step_sizes", "schedule")}
     parts["generation"] = {"num": num, "ar_steps": ar_steps, **{k: _jsonable(v) for k, v in given.items()}}
-    device = next(pipe.model.parameters()).device
-    chosen = precisions.resolve(generation.precision, device, pipe.model.config.hidden_size)
-    parts["generation"].update(chosen.record())
+    parts["generation"].update(network_precision(pipe.model, generation.precision).record())
     prompts, labels = _conditions(pipe, context, num)
     if prompts is not None:
         parts["generation"]["condition"] = "held-out captions"
@@ -576,17 +573,19 @@ def set_statistics(path, network, batch_size: int = 250, show_progress: bool = T
     if is_statistics_file(path):
         statistics = load_statistics(path, network)
         return statistics, f"statistics of {statistics.num}"
-    statistics, _, shape = image_statistics(path, network, batch_size, show_progress)
+    statistics, _, shape = image_statistics(path, network, batch_size, show_progress, spatial=False)
     return statistics, shape
 
 
-def image_statistics(path, network, batch_size: int = 250, show_progress: bool = True):
-    """``(Statistics, spatial Statistics or None, (N, C, H, W))`` of the pool and spatial
-    features of a folder of images or an image ``.npz``."""
+def image_statistics(path, network, batch_size: int = 250, show_progress: bool = True,
+                     spatial: bool = True):
+    """``(Statistics, spatial Statistics or None, (N, C, H, W))`` of the pool and (when
+    ``spatial`` and the network has them) spatial features of a folder of images or an image
+    ``.npz``; FID alone skips the spatial features' covariance."""
     images = read_images(path)
     bar = progress_bar(len(images), f"features {Path(path).name}", show_progress)
     extracted = extract(network, images, batch_size, bar)
-    spatial = None if extracted.spatial is None else Statistics.of(extracted.spatial)
+    spatial = None if extracted.spatial is None or not spatial else Statistics.of(extracted.spatial)
     return Statistics.of(extracted.features), spatial, tuple(images.shape)
 
 

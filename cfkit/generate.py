@@ -223,6 +223,12 @@ class WholeImageContext:
         return torch.gather(out, 1, index)
 
 
+def network_precision(model, requested: str) -> Precision:
+    """What precision ``requested`` means for ``model``: its device, width and weights' dtype."""
+    weight = model.patch_embed.weight
+    return precisions.resolve(requested, weight.device, model.config.hidden_size, weight.dtype)
+
+
 def denoises_whole_image(model) -> bool:
     """Whether ``model`` has no KV cache (no causal mask) and so generates in one AR step."""
     return not can(model, CAUSAL_GENERATION)
@@ -496,7 +502,7 @@ def _generate(model, diffusion, labels, order, given, sizes, guidance, options: 
 
     pieces, start = [given], num_given
     weight = model.patch_embed.weight
-    precision = precisions.resolve(options.precision, weight.device, model.config.hidden_size, weight.dtype)
+    precision = network_precision(model, options.precision)
     for s, (size, step_diffusion) in enumerate(zip(sizes.tolist(), diffusions, strict=True)):
         span = slice(start, start + size)
         x = noise_like(torch.empty(len(labels), size, given.shape[-1], device=weight.device,

@@ -40,6 +40,11 @@ from cfkit.metrics import (
 NEEDS = ("features", "spatial")
 
 
+
+def feature_statistics(extracted: Extracted, spatial: bool) -> Statistics:
+    """Statistics of the pool (or ``spatial``) features of ``extracted``."""
+    return Statistics.of(extracted.spatial if spatial else extracted.features)
+
 class SplitReference:
     """A dataset split of an evaluation's ``context`` (``cfkit.evaluate.EvalContext``)."""
 
@@ -63,8 +68,7 @@ class SplitReference:
     @functools.cache  # noqa: B019
     def statistics(self, spatial: bool = False) -> Statistics:
         """Statistics of the split's pool (or ``spatial``) features."""
-        extracted = self.features()
-        return Statistics.of(extracted.spatial if spatial else extracted.features)
+        return feature_statistics(self.features(), spatial)
 
     def unavailable(self, need: str) -> str | None:
         """Nothing is: a split's images give any features the network has."""
@@ -123,8 +127,7 @@ class FileReference:
         reason = self.unavailable("spatial" if spatial else "features")
         if reason is not None:
             raise MetricError(reason)
-        extracted = self.features()
-        return Statistics.of(extracted.spatial if spatial else extracted.features)
+        return feature_statistics(self.features(), spatial)
 
     def unavailable(self, need: str) -> str | None:
         """Why the file cannot give ``need`` (``features``: per-image features, which it has

@@ -57,8 +57,7 @@ class SampleGenerators:
     the set shares (the AR step sizes of a schedule: a batch generates one split)."""
 
     def __init__(self, seed: int, indices: Iterable[int]):
-        self.seed, self.indices = int(seed), [int(i) for i in indices]
-        self.rows = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in self.indices]
+        self.rows = [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
         self.shared = torch.Generator().manual_seed(sample_seed(seed))
 
     def __len__(self) -> int:

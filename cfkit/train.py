@@ -277,9 +277,10 @@ class Trainer:
                     out = self.method.loss(batch, generator, model=self.forward)
                 # each loss is the mean over its rows: their mean over equal micro-batches is the batch's
                 (out.loss / len(micro_batches)).backward()
-            losses.append(out.loss.item())
+            losses.append(out.loss.detach())  # read once after the loop: one device sync per step
+        values = torch.stack(losses).tolist()
         # checked once all processes have run backward (DDP's all-reduce waits for each of them)
-        loss = self.dist.mean(sum(losses) / len(losses))
+        loss = self.dist.mean(sum(values) / len(values))
         self._check_finite("loss", loss)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.settings.grad_clip))
         # a finite loss can still overflow in backward; its step would write NaN weights

@@ -245,6 +245,15 @@ def _write_set(dataset, folder: Path, split: str, shard_size: int, encoder: Enco
     return names
 
 
+def sample_key(name: str) -> str:
+    """A shard sample key made from a file or tar member ``name`` (``./a/b.c`` -> ``a_b_c``):
+    leading ``./`` dropped, then each ``/`` and ``.`` made ``_``, since webdataset ends a key at
+    a folder's ``/`` and at the first dot of a base name."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name.replace("/", "_").replace(".", "_")
+
+
 def _chunks(dataset, split: str, shard_size: int) -> Iterator[list[Sample]]:
     """``dataset``'s ``split`` samples in consecutive lists of ``shard_size`` (the last shorter)."""
     chunk = []

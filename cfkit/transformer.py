@@ -274,6 +274,8 @@ def split_attend(q, k, v, mask: SplitMask) -> torch.Tensor:
         return x.reshape(n, heads, copies, size, dim).transpose(1, 2).reshape(-1, heads, size, dim)
 
     def with_context(full):  # keys/values of the context followed by those of each copy
+        if copies == 1:  # already so laid out: no copy
+            return full
         shared = full[:, None, :, :ctx].expand(-1, copies, -1, -1, -1).reshape(n * copies, heads, ctx, dim)
         return torch.cat([shared, per_copy(full[:, :, ctx:])], dim=2)
 

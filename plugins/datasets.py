@@ -188,8 +188,7 @@ class ImageFolder:
                     skipped[error.reason] += 1
                     log.warning("imagefolder: skipped %s: %s", path, error)
                     continue
-                # a dot would end the key where webdataset splits a file name
-                yield Sample(f"{name}-{path.stem}".replace(".", "_"), array, label)
+                yield Sample(data.sample_key(f"{name}-{path.stem}"), array, label)
         if skipped:
             reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.most_common())
             log.warning("imagefolder: skipped %d of %d image file(s) in %s: %s",
@@ -235,8 +234,7 @@ class WebDataset:
                 image = Image.fromarray(item["images"][..., 0] if item["images"].shape[-1] == 1
                                         else item["images"]).convert("RGB")
                 label = None if item["label"] < 0 else item["label"]
-                # a key may hold a tar folder: '/' would end it where webdataset splits a name
-                yield Sample(item["key"].replace("/", "_"), centre_crop(image, self.image_size), label,
+                yield Sample(data.sample_key(item["key"]), centre_crop(image, self.image_size), label,
                              item["captions"])
         if errors.shards or errors.samples:
             log.warning("webdataset: skipped %s", errors.summary())

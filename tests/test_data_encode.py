@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,29 @@ def test_existing_webdataset_shards_are_cropped_and_encoded(tmp_path, capsys):
     assert [s["json"] for s in got] == [[s.captions[0]] for s in samples]
     cropped = from_uint8(np.stack([centre_crop(Image.fromarray(big), 8) for big in bigs])).half().numpy()
     np.testing.assert_array_equal(np.stack([s["latent.npy"] for s in got]), cropped)
+
+
+def test_tar_members_under_dot_slash_and_folders_become_plain_keys(tmp_path, capsys):
+    # `tar -cf in.tar .` writes ./KEY.png; a folder in a member name ends up in the key
+    source = tmp_path / "tree"
+    (source / "sub").mkdir(parents=True)
+    samples = list(shapes(2).samples("train"))
+    for name, sample in zip(["000001", "sub/000002"], samples, strict=True):
+        (source / f"{name}.png").write_bytes(data.png_bytes(sample.image))
+        (source / f"{name}.cls").write_text(str(sample.label))
+    with tarfile.open(tmp_path / "in.tar", "w") as tar:
+        for path in sorted(source.rglob("*.*")):
+            tar.add(path, arcname=f"./{path.relative_to(source)}")
+    rc = cli.main(["shards", "webdataset", str(tmp_path / "in.tar"), "--out", str(tmp_path / "out"),
+                   "--option", "image_size=8", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    got = list(wds.WebDataset(str(tmp_path / "out" / "webdataset-train-000000.tar"), shardshuffle=False).decode())
+    assert [(s["__key__"], s["cls"]) for s in got] == [("000001", samples[0].label), ("sub_000002", samples[1].label)]
+
+
+@pytest.mark.parametrize("name, key", [("./a/b.c", "a_b_c"), ("././x", "x"), ("n01.JPEG", "n01_JPEG"), ("k", "k")])
+def test_sample_keys_have_no_dot_or_slash(name, key):
+    assert data.sample_key(name) == key
 
 
 def test_two_gloo_processes_write_the_bytes_of_one(tmp_path, tiny_vae):  # noqa: F811

@@ -151,11 +151,13 @@ def test_tar_members_under_dot_slash_and_folders_become_plain_keys(tmp_path, cap
     rc = cli.main(["shards", "webdataset", str(tmp_path / "in.tar"), "--out", str(tmp_path / "out"),
                    "--option", "image_size=8", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
-    got = list(wds.WebDataset(str(tmp_path / "out" / "webdataset-train-000000.tar"), shardshuffle=False).decode())
-    assert [(s["__key__"], s["cls"]) for s in got] == [("000001", samples[0].label), ("sub_000002", samples[1].label)]
+    shard = str(tmp_path / "out" / "webdataset-train-000000.tar")
+    got = [(s["__key__"], s["cls"]) for s in wds.WebDataset(shard, shardshuffle=False).decode()]
+    assert got == [("000001", samples[0].label), ("sub_000002", samples[1].label)]
 
 
-@pytest.mark.parametrize("name, key", [("./a/b.c", "a_b_c"), ("././x", "x"), ("n01.JPEG", "n01_JPEG"), ("k", "k")])
+@pytest.mark.parametrize("name, key", [("./a/b.c", "a_b_c"), ("././x", "x"), ("n01.JPEG", "n01_JPEG"),
+                                       ("k", "k")])
 def test_sample_keys_have_no_dot_or_slash(name, key):
     assert data.sample_key(name) == key
 

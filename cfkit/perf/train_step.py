@@ -2,7 +2,9 @@
 (``Trainer.train_step``: forward and loss in the chosen precision, backward, clip, fused AdamW,
 EMA) against the reference implementation's step (eager attention, fp32, a per-parameter AdamW
 loop and EMA), their steps interleaved in one run so that other load on the machine falls on
-both alike. The issue's setting (CausalFusion-S on 32x32x4 latents at patch 2, bf16):
+both alike, and both drawing the trainer's plan of each step, so that a round's two steps ran the
+same sequence length; the speedup is the median of the rounds' ratios. The issue's setting
+(CausalFusion-S on 32x32x4 latents at patch 2, bf16):
 
     python benchmarks/perf/train_step.py --method causalfusion --hidden 384 --depth 12 \
         --heads 6 --batch 8 --latent 32 --patch 2 --dtype bf16 --steps 5 --json
@@ -32,10 +34,12 @@ from cfkit import config as configs
 from cfkit.flops import FLOPS_COUNTED, executed_pairs, step_flops
 from cfkit.methods import Batch
 from cfkit.perf.machine import machine, model_options, network_parser
-from cfkit.train import Trainer
+from cfkit.precision import native_bf16
+from cfkit.train import Trainer, step_generator
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PRECISIONS = {**DTYPES, "auto": None}
+EMULATED_PEAK_SIZE = 512  # the bf16 peak's matmul side where the CPU emulates bf16
 
 
 def log(message: str) -> None:
@@ -109,18 +113,21 @@ class ReferenceStep:
 
     def __init__(self, args, method: str, copies: int, device: torch.device):
         torch.manual_seed(args.seed)
-        built = experiment(args, method, copies, "eager").build_method()
+        settings = experiment(args, method, copies, "eager")
+        built = settings.build_method()
         self.loss, self.model = built.loss, built.model.to(device).train()
         self.method, self.attention, self.copies = method, "eager", copies
         self.ema = [p.detach().clone() for p in self.model.parameters()]
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-15,
                                            weight_decay=0.0, foreach=False)
         self.batch = batch_of(args, device)
-        self.generator = torch.Generator().manual_seed(args.seed)
+        # the trainer's draws: round i of both steps trains on the same plan (sequence length)
+        self.seed, self.step = settings.seed, 0
         self.precision = None
 
     def __call__(self) -> None:
-        out = self.loss(self.batch, self.generator)
+        out = self.loss(self.batch, step_generator(self.seed, self.step))
+        self.step += 1
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -245,7 +252,11 @@ def run(args) -> dict:
     report.update(results.pop(args.method))
     if "reference" in results:
         report["baseline"] = results["reference"]
-        report["speedup_vs_reference"] = report["baseline"]["median_step_s"] / report["median_step_s"]
+        # paired: both steps of a round trained on the same plan, so their ratio is free of the
+        # sequence length, which changes from round to round
+        report["speedup_by_round"] = [reference / engine for reference, engine in
+                                      zip(report["baseline"]["step_s"], report["step_s"], strict=True)]
+        report["speedup_vs_reference"] = statistics.median(report["speedup_by_round"])
     if "incontext-dit" in results:
         icdit = report["incontext"] = results["incontext-dit"]
         report["cost_per_noised_token_ratio"] = (
@@ -262,7 +273,13 @@ def add_peak(args, report: dict, device: torch.device) -> None:
     """The matmul peaks and each measured step's model FLOP utilisation against its precision's."""
     log("matmul peak")
     for name, dtype in DTYPES.items():
-        layouts = matmul_peak(dtype, device, args.peak_size, args.peak_repeats)
+        size = args.peak_size
+        if name == "bf16" and device.type == "cpu" and not native_bf16():
+            # emulated: a 2048^3 bf16 matmul took about a minute on an AVX2 CPU; the small one
+            # measures the same slowness
+            size = min(size, EMULATED_PEAK_SIZE)
+        layouts = matmul_peak(dtype, device, size, args.peak_repeats)
+        report[f"peak_size_{name}"] = size
         report[f"peak_tflops_{name}"] = max(layouts.values())
         report[f"peak_tflops_{name}_by_layout"] = layouts
     for entry in (report, report.get("baseline"), report.get("incontext")):

@@ -711,6 +711,7 @@ def cmd_bench(args) -> int:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     progress.show_warnings()
+    preflight.keep_freed_memory()
     try:
         preflight.check(args)
         return args.run(args)

@@ -23,7 +23,8 @@ FLOPS_COUNTED = (
     "and noisy tokens). Embeddings, adaLN, final layer, norms, softmax, loss and optimizer "
     "are not counted. tflops/mfu use this dense count; tflops_executed/mfu_executed count "
     "only the attention blocks the kernels compute (the sdpa SplitMask skips context->noisy "
-    "and copy->other-copy blocks)."
+    "and copy->other-copy blocks). Both count every row of the last block, whose context "
+    "rows the sdpa path skips (their outputs are read by no one)."
 )
 
 

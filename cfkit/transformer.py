@@ -224,17 +224,22 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, mask=None, cache: KVCache | None = None, layer: int = 0,
-                update_cache: bool = False) -> torch.Tensor:
+                update_cache: bool = False, noisy_only: bool = False) -> torch.Tensor:
         """``x`` ``(N, T, D)``; ``mask`` a bool ``(N|1, 1, T, T)`` (True = attend), a
-        BlockMask (flex) or None (full attention, e.g. against a KV cache)."""
+        BlockMask (flex), a SplitMask (sdpa) or None (full attention, e.g. against a KV
+        cache). ``noisy_only`` (with a SplitMask): the output of the noisy tokens only,
+        ``(N, T - Tc, D)``."""
         n, length, _ = x.shape
         qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, T, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             k, v = cache.extend(layer, k, v, update_cache)
-        out = attend(q, k, v, mask, self.backend)
-        return self.proj(out.transpose(1, 2).reshape(n, length, -1))
+        if noisy_only:
+            out = split_attend(q, k, v, mask, context=False)
+        else:
+            out = attend(q, k, v, mask, self.backend)
+        return self.proj(out.transpose(1, 2).reshape(n, out.shape[2], -1))
 
 
 @dataclass(frozen=True)
@@ -262,13 +267,12 @@ def _one_if_shared(mask: torch.Tensor) -> torch.Tensor:
     return mask[:1] if bool((mask == mask[:1]).all()) else mask
 
 
-def split_attend(q, k, v, mask: SplitMask) -> torch.Tensor:
+def split_attend(q, k, v, mask: SplitMask, context: bool = True) -> torch.Tensor:
+    """Attention of ``[context | copies]`` queries ``(N, H, T, Dh)`` under ``mask``; without
+    ``context``, of the noisy queries only ``(N, H, T - Tc, Dh)``."""
     n, heads, length, dim = q.shape
     ctx, copies = mask.context.shape[-1], mask.copies
     size = (length - ctx) // copies
-    out_ctx = F.scaled_dot_product_attention(
-        q[:, :, :ctx], k[:, :, :ctx], v[:, :, :ctx], attn_mask=mask.context.unsqueeze(1)
-    )
 
     def per_copy(x):  # (N, H, K*L, Dh) -> (N*K, H, L, Dh)
         return x.reshape(n, heads, copies, size, dim).transpose(1, 2).reshape(-1, heads, size, dim)
@@ -284,6 +288,11 @@ def split_attend(q, k, v, mask: SplitMask) -> torch.Tensor:
         per_copy(q[:, :, ctx:]), with_context(k), with_context(v), attn_mask=noisy_mask.unsqueeze(1)
     )
     out = out.reshape(n, copies, heads, size, dim).transpose(1, 2).reshape(n, heads, -1, dim)
+    if not context:
+        return out
+    out_ctx = F.scaled_dot_product_attention(
+        q[:, :, :ctx], k[:, :, :ctx], v[:, :, :ctx], attn_mask=mask.context.unsqueeze(1)
+    )
     return torch.cat([out_ctx, out], dim=2)
 
 
@@ -333,8 +342,13 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
 
-    def forward(self, x, mask=None, cache=None, layer=0, update_cache=False):
-        x = x + self.attn(self.norm1(x), mask, cache, layer, update_cache)
+    def forward(self, x, mask=None, cache=None, layer=0, update_cache=False, noisy_only=False):
+        """``x`` ``(N, T, D)`` -> ``(N, T, D)``; with ``noisy_only`` (a SplitMask) the rows of
+        the noisy tokens only, ``(N, T - Tc, D)``: their keys still see the context's."""
+        h = self.attn(self.norm1(x), mask, cache, layer, update_cache, noisy_only)
+        if noisy_only:
+            x = x[:, x.shape[1] - h.shape[1]:]
+        x = x + h
         return x + self.mlp(self.norm2(x))
 
 
@@ -440,13 +454,20 @@ class CausalTransformer(nn.Module):
         pos = self.pos_embed[0][positions]
         return self.patch_embed(tokens) + pos
 
-    def run(self, x: torch.Tensor, mask=None, cache=None, update_cache=False) -> torch.Tensor:
+    def run(self, x: torch.Tensor, mask=None, cache=None, update_cache=False,
+            outputs_from: int = 0) -> torch.Tensor:
+        """The blocks on ``x`` ``(N, T, D)``: the last block's states of rows ``outputs_from:``.
+        When those are the noisy rows of a SplitMask, the last block computes no others: the
+        context rows' outputs there are read by no one (about 1/depth of the work on them)."""
+        last = len(self.blocks) - 1
+        skip = isinstance(mask, SplitMask) and outputs_from == mask.context.shape[-1]
         for layer, block in enumerate(self.blocks):
+            noisy_only = skip and layer == last
             if self.grad_checkpoint and self.training and cache is None:
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x = checkpoint(block, x, mask, None, layer, False, noisy_only, use_reentrant=False)
             else:
-                x = block(x, mask, cache, layer, update_cache)
-        return x
+                x = block(x, mask, cache, layer, update_cache, noisy_only)
+        return x if skip else x[:, outputs_from:]
 
     def attention_mask(self, layout: Layout, context_len: int | None = None, copies: int = 1,
                        device=None):
@@ -490,9 +511,8 @@ class CausalTransformer(nn.Module):
             pieces.append(self.timestep_embedder(t_tokens))
             context_len = None  # timestep tokens break the [context | copies] shape
         mask = self.attention_mask(layout, context_len, copies, x_start.device)
-        x = self.run(torch.cat(pieces, dim=1), mask)
-        start = config.cond_len + clean_len
-        out = self.final_layer(x[:, start:start + copies * length])
+        x = self.run(torch.cat(pieces, dim=1), mask, outputs_from=config.cond_len + clean_len)
+        out = self.final_layer(x[:, :copies * length])
         return out.reshape(n, copies, length, -1)
 
     def _timestep_token_layout(self, plan, t: torch.Tensor):

@@ -75,6 +75,30 @@ def test_attention_backends_agree_in_fp32(per_sample, copies, timestep):
     torch.testing.assert_close(outs["flex"], outs["eager"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("copies", [1, 3])
+def test_sdpa_and_eager_give_the_same_gradients(copies):
+    plan, x_start, x_t = draw(copies=copies)
+    labels = torch.arange(x_start.shape[0]) % 10
+    grads = {}
+    for backend in ("eager", "sdpa"):
+        model = perturbed(tiny(attention=backend, class_dropout=0.0)).train()
+        model(x_start, x_t, plan.t_per_token(), labels, plan).square().mean().backward()
+        grads[backend] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert grads["eager"].abs().sum() > 0
+    torch.testing.assert_close(grads["sdpa"], grads["eager"], rtol=1e-4, atol=1e-6)
+
+
+def test_the_last_block_computes_only_the_noisy_rows_the_output_layer_reads():
+    plan, x_start, x_t = draw(copies=2)
+    model = perturbed(tiny())
+    rows = []
+    for block in model.blocks:
+        block.mlp.register_forward_pre_hook(lambda module, inputs: rows.append(inputs[0].shape[1]))
+    run(model, plan, x_start, x_t)
+    noisy = 2 * x_start.shape[1]
+    assert rows[0] > noisy and rows[-1] == noisy  # the first block also runs the context
+
+
 @st.composite
 def layouts(draw):
     """A ``[cond | clean | K copies]`` layout of 1-3 samples sharing a split or not."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfkit import checkpoint, distributed, evaluate, runlock
+from cfkit import checkpoint, distributed, evaluate, preflight, runlock
 from cfkit import train as training
 from cfkit.bench import report as reporting
 from cfkit.bench.schema import (
@@ -155,6 +155,7 @@ def run_parallel(path, out: Path, overrides: Overrides, keys: list[str], jobs: i
 def _run_task(task: str, path, out: Path, overrides: Overrides, key: str, threads: int) -> str:
     """``train`` or ``evaluate`` the run ``key`` in a worker process; returns ``task``."""
     torch.set_num_threads(threads)
+    preflight.keep_freed_memory()  # a spawned worker starts with glibc's defaults
     bench, runs = load(path, overrides)
     run = next(run for run in runs if run.key == key)
     say(f"[{runs.index(run) + 1}/{len(runs)}] {task} {run.label}, seed {run.seed} ({run.key})")

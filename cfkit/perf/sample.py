@@ -32,6 +32,7 @@ import time
 import torch
 
 from cfkit import config as configs
+from cfkit import preflight
 from cfkit.generate import (
     CachedContext,
     RecomputedContext,
@@ -179,6 +180,7 @@ def main(argv=None) -> int:
                          f"({args.steps}): only the steps of one AR step are timed")
     if args.measure < 1:
         raise SystemExit("--measure must be >= 1")
+    preflight.keep_freed_memory()  # as `cfkit sample` runs: every variant in this process
     report = run(args)
     if args.json:
         print(json.dumps(report))

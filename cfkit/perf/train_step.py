@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from cfkit import config as configs
+from cfkit import preflight
 from cfkit.flops import FLOPS_COUNTED, executed_pairs, step_flops
 from cfkit.methods import Batch
 from cfkit.perf.machine import machine, model_options, network_parser
@@ -293,6 +294,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.latent % args.patch:
         raise SystemExit(f"--patch {args.patch} does not divide --latent {args.latent}")
+    preflight.keep_freed_memory()  # as `cfkit train` runs: both steps in this process
     report = run(args)
     if args.json:
         print(json.dumps(report))

@@ -53,10 +53,10 @@ def keep_freed_memory() -> None:
     """On Linux with glibc, freed blocks of up to 1 GiB stay in the process's heap for reuse
     instead of going back to the system. A training or sampling step allocates activations of
     the same sizes at every step; glibc maps those over 32 MiB afresh each time, and the kernel
-    faults in and zeroes every page of them again (the issue-size CausalFusion step with K = 8
-    copies on a 2-core AVX2 EPYC: 3 s of system time per step before, 0.2 s after, the step
-    about 12% faster). ``CFKIT_MALLOC=system`` keeps glibc's defaults; on other platforms and
-    C libraries nothing changes."""
+    faults in and zeroes every page of them again (the K = 8 CausalFusion step of the issue's
+    network at depth 3 on a 2-core AVX2 EPYC: 1.2x faster, in
+    ``benchmarks/results/perf-issue17-avx2-cpu/alloc-k8-depth3.json``). ``CFKIT_MALLOC=system``
+    keeps glibc's defaults; on other platforms and C libraries nothing changes."""
     if os.environ.get("CFKIT_MALLOC") == "system" or not sys.platform.startswith("linux"):
         return
     try:

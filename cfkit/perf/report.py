@@ -249,13 +249,18 @@ def data_rows(report: dict, peak: dict) -> list[Row]:
 # --- the plan -------------------------------------------------------------------------------
 
 
+def native_bf16(device: str) -> bool:
+    """Whether bf16 is native on ``device``: CUDA, or a CPU with AVX512-BF16 or AMX. The
+    precision training takes there, and where it is not, the report runs no bf16 step."""
+    return device == "cuda" or bool(precision.native_bf16())
+
+
 def plan(size: Size, device: str) -> list[Job]:
     """Every sub-benchmark run of the report. The causalfusion fp32 run also times the matmul
     peak (for every MFU row); the run in the dtype training uses here gives the K = 1 row."""
     on_device = ("--device", device)
-    # the precision training takes here: bf16 on CUDA and on CPUs with native bf16
-    native = bool(precision.native_bf16())
-    fast = "bf16" if device == "cuda" or native else "fp32"
+    native = native_bf16(device)
+    fast = "bf16" if native else "fp32"
     train = (*size.network, *on_device, "--warmup", "1")
 
     def steps(dtype: str) -> tuple[str, ...]:
@@ -264,7 +269,7 @@ def plan(size: Size, device: str) -> list[Job]:
 
     # where bf16 is emulated (about 100x slower than fp32) its steps would take hours at the
     # issue's size, and "auto" never trains in it there
-    dtypes = ("fp32", "bf16") if device == "cuda" or native else ("fp32",)
+    dtypes = ("fp32", "bf16") if native else ("fp32",)
     jobs = []
     for dtype in dtypes:
         peak = ("--peak", "--peak-size", str(size.peak_size)) if dtype == "fp32" else ()
@@ -409,7 +414,7 @@ def notes(perf: dict) -> list[str]:
     peak = measured_peak(perf["jobs"])
     if peak:
         ratio = peak["bf16"] / peak["fp32"]
-        emulated = perf["device"] == "cpu" and not perf.get("native_bf16", True)
+        emulated = not perf["native_bf16"]
         lines.append(f"Measured bf16/fp32 matmul throughput ratio: {ratio:.3g}"
                      + (f"; bf16 is emulated on this CPU ({m['cpu_capability']}, no AVX512-BF16 or "
                         "AMX): precision auto trains and samples in fp32 here, and the bf16 training "
@@ -462,7 +467,7 @@ def main(argv=None) -> int:
     perf = {"size": args.size, "device": device, "machine": machine(device),
             "network": list(size.network), "omp_num_threads": env.get("OMP_NUM_THREADS"),
             "python_executable": sys.executable, "load_average_start": list(os.getloadavg()),
-            "native_bf16": device == "cuda" or bool(precision.native_bf16())}
+            "native_bf16": native_bf16(device)}
     start = time.perf_counter()
     outcomes = []
     for number, job in enumerate(jobs, 1):

@@ -50,8 +50,9 @@ def test_tiny_report_has_a_positive_figure_for_every_benchmark_and_writes_both_f
         assert r["ratio"] is None or (math.isfinite(r["ratio"]) and r["ratio"] > 0), r
     assert settings(rows, "train step") == TRAINED
     assert settings(rows, "MFU") == TRAINED
-    # the precision training takes on this CPU: bf16 where it is native
-    fast = "bf16" if precision.native_bf16() else "fp32"
+    # the precision auto takes (the suite sets CFKIT_PRECISION, which the report follows)
+    fast = precision.resolve("auto", "cpu", 32).name
+    assert perf["auto_precision"]["precision_used"] == fast
     assert settings(rows, "K copies") == {f"causalfusion K=1 {fast}", f"causalfusion K=2 {fast}"}
     assert settings(rows, "sampling") == {f"S=1 {fast}", f"S=4 {fast}", f"S=16 {fast}"}
     assert settings(rows, "matmul peak") == {"fp32 256^3", "bf16 256^3"}
@@ -74,6 +75,7 @@ def test_tiny_report_has_a_positive_figure_for_every_benchmark_and_writes_both_f
     assert table.count("\n| ") == len(rows) + 1  # the header and one line per row
     assert "bf16/fp32 matmul throughput ratio" in table
     assert ("the bf16 training steps are not run" in table) == (not precision.native_bf16())
+    assert f'`precision = "auto"` takes {fast} here' in table
     assert all(job["command"] in table for job in perf["jobs"])
 
 
@@ -85,6 +87,42 @@ def test_a_failed_sub_benchmark_becomes_a_row_with_its_stderr():
     [failed] = report.job_rows(job, outcome, {})
     assert failed["benchmark"] == "mask build" and failed["value"] is None
     assert "exit status 2" in failed["error"] and "invalid int value" in failed["error"]
+
+
+def cpu_run(dtype: str, auto: str, **fields) -> dict:
+    """A sub-benchmark's JSON as far as the targets read it: a CPU run in ``dtype`` where
+    ``auto`` takes ``auto``, on a CPU whose flags show native bf16."""
+    return {"device": "cpu", "cpu_native_bf16": ["avx512_bf16"], "dtype": dtype,
+            "auto_precision": auto, **fields}
+
+
+@pytest.mark.parametrize("dtype, auto, target", [
+    ("bf16", "bf16", 4.0),  # bf16 native and faster: the bf16 target
+    ("fp32", "fp32", 1.5),  # bf16 emulated, or native but slower than fp32 (the probe)
+    ("bf16", "fp32", None),  # a precision auto does not take here gets no target
+    ("fp32", "bf16", None),
+])
+def test_speed_targets_follow_the_precision_auto_takes_not_the_cpu_flags(dtype, auto, target):
+    assert report.speed_target(cpu_run(dtype, auto)) == target
+    assert report.speed_target({**cpu_run(dtype, auto), "device": "NVIDIA H200"}) is None
+    mfu = report.mfu_rows(cpu_run(dtype, auto, method="causalfusion", sequence_length=260,
+                                  tflops=0.1), {dtype: 0.2})
+    assert [r["target"] for r in mfu] == ([">= 55%"] if dtype == auto == "bf16" else [None])
+    assert mfu[0]["value"] == pytest.approx(50) and mfu[0]["met"] is (False if mfu[0]["target"] else None)
+
+
+def test_where_auto_takes_fp32_despite_native_bf16_flags_copies_and_sampling_run_in_fp32(monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16", lambda: ["avx512_bf16"])
+    jobs = report.plan(report.SIZES["tiny"], "cpu", "fp32")
+    dtype = {job.setting: job.args[job.args.index("--dtype") + 1] for job in jobs if "--dtype" in job.args}
+    assert {s for s in dtype if s.startswith(("causalfusion K", "S="))} == {
+        "causalfusion K=2 fp32", "S=1 fp32", "S=4 fp32", "S=16 fp32"}
+    assert {d for s, d in dtype.items() if s.startswith(("causalfusion K", "S="))} == {"fp32"}
+    # bf16 is native, not emulated: its training steps still run, for the bf16/fp32 comparison
+    assert {"causalfusion bf16", "dit bf16", "causalfusion fp32", "dit fp32"} <= set(dtype)
+    monkeypatch.setattr(precision, "native_bf16", lambda: [])
+    emulated = report.plan(report.SIZES["tiny"], "cpu", "fp32")
+    assert not [job for job in emulated if job.setting.endswith("bf16")]
 
 
 @pytest.mark.parametrize("script", sorted(MODULES))

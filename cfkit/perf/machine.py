@@ -22,6 +22,14 @@ def machine() -> dict:
             "load_average_start": os.getloadavg()}
 
 
+def auto_precision(device: torch.device | str, width: int) -> dict:
+    """What ``precision = "auto"`` takes on ``device`` for a network ``width`` wide, and why
+    (on a CPU: its bf16 flags and the probe; ``CFKIT_PRECISION`` where set): the precision
+    whose figures issue 17's targets apply to."""
+    chosen = precision.resolve("auto", device, width)
+    return {"auto_precision": chosen.name, "auto_precision_reason": chosen.reason}
+
+
 def network_parser(description: str, dtypes) -> argparse.ArgumentParser:
     """A benchmark's parser with the measured network and batch: method, width, depth, heads,
     batch, latent grid side, patch, precision (one of ``dtypes``) and attention backend."""

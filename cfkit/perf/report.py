@@ -12,8 +12,10 @@ the training step it feeds (data.py); the matmul peak of this machine and the mo
 utilisation against it (train_step.py --peak). ``--size issue`` is the issues' network
 (D=384, depth 12, 6 heads, batch 8, 32x32 latents at patch 2); ``small`` (default) is the same
 network on 16x16 latents, about 5 minutes on a 2-core CPU; ``tiny`` is the smoke size of the
-tests, about 30 s. With CUDA, train_step.py and sample.py run on it and in bf16 where the
-CPU runs fp32 (K copies, sampling).
+tests, about 30 s. With CUDA, train_step.py and sample.py run on it. The K-copies and
+sampling runs take the precision ``precision = "auto"`` takes on the device (bf16 on CUDA and
+on a CPU where bf16 is native and faster than fp32, fp32 elsewhere), and issue 17's speed
+targets are stated beside the rows in it.
 
 ``DIR/perf.json`` holds every sub-benchmark's JSON, the rows, the command lines and the
 machine; ``DIR/perf.md`` the table and the commands. A failed sub-benchmark becomes a row with
@@ -142,12 +144,12 @@ def train_setting(entry: dict) -> str:
 
 
 def speed_target(report: dict) -> float | None:
-    """Issue 17's speed-up over the reference for a CPU run in the precision training takes
-    there: >= 4x in bf16 where bf16 is native, >= 1.5x in fp32 where it is not (None otherwise)."""
-    if report.get("device") != "cpu":
+    """Issue 17's speed-up over the reference for a CPU run in the precision ``auto`` takes
+    there (the run's ``auto_precision``): >= 4x in bf16 (native and faster than fp32), >= 1.5x
+    in fp32 (bf16 emulated, or native but slower, as the probe found); None otherwise."""
+    if report.get("device") != "cpu" or report["dtype"] != report.get("auto_precision"):
         return None
-    native = bool(report.get("cpu_native_bf16"))
-    return {("bf16", True): 4.0, ("fp32", False): 1.5}.get((report["dtype"], native))
+    return {"bf16": 4.0, "fp32": 1.5}[report["dtype"]]
 
 
 def target_fields(value: float | None, least: float | None = None, most: float | None = None) -> dict:
@@ -206,11 +208,11 @@ def mfu_rows(report: dict, peak: dict) -> list[Row]:
     """MFU of the run's method and of In-context DiT if timed: train_step.py's dense FLOP
     count (``flops_counted``) over the peak of this machine in that dtype."""
     entries = [report] + ([report["incontext"]] if "incontext" in report else [])
-    native = report.get("device") == "cpu" and bool(report.get("cpu_native_bf16"))
+    bf16 = report.get("device") == "cpu" and report.get("auto_precision") == "bf16"
     rows = []
     for e in entries:
         mfu = e["tflops"] / peak[e["dtype"]] * 100
-        target = {"target": ">= 55%", "met": mfu >= 55} if native and e["dtype"] == "bf16" else {}
+        target = {"target": ">= 55%", "met": mfu >= 55} if bf16 and e["dtype"] == "bf16" else {}
         rows.append(row("MFU", train_setting(e), "dense FLOPs / matmul peak", mfu, "%",
                         baseline=f"peak {peak[e['dtype']]:.4g} TFLOP/s", **target))
     return rows
@@ -250,17 +252,25 @@ def data_rows(report: dict, peak: dict) -> list[Row]:
 
 
 def native_bf16(device: str) -> bool:
-    """Whether bf16 is native on ``device``: CUDA, or a CPU with AVX512-BF16 or AMX. The
-    precision training takes there, and where it is not, the report runs no bf16 step."""
+    """Whether bf16 is native on ``device``: CUDA, or a CPU with AVX512-BF16 or AMX. Where it is
+    not, the report runs no bf16 step (emulated, it would take hours)."""
     return device == "cuda" or bool(precision.native_bf16())
 
 
-def plan(size: Size, device: str) -> list[Job]:
-    """Every sub-benchmark run of the report. The causalfusion fp32 run also times the matmul
-    peak (for every MFU row); the run in the dtype training uses here gives the K = 1 row."""
+def training_precision(size: Size, device: str) -> precision.Precision:
+    """What ``precision = "auto"`` takes on ``device`` for the size's network: the precision of
+    the K-copies and sampling runs, and the one issue 17's targets apply to. A CPU whose flags
+    show native bf16 can still run it slower than fp32 (the probe says so)."""
+    width = int(size.network[size.network.index("--hidden") + 1])
+    return precision.resolve("auto", device, width)
+
+
+def plan(size: Size, device: str, fast: str) -> list[Job]:
+    """Every sub-benchmark run of the report; ``fast`` is the precision ``auto`` takes here
+    (``training_precision``), of the K-copies and sampling runs. The causalfusion fp32 run also
+    times the matmul peak (for every MFU row); the run in ``fast`` gives the K = 1 row."""
     on_device = ("--device", device)
     native = native_bf16(device)
-    fast = "bf16" if native else "fp32"
     train = (*size.network, *on_device, "--warmup", "1")
 
     def steps(dtype: str) -> tuple[str, ...]:
@@ -268,7 +278,7 @@ def plan(size: Size, device: str) -> list[Job]:
         return ("--dtype", dtype, "--steps", str(count))
 
     # where bf16 is emulated (about 100x slower than fp32) its steps would take hours at the
-    # issue's size, and "auto" never trains in it there
+    # issue's size, and "auto" never trains in it there; where it is native both run
     dtypes = ("fp32", "bf16") if native else ("fp32",)
     jobs = []
     for dtype in dtypes:
@@ -353,16 +363,8 @@ def measured_peak(outcomes: list[dict]) -> dict[str, float]:
 
 
 def machine(device: str) -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": model,
+        "cpu": precision.cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "platform": platform.platform(),
@@ -417,8 +419,11 @@ def notes(perf: dict) -> list[str]:
         emulated = not perf["native_bf16"]
         lines.append(f"Measured bf16/fp32 matmul throughput ratio: {ratio:.3g}"
                      + (f"; bf16 is emulated on this CPU ({m['cpu_capability']}, no AVX512-BF16 or "
-                        "AMX): precision auto trains and samples in fp32 here, and the bf16 training "
-                        "steps are not run" if emulated else "") + ".")
+                        "AMX): the bf16 training steps are not run" if emulated else "") + ".")
+    auto = perf["auto_precision"]
+    lines.append(f"`precision = \"auto\"` takes {auto['precision_used']} here "
+                 f"({auto['precision_reason']}): the K-copies and sampling rows run in it, and "
+                 "issue 17's speed targets apply to the rows in it.")
     loads = [perf["load_average_start"][0], perf["load_average_end"][0]]
     if max(loads) > 1:
         lines.append(f"The machine was shared: 1-minute load average {loads[0]:.2f} at the start, "
@@ -463,11 +468,12 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    jobs = plan(size, device)
+    chosen = training_precision(size, device)
+    jobs = plan(size, device, chosen.name)
     perf = {"size": args.size, "device": device, "machine": machine(device),
             "network": list(size.network), "omp_num_threads": env.get("OMP_NUM_THREADS"),
             "python_executable": sys.executable, "load_average_start": list(os.getloadavg()),
-            "native_bf16": native_bf16(device)}
+            "native_bf16": native_bf16(device), "auto_precision": chosen.record()}
     start = time.perf_counter()
     outcomes = []
     for number, job in enumerate(jobs, 1):

@@ -42,7 +42,7 @@ from cfkit.generate import (
     guidance_for,
     reverse_process,
 )
-from cfkit.perf.machine import machine, model_options, network_parser
+from cfkit.perf.machine import auto_precision, machine, model_options, network_parser
 from cfkit.samplers import noise_like, respaced
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -157,6 +157,7 @@ def run(args) -> dict:
     report = {
         "device": device.type if device.type != "cuda" else torch.cuda.get_device_name(device),
         **machine(),
+        **auto_precision(device, args.hidden),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
     }
     report.update(measure(args, args.ar_steps, True, args.attention, args.dtype, device))

@@ -34,7 +34,7 @@ from cfkit import config as configs
 from cfkit import preflight
 from cfkit.flops import FLOPS_COUNTED, executed_pairs, step_flops
 from cfkit.methods import Batch
-from cfkit.perf.machine import machine, model_options, network_parser
+from cfkit.perf.machine import auto_precision, machine, model_options, network_parser
 from cfkit.precision import native_bf16
 from cfkit.train import Trainer, step_generator
 
@@ -237,6 +237,7 @@ def run(args) -> dict:
     report = {
         "device": device.type if device.type != "cuda" else torch.cuda.get_device_name(device),
         **machine(),
+        **auto_precision(device, args.hidden),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "flops_counted": FLOPS_COUNTED,
     }

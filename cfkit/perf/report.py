@@ -51,12 +51,15 @@ class Size:
     """How large and how long each sub-benchmark runs."""
 
     network: tuple[str, ...]  # train_step.py and sample.py flags: the model and the batch
-    train_steps: int  # timed training steps (after one untimed)
+    train_steps: int  # timed training steps (after ``train_warmup`` untimed rounds)
     bf16_steps: int  # the same in bf16, emulated (~100x slower than fp32) on CPUs without AMX
     copies: tuple[int, ...]  # K of the noised-token comparison (K = 1 comes with the fp32 run)
     ar_steps: tuple[int, ...]  # S of the sampling runs
     diffusion_steps: int  # timed diffusion steps per sampling variant (after one untimed)
     peak_size: int  # side of the square matmul of the peak
+    # untimed rounds of each training-step run: the reference's step took three rounds to
+    # settle at the issue's size on a 2-core Xeon (11.2, 6.4, 5.8 s, then 3.8-5.1 s)
+    train_warmup: int
     masks: tuple[str, ...]
     data: tuple[str, ...]
     # OMP_NUM_THREADS of the sub-benchmarks (None: torch's choice). One thread on the shared
@@ -70,7 +73,7 @@ SIZES = {
         network=("--hidden", "32", "--depth", "2", "--heads", "2", "--batch", "2",
                  "--latent", "8", "--patch", "2"),
         train_steps=1, bf16_steps=1, copies=(2,), ar_steps=(1, 4, 16), diffusion_steps=1,
-        peak_size=256,
+        peak_size=256, train_warmup=1,
         masks=("--tokens", "256", "--cond", "16", "--steps", "1", "16", "256",
                "--repeats", "3", "--warmup", "1"),
         data=("--batch", "8", "--batches", "3", "--warmup", "1", "--repeats", "1",
@@ -81,13 +84,13 @@ SIZES = {
         network=("--hidden", "384", "--depth", "12", "--heads", "6", "--batch", "8",
                  "--latent", "16", "--patch", "2"),
         train_steps=3, bf16_steps=1, copies=(2, 4, 8), ar_steps=(1, 4, 16), diffusion_steps=3,
-        peak_size=1024, masks=(), data=(), threads=1, timeout_s=600,
+        peak_size=1024, train_warmup=2, masks=(), data=(), threads=1, timeout_s=600,
     ),
     "issue": Size(
         network=("--hidden", "384", "--depth", "12", "--heads", "6", "--batch", "8",
                  "--latent", "32", "--patch", "2"),
         train_steps=5, bf16_steps=2, copies=(2, 4, 8), ar_steps=(1, 4, 16), diffusion_steps=3,
-        peak_size=2048, masks=(), data=(), threads=None, timeout_s=3600,
+        peak_size=2048, train_warmup=3, masks=(), data=(), threads=None, timeout_s=3600,
     ),
 }
 
@@ -271,7 +274,7 @@ def plan(size: Size, device: str, fast: str) -> list[Job]:
     times the matmul peak (for every MFU row); the run in ``fast`` gives the K = 1 row."""
     on_device = ("--device", device)
     native = native_bf16(device)
-    train = (*size.network, *on_device, "--warmup", "1")
+    train = (*size.network, *on_device, "--warmup", str(size.train_warmup))
 
     def steps(dtype: str) -> tuple[str, ...]:
         count = size.bf16_steps if dtype == "bf16" and device == "cpu" else size.train_steps

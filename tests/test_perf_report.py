@@ -54,6 +54,8 @@ def test_tiny_report_has_a_positive_figure_for_every_benchmark_and_writes_both_f
     fast = precision.resolve("auto", "cpu", 32).name
     assert perf["auto_precision"]["precision_used"] == fast
     assert settings(rows, "K copies") == {f"causalfusion K=1 {fast}", f"causalfusion K=2 {fast}"}
+    assert {r["figure"] for r in rows if r["benchmark"] == "K copies"} == {
+        "step time per noised token", "executed matmul FLOPs per noised token"}
     assert settings(rows, "sampling") == {f"S=1 {fast}", f"S=4 {fast}", f"S=16 {fast}"}
     assert settings(rows, "matmul peak") == {"fp32 256^3", "bf16 256^3"}
     # the ratios the sub-benchmarks report against their baselines reach the table

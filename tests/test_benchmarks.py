@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,12 @@ def test_train_step_reports_causalfusion_against_its_baselines_and_the_peak():
                 "peak_tflops_fp32", "mfu"]:
         assert report[key] > 0, key
     assert report["noised_tokens_per_step"] == 2 * 2 * 16  # batch * K * L
+    # the cost ratio is the median of the rounds' paired ratios (two timed rounds)
+    by_round = [(engine / report["noised_tokens_per_step"])
+                / (incontext / report["incontext"]["noised_tokens_per_step"])
+                for engine, incontext in zip(report["step_s"], report["incontext"]["step_s"], strict=True)]
+    assert report["cost_ratio_by_round"] == pytest.approx(by_round)
+    assert report["cost_per_noised_token_ratio"] == pytest.approx(statistics.median(by_round))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -193,7 +193,9 @@ def executed_per_token(entry: dict) -> float:
 
 def copies_rows(report: dict, peak: dict) -> list[Row]:
     """The time per noised token against In-context DiT's, and the executed matmul FLOPs per
-    noised token against its: the ratio no kernel speed can take the time ratio below."""
+    noised token against its: the ratio of work, which the time ratio equals where both steps
+    reach the same FLOP rate (the K-copies step, with its longer sequences, can reach a higher
+    one)."""
     incontext = report["incontext"]
     ratio = report["cost_per_noised_token_ratio"]
     setting = f"causalfusion K={report['copies']} {report['dtype']}"

@@ -11,7 +11,8 @@ same sequence length; the speedup is the median of the rounds' ratios. The issue
 
 ``--dtype`` is the engine's precision (``fp32``, ``bf16`` or ``auto``, which says what it chose
 and why). ``--copies K`` noises K copies per sample and, with ``--compare-incontext`` or whenever K > 1,
-also times In-context DiT to give the cost per noised token relative to it. ``--peak``
+also times In-context DiT to give the cost per noised token relative to it (the median of the
+rounds' ratios, as for the speed-up). ``--peak``
 times a large square matmul to give this machine's peak and the model FLOP utilisation.
 One JSON object goes to stdout with ``--json``; progress goes to stderr. FLOPs are counted by
 ``cfkit.flops.step_flops``, the count ``cfkit bench`` records for each training run.
@@ -261,10 +262,12 @@ def run(args) -> dict:
         report["speedup_vs_reference"] = statistics.median(report["speedup_by_round"])
     if "incontext-dit" in results:
         icdit = report["incontext"] = results["incontext-dit"]
-        report["cost_per_noised_token_ratio"] = (
-            (report["median_step_s"] / report["noised_tokens_per_step"])
-            / (icdit["median_step_s"] / icdit["noised_tokens_per_step"])
-        )
+        # paired like the speed-up: a round's two steps ran back to back, so their ratio is
+        # free of the machine's drift from round to round
+        report["cost_ratio_by_round"] = [
+            (engine / report["noised_tokens_per_step"]) / (incontext / icdit["noised_tokens_per_step"])
+            for engine, incontext in zip(report["step_s"], icdit["step_s"], strict=True)]
+        report["cost_per_noised_token_ratio"] = statistics.median(report["cost_ratio_by_round"])
     report["load_average_end"] = os.getloadavg()
     if args.peak:
         add_peak(args, report, device)

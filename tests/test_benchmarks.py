@@ -46,6 +46,9 @@ def test_train_step_reports_causalfusion_against_its_baselines_and_the_peak():
                 "peak_tflops_fp32", "mfu"]:
         assert report[key] > 0, key
     assert report["noised_tokens_per_step"] == 2 * 2 * 16  # batch * K * L
+    # the peak is the best of a timing before the steps and one after
+    assert report["peak_tflops_fp32"] == max(report["peak_tflops_fp32_by_layout"].values())
+    assert report["mfu"] == pytest.approx(report["tflops"] / report[f"peak_tflops_{report['precision']}"])
     # the cost ratio is the median of the rounds' paired ratios (two timed rounds)
     by_round = [(engine / report["noised_tokens_per_step"])
                 / (incontext / report["incontext"]["noised_tokens_per_step"])
@@ -84,3 +87,16 @@ def test_data_reports_the_loader_against_the_training_step():
         assert report[f"ratio_{kind}"] == pytest.approx(loader["samples_per_s"] / train)
     assert report["ratio"] == min(report["ratio_pixels"], report["ratio_latents"])
     assert report["meets_target"] == (report["ratio"] >= 5)
+
+
+def test_the_matmul_peak_is_the_best_of_the_timings_before_and_after_the_steps(monkeypatch):
+    from cfkit.perf import train_step as module
+
+    before = {"fp32": (128, {"A@B": 1.0, "A@B^T": 0.5}), "bf16": (128, {"A@B": 2.0, "A@B^T": 2.0})}
+    after = {"fp32": (128, {"A@B": 0.2, "A@B^T": 0.7}), "bf16": (128, {"A@B": 1.0, "A@B^T": 4.0})}
+    monkeypatch.setattr(module, "peaks", lambda args, device: after)
+    report = {"precision": "fp32", "tflops": 0.5, "tflops_executed": 0.4}
+    module.add_peak(None, report, "cpu", before)
+    assert report["peak_tflops_fp32_by_layout"] == {"A@B": 1.0, "A@B^T": 0.7}
+    assert report["peak_tflops_fp32"] == 1.0 and report["peak_tflops_bf16"] == 4.0
+    assert report["mfu"] == 0.5 and report["mfu_executed"] == 0.4

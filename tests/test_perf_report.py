@@ -127,6 +127,18 @@ def test_where_auto_takes_fp32_despite_native_bf16_flags_copies_and_sampling_run
     assert not [job for job in emulated if job.setting.endswith("bf16")]
 
 
+@pytest.mark.parametrize("mfu, warned", [(111.8, True), (64.5, False)])
+def test_an_mfu_over_100_percent_is_called_untrustworthy(mfu, warned):
+    perf = {"machine": {"cpu": "Xeon", "cpu_count": 2, "cpu_capability": "AVX512", "torch": "2.13.0",
+                        "gpu": None},
+            "network": [], "omp_num_threads": None, "wall_s": 1.0, "jobs": [], "native_bf16": True,
+            "auto_precision": {"precision_used": "fp32", "precision_reason": "auto: probed"},
+            "load_average_start": [0.1] * 3, "load_average_end": [0.1] * 3,
+            "rows": [report.row("MFU", "causalfusion fp32, T=502", "dense FLOPs / matmul peak", mfu, "%")]}
+    text = "\n".join(report.notes(perf))
+    assert ("MFU over 100% (causalfusion fp32, T=502)" in text) == warned
+
+
 @pytest.mark.parametrize("script", sorted(MODULES))
 def test_each_script_in_benchmarks_perf_runs_its_cfkit_perf_module(script):
     names = runpy.run_path(str(ROOT / "benchmarks" / "perf" / f"{script}.py"))  # not as __main__

@@ -440,6 +440,11 @@ def notes(perf: dict) -> list[str]:
     lines.append(f"`precision = \"auto\"` takes {auto['precision_used']} here "
                  f"({auto['precision_reason']}): the K-copies and sampling rows run in it, and "
                  "issue 17's speed targets apply to the rows in it.")
+    over = [r["setting"] for r in perf["rows"] if r["benchmark"] == "MFU" and (r["value"] or 0) > 100]
+    if over:
+        lines.append(f"MFU over 100% ({', '.join(over)}): the steps ran faster than the matmul peak "
+                     "timed before and after them, so the machine's speed changed during the run "
+                     "and the MFU rows are not to be trusted.")
     loads = [perf["load_average_start"][0], perf["load_average_end"][0]]
     if max(loads) > 1:
         lines.append(f"The machine was shared: 1-minute load average {loads[0]:.2f} at the start, "

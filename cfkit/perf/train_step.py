@@ -250,6 +250,7 @@ def run(args) -> dict:
         if args.compare_incontext or args.copies > 1:
             steps["incontext-dit"] = EngineStep(args, "incontext-dit", 1, args.attention, args.dtype,
                                                 device, Path(folder) / "incontext")
+        before = peaks(args, device) if args.peak else None
         log(f"{', '.join(steps)}: {args.warmup} + {args.steps} interleaved rounds")
         results = measure(args, steps, device)
     report.update(results.pop(args.method))
@@ -270,20 +271,32 @@ def run(args) -> dict:
         report["cost_per_noised_token_ratio"] = statistics.median(report["cost_ratio_by_round"])
     report["load_average_end"] = os.getloadavg()
     if args.peak:
-        add_peak(args, report, device)
+        add_peak(args, report, device, before)
     return report
 
 
-def add_peak(args, report: dict, device: torch.device) -> None:
-    """The matmul peaks and each measured step's model FLOP utilisation against its precision's."""
+def peaks(args, device: torch.device) -> dict[str, tuple[int, dict[str, float]]]:
+    """``{precision: (matmul side, {layout: TFLOP/s})}`` of the matmul peak, timed now."""
     log("matmul peak")
+    out = {}
     for name, dtype in DTYPES.items():
         size = args.peak_size
         if name == "bf16" and device.type == "cpu" and not native_bf16():
             # emulated: a 2048^3 bf16 matmul took about a minute on an AVX2 CPU; the small one
             # measures the same slowness
             size = min(size, EMULATED_PEAK_SIZE)
-        layouts = matmul_peak(dtype, device, size, args.peak_repeats)
+        out[name] = size, matmul_peak(dtype, device, size, args.peak_repeats)
+    return out
+
+
+def add_peak(args, report: dict, device: torch.device, before: dict) -> None:
+    """The matmul peaks, the best of ``before`` (``peaks`` timed before the steps) and of a second
+    timing after them (a shared machine's speed drifts: on a 2-core VM one peak came out at 0.16
+    TFLOP/s and another at 0.28 minutes apart, and the MFU against the low one read 112%), and
+    each measured step's model FLOP utilisation against its precision's."""
+    after = peaks(args, device)
+    for name, (size, layouts) in after.items():
+        layouts = {layout: max(tflops, before[name][1][layout]) for layout, tflops in layouts.items()}
         report[f"peak_size_{name}"] = size
         report[f"peak_tflops_{name}"] = max(layouts.values())
         report[f"peak_tflops_{name}_by_layout"] = layouts

@@ -13,7 +13,8 @@ same sequence length; the speedup is the median of the rounds' ratios. The issue
 and why). ``--copies K`` noises K copies per sample and, with ``--compare-incontext`` or whenever K > 1,
 also times In-context DiT to give the cost per noised token relative to it (the median of the
 rounds' ratios, as for the speed-up). ``--peak``
-times a large square matmul to give this machine's peak and the model FLOP utilisation.
+times a large square matmul before and after the steps (the best of both: a shared machine's
+speed drifts) to give this machine's peak and the model FLOP utilisation.
 One JSON object goes to stdout with ``--json``; progress goes to stderr. FLOPs are counted by
 ``cfkit.flops.step_flops``, the count ``cfkit bench`` records for each training run.
 """

@@ -7,6 +7,7 @@ import importlib
 import json
 import math
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -21,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_ALL = ROOT / "benchmarks" / "perf" / "run_all.py"
 MODULES = {"run_all": "report", "train_step": "train_step", "sample": "sample", "masks": "masks",
            "data": "data"}
-KINDS = {"mask build", "train step", "K copies", "sampling", "loader", "matmul peak", "MFU"}
+KINDS = {"mask build", "train step", "K copies", "sampling", "time split", "loader", "matmul peak",
+         "MFU"}
 # bf16 steps run where bf16 is native; where it is emulated (~100x slower) the report skips them
 DTYPES = ("fp32", "bf16") if precision.native_bf16() else ("fp32",)
 TRAINED = {f"{method} {dtype}" for method in ("causalfusion", "incontext-dit", "dit") for dtype in DTYPES}
@@ -58,6 +60,18 @@ def test_tiny_report_has_a_positive_figure_for_every_benchmark_and_writes_both_f
         "step time per noised token", "executed matmul FLOPs per noised token"}
     assert settings(rows, "sampling") == {f"S=1 {fast}", f"S=4 {fast}", f"S=16 {fast}"}
     assert settings(rows, "matmul peak") == {"fp32 256^3", "bf16 256^3"}
+    # where the time goes in the steps the speed targets are about, and what is left to gain
+    splits = {}
+    for r in rows:
+        if r["benchmark"] == "time split" and not r["figure"].startswith("speed-up bound"):
+            setting = re.sub(r", T=[0-9.]+", "", r["setting"])  # the sequence length drawn
+            splits[setting] = splits.get(setting, 0) + r["value"]
+    assert set(splits) == {f"causalfusion {fast} train step",
+                           "reference eager fp32 train step", f"S=1 {fast} diffusion step",
+                           "reference S=1 eager fp32 diffusion step"}
+    assert all(math.isclose(total, 100) for total in splits.values()), splits
+    bounds = [r for r in rows if r["figure"].startswith("speed-up bound")]
+    assert len(bounds) == 2 and all(r["target"] and r["met"] is not None for r in bounds)
     # the ratios the sub-benchmarks report against their baselines reach the table
     ratios = {(r["benchmark"], r["setting"].split(",")[0], r["figure"]): r["ratio"] for r in rows}
     for dtype in DTYPES:

@@ -96,7 +96,8 @@ SIZES = {
 
 Row = dict
 # Table order: the benchmarks as the report lists them.
-BENCHMARKS = ("mask build", "train step", "K copies", "sampling", "loader", "matmul peak", "MFU")
+BENCHMARKS = ("mask build", "train step", "K copies", "sampling", "time split", "loader", "matmul peak",
+              "MFU")
 Extract = Callable[[dict, dict[str, float]], list[Row]]
 
 
@@ -251,6 +252,49 @@ def sample_rows(report: dict, peak: dict) -> list[Row]:
     ]
 
 
+def split_rows(setting: str, split: dict) -> list[Row]:
+    """A profiled step's time split (``cfkit.perf.breakdown``), in % of its operator time."""
+    largest = ", ".join(f"{name.removeprefix('aten::')} {spent / split['total_s']:.0%}"
+                        for name, spent in split["others"])
+    figures = {"linear matmuls": "linear matmuls (mm, addmm)",
+               "attention": "attention kernels (eager: bmm, softmax, masked_fill)",
+               "everything else": f"everything else (largest: {largest})"}
+    return [row("time split", setting, figure, split["shares"][kind] * 100, "% of operator time")
+            for kind, figure in figures.items()]
+
+
+def bound_row(setting: str, report: dict, reference: dict, target: float | None) -> Row:
+    """The speed-up over the reference if all but the engine's matmuls and attention took no
+    time (``breakdown.speedup_bound``), beside the speed-up measured; against issue 17's
+    ``target`` where one applies: a bound below it says that no cut of the overhead reaches
+    the target, only faster matmuls or attention."""
+    bound = report["speedup_bound_vs_reference"]
+    reachable = {} if target is None else {"target": f"bound >= {target:g} (the speed-up target)",
+                                           "met": bound >= target}
+    return row("time split", setting, "speed-up bound: all but matmuls and attention take no time",
+               bound, "x",
+               baseline=f"reference profiled step {reference['profile']['wall_s'] * 1e3:.4g} ms; "
+                        f"measured {report['speedup_vs_reference']:.3g}x", **reachable)
+
+
+def train_split_rows(report: dict, peak: dict) -> list[Row]:
+    """The profiled round (``train_step.py --profile``) of the engine's step and the reference's."""
+    baseline = report["baseline"]
+    return [*split_rows(f"{train_setting(report)} train step", report["profile"]),
+            *split_rows("reference eager fp32 train step", baseline["profile"]),
+            bound_row(f"{train_setting(report)} train step", report, baseline, speed_target(report))]
+
+
+def sample_split_rows(report: dict, peak: dict) -> list[Row]:
+    """The profiled diffusion step (``sample.py --profile``) of the cached path and the reference's."""
+    setting = f"S={report['ar_steps']} {report['dtype']} diffusion step"
+    reference = report["reference"]
+    return [*split_rows(setting, report["profile"]),
+            *split_rows("reference S=1 eager fp32 diffusion step", reference["profile"]),
+            bound_row(setting, report, reference,
+                      speed_target(report) if report["ar_steps"] == 1 else None)]
+
+
 def data_rows(report: dict, peak: dict) -> list[Row]:
     train = report["train"]["samples_per_s"]
     target = report["target_ratio"]
@@ -299,11 +343,12 @@ def plan(size: Size, device: str, fast: str) -> list[Job]:
     jobs = []
     for dtype in dtypes:
         peak = ("--peak", "--peak-size", str(size.peak_size)) if dtype == "fp32" else ()
+        profile = ("--profile",) if dtype == fast else ()  # the run issue 17's targets apply to
         extract = ((train_rows, incontext_rows, mfu_rows) + ((peak_rows,) if peak else ())
-                   + ((copies_rows,) if dtype == fast else ()))
+                   + ((copies_rows, train_split_rows) if dtype == fast else ()))
         jobs.append(Job("train step", f"causalfusion {dtype}", "train_step",
                         (*train, "--method", "causalfusion", *steps(dtype), "--compare-incontext",
-                         *peak), extract))
+                         *peak, *profile), extract))
     jobs += [Job("train step", f"dit {dtype}", "train_step",
                  (*train, "--method", "dit", *steps(dtype)), (train_rows, mfu_rows))
              for dtype in dtypes]
@@ -314,7 +359,8 @@ def plan(size: Size, device: str, fast: str) -> list[Job]:
     jobs += [Job("sampling", f"S={s} {fast}", "sample",
                  (*size.network, *on_device, "--dtype", fast, "--ar-steps", str(s),
                   "--steps", "250", "--cfg", "4", "--warmup", "1",
-                  "--measure", str(size.diffusion_steps)), (sample_rows,))
+                  "--measure", str(size.diffusion_steps), *(("--profile",) if s == 1 else ())),
+                 (sample_rows, *((sample_split_rows,) if s == 1 else ())))
              for s in size.ar_steps]
     jobs += [Job("mask build", "dense mask", "masks", size.masks, (mask_rows,)),
              Job("loader", "digits-tiny", "data", size.data, (data_rows,))]

@@ -15,7 +15,10 @@ a whole generation; the cost does not depend on the tokens' values, so they are 
 not counted. Baselines in the same run: the reference-style loop (S = 1, eager attention,
 fp32, CFG by the 2N batch) gives ``speedup_vs_reference`` (ratio of images/s), and the
 uncached path at the same S (the context recomputed by the full training forward every
-diffusion step) gives ``cached_speedup``. One JSON object goes to stdout with ``--json``;
+diffusion step) gives ``cached_speedup``. ``--profile`` runs one more diffusion step of the
+cached path and of the reference under the profiler: their time split
+(``cfkit.perf.breakdown``) and the speed-up the cached path would reach over the reference if
+everything but its matmuls and attention took no time. One JSON object goes to stdout with ``--json``;
 progress goes to stderr.
 """
 
@@ -42,6 +45,7 @@ from cfkit.generate import (
     guidance_for,
     reverse_process,
 )
+from cfkit.perf import breakdown
 from cfkit.perf.machine import auto_precision, machine, model_options, network_parser
 from cfkit.samplers import noise_like, respaced
 
@@ -73,8 +77,9 @@ def build_model(args, attention: str | None, device: torch.device):
 
 
 def measure(args, ar_steps: int, cached: bool, attention: str | None, dtype: str,
-            device: torch.device) -> dict:
-    """Median time of ``args.measure`` diffusion steps at AR step S // 2 (see the module doc)."""
+            device: torch.device, profile: bool = False) -> dict:
+    """Median time of ``args.measure`` diffusion steps at AR step S // 2 (see the module doc);
+    with ``profile``, the time split of one more step (``profile``)."""
     method = build_model(args, attention, device)
     model, config = method.model, method.model.config
     generator = torch.Generator().manual_seed(args.seed)
@@ -88,19 +93,27 @@ def measure(args, ar_steps: int, cached: bool, attention: str | None, dtype: str
     start, size = int(sizes[:step].sum()), int(sizes[step])
     span = slice(start, start + size)
     times, last = [], [0.0]
+    profiler = breakdown.Profiler(device) if profile else None
+    split: list[breakdown.Breakdown] = []
     label = (f"{'cached' if cached else 'uncached'} S={ar_steps} {dtype} "
              f"attention={attention or 'default'}")
 
     def on_step():
+        timed = args.warmup + args.measure
+        if len(times) == timed:  # the profiled step, after the timed ones
+            split.append(profiler.stop())
+            log(f"  {label} profiled step: {split[0].wall_s:.3f} s")
+            raise Measured
         synchronize(device)
         now = time.perf_counter()
         times.append(now - last[0])
         last[0] = now
-        warm = len(times) <= args.warmup
-        log(f"  {label} step {len(times)}/{args.warmup + args.measure}"
-            f"{' (warmup)' if warm else ''}: {times[-1]:.3f} s")
-        if len(times) == args.warmup + args.measure:
-            raise Measured
+        log(f"  {label} step {len(times)}/{timed}"
+            f"{' (warmup)' if len(times) <= args.warmup else ''}: {times[-1]:.3f} s")
+        if len(times) == timed:
+            if profiler is None:
+                raise Measured
+            profiler.start()
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     with torch.no_grad(), autocast, contextlib.suppress(Measured):
@@ -118,7 +131,7 @@ def measure(args, ar_steps: int, cached: bool, attention: str | None, dtype: str
                         method.prediction, generator, on_step)
     timed = times[args.warmup:]
     median = statistics.median(timed)
-    return {
+    return {**({"profile": split[0].record()} if split else {}),
         "cached": cached,
         "dtype": dtype,
         "attention": attention or "default",
@@ -146,6 +159,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reference", action="store_true",
                    help="skip the reference-style baseline (S = 1, eager attention, fp32)")
     p.add_argument("--no-uncached", action="store_true", help="skip the uncached baseline")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more step of the cached path and the reference")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
 
@@ -160,11 +175,14 @@ def run(args) -> dict:
         **auto_precision(device, args.hidden),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
     }
-    report.update(measure(args, args.ar_steps, True, args.attention, args.dtype, device))
+    report.update(measure(args, args.ar_steps, True, args.attention, args.dtype, device, args.profile))
     if not args.no_reference:
-        reference = measure(args, 1, True, "eager", "fp32", device)
+        reference = measure(args, 1, True, "eager", "fp32", device, args.profile)
         report["reference"] = reference
         report["speedup_vs_reference"] = report["images_per_s"] / reference["images_per_s"]
+        if args.profile:  # per image: a step of S = 1 makes every token, one of S makes 1/S
+            report["speedup_bound_vs_reference"] = breakdown.speedup_bound(
+                reference["profile"], report["profile"], args.ar_steps)
     if not args.no_uncached:
         uncached = measure(args, args.ar_steps, False, args.attention, args.dtype, device)
         report["uncached"] = uncached
@@ -176,9 +194,10 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.latent % args.patch:
         raise SystemExit(f"--patch {args.patch} does not divide --latent {args.latent}")
-    if args.warmup + args.measure > args.steps:
-        raise SystemExit(f"--warmup + --measure ({args.warmup + args.measure}) must be <= --steps "
-                         f"({args.steps}): only the steps of one AR step are timed")
+    used = args.warmup + args.measure + args.profile
+    if used > args.steps:
+        raise SystemExit(f"--warmup + --measure{' + 1 (--profile)' if args.profile else ''} ({used}) "
+                         f"must be <= --steps ({args.steps}): only the steps of one AR step are timed")
     if args.measure < 1:
         raise SystemExit("--measure must be >= 1")
     preflight.keep_freed_memory()  # as `cfkit sample` runs: every variant in this process

@@ -14,7 +14,10 @@ and why). ``--copies K`` noises K copies per sample and, with ``--compare-incont
 also times In-context DiT to give the cost per noised token relative to it (the median of the
 rounds' ratios, as for the speed-up). ``--peak``
 times a large square matmul before and after the steps (the best of both: a shared machine's
-speed drifts) to give this machine's peak and the model FLOP utilisation.
+speed drifts) to give this machine's peak and the model FLOP utilisation. ``--profile`` runs one more round
+under the profiler and gives each step's time split (``cfkit.perf.breakdown``: linear matmuls,
+attention, everything else) and, against the reference, the speed-up the engine would reach
+if everything but its matmuls and attention took no time.
 One JSON object goes to stdout with ``--json``; progress goes to stderr. FLOPs are counted by
 ``cfkit.flops.step_flops``, the count ``cfkit bench`` records for each training run.
 """
@@ -36,6 +39,7 @@ from cfkit import config as configs
 from cfkit import preflight
 from cfkit.flops import FLOPS_COUNTED, executed_pairs, step_flops
 from cfkit.methods import Batch
+from cfkit.perf import breakdown
 from cfkit.perf.machine import auto_precision, machine, model_options, network_parser
 from cfkit.precision import native_bf16
 from cfkit.train import Trainer, step_generator
@@ -228,6 +232,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-incontext", action="store_true",
                    help="also time In-context DiT (always done when --copies > 1)")
     p.add_argument("--peak", action="store_true", help="also time a square matmul peak")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more round: where each step's time goes")
     p.add_argument("--peak-size", type=int, default=4096)
     p.add_argument("--peak-repeats", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -254,6 +260,8 @@ def run(args) -> dict:
         before = peaks(args, device) if args.peak else None
         log(f"{', '.join(steps)}: {args.warmup} + {args.steps} interleaved rounds")
         results = measure(args, steps, device)
+        if args.profile:
+            add_profiles(steps, results, device)
     report.update(results.pop(args.method))
     if "reference" in results:
         report["baseline"] = results["reference"]
@@ -262,6 +270,9 @@ def run(args) -> dict:
         report["speedup_by_round"] = [reference / engine for reference, engine in
                                       zip(report["baseline"]["step_s"], report["step_s"], strict=True)]
         report["speedup_vs_reference"] = statistics.median(report["speedup_by_round"])
+        if args.profile:  # the profiled round's two steps drew the same plan
+            report["speedup_bound_vs_reference"] = breakdown.speedup_bound(
+                report["baseline"]["profile"], report["profile"])
     if "incontext-dit" in results:
         icdit = report["incontext"] = results["incontext-dit"]
         # paired like the speed-up: a round's two steps ran back to back, so their ratio is
@@ -274,6 +285,17 @@ def run(args) -> dict:
     if args.peak:
         add_peak(args, report, device, before)
     return report
+
+
+def add_profiles(steps: dict, results: dict[str, dict], device: torch.device) -> None:
+    """One more round of ``steps``, each under the profiler (in the measured order, so that the
+    round's steps draw the same plan): its time split goes to its entry's ``profile``."""
+    log("profiled round")
+    for name, step in steps.items():
+        split = breakdown.profile_step(step, device)
+        results[name]["profile"] = split.record()
+        log(f"  {name}: {split.wall_s:.3f} s, "
+            + ", ".join(f"{kind} {split.share(kind):.0%}" for kind in breakdown.CATEGORIES))
 
 
 def peaks(args, device: torch.device) -> dict[str, tuple[int, dict[str, float]]]:

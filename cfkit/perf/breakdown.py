@@ -126,10 +126,10 @@ def profile_step(run: Callable[[], object], device: torch.device) -> Breakdown:
     return profiler.stop()
 
 
-def speedup_bound(reference: dict, engine: dict, engine_steps: int = 1) -> float:
-    """The speed-up over the profiled ``reference`` step (its wall time) the engine would reach
-    if everything but its linear matmuls and attention took no time, at their profiled speed,
-    from the two ``Breakdown.record()``s; ``engine_steps`` of the engine's do the reference
-    step's work (both profiles of the same work, so that the ratio is free of it)."""
-    kernels_s = engine["kernels_s"] * engine_steps
-    return reference["wall_s"] / kernels_s if kernels_s else float("inf")
+def speedup_bound(speedup: float, engine: dict) -> float:
+    """The speed-up over the reference the engine would reach if everything but its linear
+    matmuls and attention took no time, at their profiled speed: the ``speedup`` measured
+    (paired rounds) over the share of the engine's profiled wall time in those kernels
+    (``engine``, a ``Breakdown.record()``). A share is a ratio within one step, so the machine's
+    drift from step to step, which the paired speed-up is free of, barely moves it."""
+    return speedup * engine["wall_s"] / engine["kernels_s"] if engine["kernels_s"] else float("inf")

@@ -16,8 +16,8 @@ rounds' ratios, as for the speed-up). ``--peak``
 times a large square matmul before and after the steps (the best of both: a shared machine's
 speed drifts) to give this machine's peak and the model FLOP utilisation. ``--profile`` runs one more round
 under the profiler and gives each step's time split (``cfkit.perf.breakdown``: linear matmuls,
-attention, everything else) and, against the reference, the speed-up the engine would reach
-if everything but its matmuls and attention took no time.
+attention, everything else) and, from the speed-up, the one the engine would reach if
+everything but its matmuls and attention took no time.
 One JSON object goes to stdout with ``--json``; progress goes to stderr. FLOPs are counted by
 ``cfkit.flops.step_flops``, the count ``cfkit bench`` records for each training run.
 """
@@ -270,9 +270,9 @@ def run(args) -> dict:
         report["speedup_by_round"] = [reference / engine for reference, engine in
                                       zip(report["baseline"]["step_s"], report["step_s"], strict=True)]
         report["speedup_vs_reference"] = statistics.median(report["speedup_by_round"])
-        if args.profile:  # the profiled round's two steps drew the same plan
+        if args.profile:
             report["speedup_bound_vs_reference"] = breakdown.speedup_bound(
-                report["baseline"]["profile"], report["profile"])
+                report["speedup_vs_reference"], report["profile"])
     if "incontext-dit" in results:
         icdit = report["incontext"] = results["incontext-dit"]
         # paired like the speed-up: a round's two steps ran back to back, so their ratio is

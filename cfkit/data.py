@@ -1,7 +1,9 @@
 """Data: datasets written to WebDataset shards, and a reproducible streaming shard loader.
 
 A dataset plugin is built as ``factory(**options)`` and has ``num_classes``, ``channels``,
-``image_size`` and ``samples(split)`` yielding ``Sample``s. ``write_shards`` turns it into tar
+``image_size`` and ``samples(split)`` yielding ``Sample``s, or ``DeferredSample``s where reading
+an image is costly (files, foreign shards): those are read only by the process that writes
+them (``dataset_samples`` reads them all). ``write_shards`` turns it into tar
 shards readable by plain ``webdataset.WebDataset`` (``png``, ``cls``, ``json`` captions,
 ``__key__``), or, with a tokenizer, pre-encoded fp16 latents (``latent.npy`` and the
 horizontally flipped ``latent_flip.npy``) so training skips the VAE. A config that names a
@@ -40,7 +42,7 @@ import re
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
@@ -70,6 +72,55 @@ class Sample:
     image: np.ndarray
     label: int | None = None
     captions: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class DeferredSample:
+    """A sample read only when it is needed: its ``key``, and ``load()`` returning the
+    ``Sample`` or raising ``UnreadableSample``. The processes of a shared shard write (torchrun)
+    count every dataset item to cut the shards alike but read only their own shards' samples;
+    a shard is one sample short for each that cannot be read."""
+
+    key: str
+    load: Callable[[], Sample]
+
+
+class UnreadableSample(ValueError):
+    """Why a sample cannot be read: ``reason`` (a short category: "damaged", "not an
+    image", ...), then the detail."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason} ({detail})")
+        self.reason = reason
+
+
+def loaded(items: Iterable[Sample | DeferredSample], unreadable: Counter) -> Iterator[Sample]:
+    """The ``Sample``s of a dataset's items, deferred ones read; one that cannot be read is
+    skipped with a warning and counted by reason in ``unreadable``."""
+    for item in items:
+        if isinstance(item, DeferredSample):
+            try:
+                item = item.load()
+            except UnreadableSample as error:
+                log.warning("skipped sample %s: %s", item.key, error)
+                unreadable[error.reason] += 1
+                continue
+        yield item
+
+
+def unreadable_summary(unreadable: Counter) -> str:
+    """``"N unreadable sample(s) skipped (2 damaged, 1 not an image)"``."""
+    reasons = ", ".join(f"{count} {reason}" for reason, count in unreadable.most_common())
+    return f"{sum(unreadable.values())} unreadable sample(s) skipped ({reasons})"
+
+
+def dataset_samples(dataset, split: str) -> Iterator[Sample]:
+    """Every readable ``Sample`` of ``dataset``'s ``split``, in order (``loaded``), with one
+    warning at the end counting those that could not be read."""
+    unreadable = Counter()
+    yield from loaded(dataset.samples(check_split(split)), unreadable)
+    if unreadable:
+        log.warning("%s %s: %s", type(dataset).__name__.lower(), split, unreadable_summary(unreadable))
 
 
 def check_split(split: str) -> str:
@@ -111,7 +162,7 @@ def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 def dataset_captions(dataset, split: str = "train") -> list[str]:
     """Every caption of ``dataset``'s ``split``, in order (what ``cfkit tokenizer train`` learns)."""
-    captions = [c for sample in dataset.samples(check_split(split)) for c in sample.captions or ()]
+    captions = [c for sample in dataset_samples(dataset, split) for c in sample.captions or ()]
     if not captions:
         raise ValueError(f"dataset {type(dataset).__name__.lower()} has no captions in its {split} split")
     return captions
@@ -228,19 +279,21 @@ def _write_set(dataset, folder: Path, split: str, shard_size: int, encoder: Enco
     """Cut ``dataset``'s ``split`` into shards and write this process's (``group``: rank, world
     size) into ``folder``, but for those already there; every shard's name."""
     rank, world = group
-    names, skipped = [], 0
+    names, skipped, unreadable = [], 0, Counter()
     for index, chunk in enumerate(_chunks(dataset, split, shard_size)):
         names.append(f"{prefix}-{split}-{index:06d}.tar")
         if index % world != rank:
-            continue
+            continue  # another process's shard: its deferred samples are never read here
         if (folder / names[-1]).is_file():  # written whole (temp + rename) before a stop
             skipped += 1
             continue
-        _write_shard(folder / names[-1], chunk, encoder)
+        _write_shard(folder / names[-1], list(loaded(chunk, unreadable)), encoder)
         progress.update(len(chunk))
     if not names:
         raise ValueError(f"dataset {prefix} has no {split} samples: no shards to write")
     done = [f"{skipped} were complete already"] if skipped else []
+    if unreadable:  # this process's: each read only its own shards' samples
+        log.warning("%s %s: %s", prefix, split, unreadable_summary(unreadable))
     progress.close(f"{len(names)} shard(s) in all", *done)
     return names
 
@@ -254,8 +307,9 @@ def sample_key(name: str) -> str:
     return name.replace("/", "_").replace(".", "_")
 
 
-def _chunks(dataset, split: str, shard_size: int) -> Iterator[list[Sample]]:
-    """``dataset``'s ``split`` samples in consecutive lists of ``shard_size`` (the last shorter)."""
+def _chunks(dataset, split: str, shard_size: int) -> Iterator[list[Sample | DeferredSample]]:
+    """``dataset``'s ``split`` items in consecutive lists of ``shard_size`` (the last shorter),
+    deferred ones not yet read."""
     chunk = []
     for sample in dataset.samples(check_split(split)):
         if not sample.key or "." in sample.key or "/" in sample.key:
@@ -308,7 +362,8 @@ def _replace_folder(new: Path, folder: Path) -> None:
 
 
 def _write_shard(path: Path, samples: list[Sample], encoder: Encoder | None) -> Path:
-    latents = _encode(samples, encoder) if encoder is not None else None
+    # no samples: none of the shard's could be read, and it is written empty
+    latents = _encode(samples, encoder) if encoder is not None and samples else None
 
     def write(tmp):
         # A fixed integer mtime: byte-identical shards, and no per-file pax header (a float

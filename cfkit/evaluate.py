@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from cfkit import checkpoint, plugins
+from cfkit import checkpoint, data, plugins
 from cfkit.generate import SamplingOptions, network_precision
 from cfkit.methods import CAPTIONING, can
 from cfkit.metrics import (
@@ -166,7 +166,8 @@ class EvalContext:
     def held_out_captions(self, num: int) -> tuple[list[list[str]], torch.Tensor]:
         """The captions ``[[caption, ...], ...]`` and labels ``(num,)`` of the first ``num``
         validation images (cycled when there are fewer)."""
-        found = [(s.captions, -1 if s.label is None else s.label) for s in self.dataset.samples("val")]
+        found = [(s.captions, -1 if s.label is None else s.label)
+                 for s in data.dataset_samples(self.dataset, "val")]
         if not found or any(not captions for captions, _ in found):
             raise MetricError(f"dataset {self.dataset_name} has no captions for every validation image")
         chosen = [found[i % len(found)] for i in range(num)]

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cfkit import checkpoint, plugins
+from cfkit import checkpoint, data, plugins
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 NEEDS = ("samples", "model", "captions")
@@ -163,7 +163,7 @@ def to_signed(images: torch.Tensor) -> torch.Tensor:
 def dataset_images(dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a dataset split as uint8 ``(N, C, H, W)`` and its labels ``(N,)``."""
     images, labels = [], []
-    for sample in dataset.samples(split):
+    for sample in data.dataset_samples(dataset, split):
         images.append(sample.image)
         labels.append(-1 if sample.label is None else sample.label)
     if not images:

@@ -8,7 +8,6 @@ import gzip
 import logging
 import random
 import warnings
-from collections import Counter
 from importlib import resources
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from cfkit import config as configs
 from cfkit import data, hookimpl
-from cfkit.data import Sample, check_split
+from cfkit.data import DeferredSample, Sample, UnreadableSample, check_split
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +145,10 @@ def draw_shape(side: int, shape: str, colour, quadrant, rng: random.Random) -> n
 class ImageFolder:
     """Class sub-folders of images (the ImageNet layout), centre-cropped and resized as ADM.
     Classes are the sorted sub-folder names; ``split`` picks ``PATH/train`` or ``PATH/val``
-    when those exist, else PATH itself. A file that cannot be read (not a file, not an image,
-    damaged, a decompression bomb) is skipped with a warning, and the skips of a split are
-    counted by reason."""
+    when those exist, else PATH itself. Images are read only when a sample is written or
+    used (``data.DeferredSample``); a file that cannot be read (not a file, not an image,
+    damaged, a decompression bomb) is skipped with a warning, and the skips are counted by
+    reason."""
 
     channels = 3
     extensions = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -176,23 +176,14 @@ class ImageFolder:
         classes = self.classes
         if not classes:
             raise ValueError(f"imagefolder: no class sub-folders in {folder}")
-        skipped, files = Counter(), 0
         for label, name in enumerate(classes):
             for path in sorted((folder / name).iterdir()):
-                if path.suffix.lower() not in self.extensions:
-                    continue
-                files += 1
-                try:
-                    array = load_image(path, self.image_size)
-                except UnreadableImage as error:
-                    skipped[error.reason] += 1
-                    log.warning("imagefolder: skipped %s: %s", path, error)
-                    continue
-                yield Sample(data.sample_key(f"{name}-{path.stem}"), array, label)
-        if skipped:
-            reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.most_common())
-            log.warning("imagefolder: skipped %d of %d image file(s) in %s: %s",
-                        sum(skipped.values()), files, folder, reasons)
+                if path.suffix.lower() in self.extensions:
+                    key = data.sample_key(f"{name}-{path.stem}")
+                    yield DeferredSample(key, functools.partial(self.read, path, key, label))
+
+    def read(self, path: Path, key: str, label: int) -> Sample:
+        return Sample(key, load_image(path, self.image_size), label)
 
 
 class WebDataset:
@@ -219,55 +210,50 @@ class WebDataset:
         self.spec = data.SampleSpec(kind="images", num_classes=num_classes, keys=keys)
 
     def samples(self, split):
-        from PIL import Image
-
         if self.paths[check_split(split)] is None:
             raise ValueError(f"webdataset: no {split} shards; give the option {split}_path")
         errors = data.ErrorCount()
         for shard in data.shard_paths(self.paths[split]):
             for raw in data.screened(shard, self.spec, errors):
-                try:
-                    item = self.spec.decode(raw)
-                except data.BadSample as error:
-                    errors.sample(shard, raw["__key__"], error, decoded=True)
-                    continue
-                image = Image.fromarray(item["images"][..., 0] if item["images"].shape[-1] == 1
-                                        else item["images"]).convert("RGB")
-                label = None if item["label"] < 0 else item["label"]
-                yield Sample(data.sample_key(item["key"]), centre_crop(image, self.image_size), label,
-                             item["captions"])
+                key = data.sample_key(raw["__key__"])
+                yield DeferredSample(key, functools.partial(self.read, shard, raw, key))
         if errors.shards or errors.samples:
             log.warning("webdataset: skipped %s", errors.summary())
 
+    def read(self, shard: str, raw: dict, key: str) -> Sample:
+        """The screened sample ``raw`` decoded and centre-cropped; UnreadableSample for pixels
+        that do not decode."""
+        from PIL import Image
 
-class UnreadableImage(ValueError):
-    """Why an image file cannot be read: ``reason`` (not a file, not an image, too large,
-    damaged), then the detail."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason} ({detail})")
-        self.reason = reason
+        try:
+            item = self.spec.decode(raw)
+        except data.BadSample as error:
+            raise UnreadableSample(error.reason, f"{shard}: {error}") from None
+        image = Image.fromarray(item["images"][..., 0] if item["images"].shape[-1] == 1
+                                else item["images"]).convert("RGB")
+        label = None if item["label"] < 0 else item["label"]
+        return Sample(key, centre_crop(image, self.image_size), label, item["captions"])
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
     """The ADM centre crop (``centre_crop``) of an image file, uint8 ``(size, size, 3)``;
-    UnreadableImage for a file PIL cannot decode or whose pixels pass PIL's
+    UnreadableSample (naming the file) for one PIL cannot decode or whose pixels pass PIL's
     decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), refused before decoding."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
-        raise UnreadableImage("not a file", "a folder or a special file")
+        raise UnreadableSample("not a file", f"{path}: a folder or a special file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 return centre_crop(image.convert("RGB"), size)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise UnreadableImage("too large", str(error)) from None
+        raise UnreadableSample("too large", f"{path}: {error}") from None
     except UnidentifiedImageError as error:
-        raise UnreadableImage("not an image", str(error)) from None
+        raise UnreadableSample("not an image", f"{path}: {error}") from None
     except Exception as error:  # PIL raises many types on damaged files
-        raise UnreadableImage("damaged", f"{type(error).__name__}: {error}") from None
+        raise UnreadableSample("damaged", f"{path}: {type(error).__name__}: {error}") from None
 
 
 def centre_crop(image, size: int) -> np.ndarray:

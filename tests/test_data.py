@@ -139,11 +139,12 @@ def image_folder(tmp_path_factory):
 def test_imagefolder_reads_class_folders_with_adm_centre_crop(image_folder):
     folder = dataset("imagefolder", path=str(image_folder), image_size=8)
     assert folder.num_classes == 2 and folder.classes == ["cat", "dog"]
-    train = list(folder.samples("train"))
+    train = list(data.dataset_samples(folder, "train"))
     assert [(s.key, s.label) for s in train] == [("cat-img_0", 0), ("dog-img_0", 1), ("dog-img_1", 1)]
-    assert [(s.key, s.label) for s in folder.samples("val")] == [("cat-img_0", 0), ("dog-img_0", 1)]
+    val = data.dataset_samples(folder, "val")
+    assert [(s.key, s.label) for s in val] == [("cat-img_0", 0), ("dog-img_0", 1)]
     for split in ("train", "val"):  # sizes below, between and above 2x the target: every ADM path
-        for sample in folder.samples(split):
+        for sample in data.dataset_samples(folder, split):
             name, index = sample.key.split("-img_")
             with Image.open(image_folder / split / name / f"img.{index}.png") as image:
                 want = adm_center_crop_arr(image.convert("RGB"), 8)
@@ -165,7 +166,7 @@ def test_shards_are_read_back_by_plain_webdataset(tmp_path, capsys, name, option
     assert rc == 0, capsys.readouterr().err
     assert len(shards_of(out)) == -(-count // 8)
     got = webdataset_samples(out)
-    want = list(dataset(name, **options).samples(split))
+    want = list(data.dataset_samples(dataset(name, **options), split))
     assert len(got) == len(want) == count
     for sample, expected in zip(got, want, strict=True):
         assert sample["__key__"] == expected.key
@@ -180,6 +181,18 @@ def test_shards_are_byte_identical_when_written_again(tmp_path):
     first = data.write_shards(shapes, tmp_path / "a", shard_size=5)
     second = data.write_shards(shapes, tmp_path / "b", shard_size=5)
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+
+
+def test_imagefolder_images_are_read_only_when_written_and_each_once(tmp_path, image_folder, monkeypatch):
+    folder = dataset("imagefolder", path=str(image_folder), image_size=8)
+    read = []
+    original = type(folder).read
+    monkeypatch.setattr(type(folder), "read", lambda self, path, key, label: read.append(key) or
+                        original(self, path, key, label))
+    items = list(folder.samples("train"))
+    assert [item.key for item in items] == ["cat-img_0", "dog-img_0", "dog-img_1"] and read == []
+    data.write_shards(folder, tmp_path / "shards", shard_size=2)
+    assert read == ["cat-img_0", "dog-img_0", "dog-img_1"]
 
 
 def test_imagefolder_shards_from_the_cli(tmp_path, image_folder, capsys):

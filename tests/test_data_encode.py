@@ -5,6 +5,7 @@ as one process, and existing WebDataset shards (``webdataset`` dataset) as the s
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -185,6 +186,40 @@ def test_two_gloo_processes_write_the_bytes_of_one(tmp_path, tiny_vae):  # noqa:
                                                         shardshuffle=False).decode()]
     assert len(latents) == 3 and latents[0].shape == (4, 8, 8) and np.abs(latents[0]).sum() > 0
     assert torch.tensor(np.stack(latents)).isfinite().all()
+
+
+def test_under_torchrun_each_process_reads_only_the_images_of_its_own_shards(tmp_path):
+    root = tmp_path / "images"
+    for name, count in (("cat", 3), ("dog", 2)):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((12, 10, 3), 40 * i + 7, np.uint8)).save(root / name / f"{i}.png")
+    # cat/1 is damaged past its header: only decoding it fails
+    (root / "cat" / "1.png").unlink()
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), np.uint8)).save(jpeg, "JPEG")
+    (root / "cat" / "1.jpg").write_bytes(jpeg.getvalue()[:400])
+    args = ["shards", "imagefolder", str(root), "--option", "image_size=8", "--shard-size", "2",
+            "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("PYTHONPATH", None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "cfkit"]
+    jobs = {"one": [sys.executable, "-m", "cfkit", *args, "--out", str(tmp_path / "one")],
+            "two": [*torchrun, *args, "--out", str(tmp_path / "two")]}
+    outputs = {}
+    for name, command in jobs.items():
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{name}:\n{done.stdout}{done.stderr}"
+        outputs[name] = done.stdout + done.stderr
+    # shards [cat-0, cat-1], [cat-2, dog-0], [dog-1]: cat-1 is rank 0's, and read by it alone
+    for name, output in outputs.items():  # the warning names the file once: one process read it
+        assert output.count("1.jpg: ") == 1 and "skipped sample cat-1: damaged" in output, \
+            f"{name}:\n{output}"
+    one, two = folder_bytes(tmp_path / "one"), folder_bytes(tmp_path / "two")
+    assert len(one) == 3 and one == two  # three shards
+    first = data.read_tar(tmp_path / "two" / "imagefolder-train-000000.tar")
+    assert [s["__key__"] for s in first] == ["cat-0"]
 
 
 @pytest.mark.parametrize("option, message", [

@@ -99,7 +99,7 @@ class DiTBlock(nn.Module):
         self.attn = Attention(dim, config.num_heads, qk_norm=False, backend=config.attention,
                               qkv_bias=config.qkv_bias)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * config.mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio), fused=config.attention != "eager")
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

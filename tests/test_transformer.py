@@ -16,8 +16,10 @@ from cfkit.schedules import step_index
 from cfkit.transformer import (
     PRESETS,
     CausalTransformer,
+    Mlp,
     SplitMask,
     TransformerConfig,
+    fused_linear_gelu,
     patchify,
     preset,
     split_attend,
@@ -261,3 +263,29 @@ def test_a_network_without_gradient_checkpointing_refuses_it(tmp_path):
                               ["method.name=dit", "model.preset=DiT-tiny", "train.grad_checkpoint=true"])
     with pytest.raises(ValueError, match="train.grad_checkpoint.*does not support it"):
         train.Trainer(experiment, tmp_path / "run")
+
+
+def test_cpu_inference_fuses_the_mlp_gelu_and_matches_the_unfused_mlp():
+    torch.manual_seed(0)
+    mlp = Mlp(32, 128)
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        assert fused_linear_gelu(x, mlp.fc1) == torch.backends.mkldnn.is_available()
+        fused = mlp(x)
+        mlp.fused = False
+        plain = mlp(x)
+        mlp.fused = True
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused, mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh")).detach())
+    # training needs the backward, autocast its own precision: both keep the two kernels
+    assert not fused_linear_gelu(x, mlp.fc1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_linear_gelu(x, mlp.fc1)
+    with torch.no_grad():
+        assert not fused_linear_gelu(x.double(), mlp.fc1)
+
+
+@pytest.mark.parametrize(("attention", "fused"), [("sdpa", True), ("flex", True), ("eager", False)])
+def test_only_the_eager_backend_the_reference_kernels_keeps_the_mlp_unfused(attention, fused):
+    mlps = [m for m in CausalTransformer(tiny(attention=attention)).modules() if isinstance(m, Mlp)]
+    assert len(mlps) == 2 and all(m.fused == fused for m in mlps)

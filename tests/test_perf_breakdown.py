@@ -16,6 +16,7 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize(("name", "kind"), [
     ("aten::mm", "linear matmuls"), ("aten::addmm", "linear matmuls"),
+    ("mkldnn::_linear_pointwise", "linear matmuls"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
     ("aten::_efficient_attention_backward", "attention"), ("aten::bmm", "attention"),

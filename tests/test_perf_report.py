@@ -21,7 +21,7 @@ from cfkit.perf import report
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ALL = ROOT / "benchmarks" / "perf" / "run_all.py"
 MODULES = {"run_all": "report", "train_step": "train_step", "sample": "sample", "masks": "masks",
-           "data": "data"}
+           "data": "data", "mlp": "mlp"}
 KINDS = {"mask build", "train step", "K copies", "sampling", "time split", "loader", "matmul peak",
          "MFU"}
 # bf16 steps run where bf16 is native; where it is emulated (~100x slower) the report skips them
@@ -58,7 +58,7 @@ def test_tiny_report_has_a_positive_figure_for_every_benchmark_and_writes_both_f
     assert settings(rows, "K copies") == {f"causalfusion K=1 {fast}", f"causalfusion K=2 {fast}"}
     assert {r["figure"] for r in rows if r["benchmark"] == "K copies"} == {
         "step time per noised token", "executed matmul FLOPs per noised token"}
-    assert settings(rows, "sampling") == {f"S=1 {fast}", f"S=4 {fast}", f"S=16 {fast}"}
+    assert settings(rows, "sampling") == {f"S=1 {fast}", f"S=4 {fast}", f"S=16 {fast}", "blocks forward"}
     assert settings(rows, "matmul peak") == {"fp32 256^3", "bf16 256^3"}
     # where the time goes in the steps the speed targets are about, and what is left to gain
     splits = {}

@@ -3,10 +3,11 @@ into the linear layers' matmuls, attention, and everything else (with the larges
 named), so that a report can say how much a faster engine could still gain.
 
 The categories go by operator name: ``linear matmuls`` are ``aten::mm`` / ``aten::addmm`` (the
-linear layers, forward and backward); ``attention`` is every operator with "attention" in its
-name (SDPA's and FlexAttention's kernels) plus the eager attention's ``bmm``, ``softmax`` and
-``masked_fill``. Code that ``torch.compile`` fused counts as everything else. Times are the
-profiler's self CPU time, or the self device time on CUDA (where the CPU only launches).
+linear layers, forward and backward) and oneDNN's fused linear + GELU of CPU inference;
+``attention`` is every operator with "attention" in its name (SDPA's and FlexAttention's
+kernels) plus the eager attention's ``bmm``, ``softmax`` and ``masked_fill``. Code that
+``torch.compile`` fused counts as everything else. Times are the profiler's self CPU time, or
+the self device time on CUDA (where the CPU only launches).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-LINEAR = frozenset({"aten::mm", "aten::addmm"})
+# the linear layers' matmuls; oneDNN's linear + pointwise kernel is the MLP's first layer with
+# its GELU fused (``transformer.Mlp``), mostly the matmul
+LINEAR = frozenset({"aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"})
 EAGER_ATTENTION = frozenset({"aten::bmm", "aten::baddbmm", "aten::_softmax",
                              "aten::_softmax_backward_data", "aten::masked_fill_",
                              "aten::masked_fill"})

@@ -7,7 +7,8 @@ Rows (one per measurement): the dense mask build (masks.py); the training step o
 CausalFusion, In-context DiT and DiT in fp32 and bf16 against the reference-style baseline
 (train_step.py); the cost per noised token of CausalFusion with K noised copies against
 In-context DiT (train_step.py --copies K); sampling at several AR step counts S, KV-cached
-against uncached and against the reference-style loop (sample.py); the shard loader against
+against uncached and against the reference-style loop (sample.py), and on a CPU the blocks'
+inference with the MLP's first layer and GELU fused against unfused (mlp.py); the shard loader against
 the training step it feeds (data.py); the matmul peak of this machine and the model FLOP
 utilisation against it (train_step.py --peak). ``--size issue`` is the issues' network
 (D=384, depth 12, 6 heads, batch 8, 32x32 latents at patch 2); ``small`` (default) is the same
@@ -56,6 +57,7 @@ class Size:
     copies: tuple[int, ...]  # K of the noised-token comparison (K = 1 comes with the fp32 run)
     ar_steps: tuple[int, ...]  # S of the sampling runs
     diffusion_steps: int  # timed diffusion steps per sampling variant (after one untimed)
+    mlp_rounds: int  # timed rounds of the fused MLP against unfused (mlp.py)
     peak_size: int  # side of the square matmul of the peak
     # untimed rounds of each training-step run: the reference's step took three rounds to
     # settle at the issue's size on a 2-core Xeon (11.2, 6.4, 5.8 s, then 3.8-5.1 s)
@@ -72,7 +74,7 @@ SIZES = {
     "tiny": Size(
         network=("--hidden", "32", "--depth", "2", "--heads", "2", "--batch", "2",
                  "--latent", "8", "--patch", "2"),
-        train_steps=1, bf16_steps=1, copies=(2,), ar_steps=(1, 4, 16), diffusion_steps=1,
+        train_steps=1, bf16_steps=1, copies=(2,), ar_steps=(1, 4, 16), diffusion_steps=1, mlp_rounds=1,
         peak_size=256, train_warmup=1,
         masks=("--tokens", "256", "--cond", "16", "--steps", "1", "16", "256",
                "--repeats", "3", "--warmup", "1"),
@@ -84,13 +86,13 @@ SIZES = {
         network=("--hidden", "384", "--depth", "12", "--heads", "6", "--batch", "8",
                  "--latent", "16", "--patch", "2"),
         train_steps=3, bf16_steps=1, copies=(2, 4, 8), ar_steps=(1, 4, 16), diffusion_steps=3,
-        peak_size=1024, train_warmup=2, masks=(), data=(), threads=1, timeout_s=600,
+        mlp_rounds=5, peak_size=1024, train_warmup=2, masks=(), data=(), threads=1, timeout_s=600,
     ),
     "issue": Size(
         network=("--hidden", "384", "--depth", "12", "--heads", "6", "--batch", "8",
                  "--latent", "32", "--patch", "2"),
         train_steps=5, bf16_steps=2, copies=(2, 4, 8), ar_steps=(1, 4, 16), diffusion_steps=3,
-        peak_size=2048, train_warmup=3, masks=(), data=(), threads=None, timeout_s=3600,
+        mlp_rounds=8, peak_size=2048, train_warmup=3, masks=(), data=(), threads=None, timeout_s=3600,
     ),
 }
 
@@ -252,11 +254,20 @@ def sample_rows(report: dict, peak: dict) -> list[Row]:
     ]
 
 
+def mlp_rows(report: dict, peak: dict) -> list[Row]:
+    """The blocks' CPU inference with the MLP's first layer and GELU fused, against unfused."""
+    rows = "x".join(str(n) for n in report["rows"])
+    return [row("sampling", f"blocks forward, CPU inference, {rows}", "MLP fc1 + GELU fused, median",
+                report["median_fused_s"] * 1e3, "ms",
+                baseline=f"unfused {report['median_unfused_s'] * 1e3:.4g} ms", ratio=report["speedup"],
+                ratio_of="baseline/value")]
+
+
 def split_rows(setting: str, split: dict) -> list[Row]:
     """A profiled step's time split (``cfkit.perf.breakdown``), in % of its operator time."""
     largest = ", ".join(f"{name.removeprefix('aten::')} {spent / split['total_s']:.0%}"
                         for name, spent in split["others"])
-    figures = {"linear matmuls": "linear matmuls (mm, addmm)",
+    figures = {"linear matmuls": "linear matmuls (mm, addmm, oneDNN linear + GELU)",
                "attention": "attention kernels (eager: bmm, softmax, masked_fill)",
                "everything else": f"everything else (largest: {largest})"}
     return [row("time split", setting, figure, split["shares"][kind] * 100, "% of operator time")
@@ -362,6 +373,9 @@ def plan(size: Size, device: str, fast: str) -> list[Job]:
                   "--measure", str(size.diffusion_steps), *(("--profile",) if s == 1 else ())),
                  (sample_rows, *((sample_split_rows,) if s == 1 else ())))
              for s in size.ar_steps]
+    if device == "cpu":  # the fused kernel is oneDNN's: CPU inference only
+        jobs.append(Job("sampling", "MLP fused fp32", "mlp",
+                        (*size.network, "--rounds", str(size.mlp_rounds)), (mlp_rows,)))
     jobs += [Job("mask build", "dense mask", "masks", size.masks, (mask_rows,)),
              Job("loader", "digits-tiny", "data", size.data, (data_rows,))]
     return jobs

@@ -1,0 +1,88 @@
+"""Time the transformer blocks' forward in CPU inference (a sampling step's network work)
+with the MLP's first layer and tanh GELU as one oneDNN kernel (``Mlp.fused``, what sampling
+runs on a CPU) against the two kernels of the reference, their rounds interleaved so that
+other load on the machine falls on both alike; the speed-up is the median of the rounds'
+ratios. The issue's network at a CFG batch (2 x 8 rows of 4 condition + 256 tokens):
+
+    python benchmarks/perf/mlp.py --hidden 384 --depth 12 --heads 6 --batch 8 --latent 32 \
+        --patch 2 --rounds 8 --json
+
+``--batch`` is the number of images; the blocks run twice as many rows, as CFG does. One JSON
+object goes to stdout with ``--json``; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from cfkit.perf.machine import machine
+from cfkit.transformer import CausalTransformer, Mlp, TransformerConfig, fused_linear_gelu
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for flag, default in (("--hidden", 384), ("--depth", 12), ("--heads", 6), ("--batch", 8),
+                          ("--latent", 32), ("--patch", 2)):
+        p.add_argument(flag, type=int, default=default)
+    p.add_argument("--rounds", type=int, default=8, help="timed rounds (after one untimed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return p
+
+
+def run(args) -> dict:
+    torch.manual_seed(args.seed)
+    config = TransformerConfig(hidden_size=args.hidden, depth=args.depth, num_heads=args.heads,
+                               input_size=args.latent, patch_size=args.patch, latent_channels=4,
+                               num_classes=1000)
+    model = CausalTransformer(config.check()).eval()
+    mlps = [module for module in model.modules() if isinstance(module, Mlp)]
+    x = torch.randn(2 * args.batch, config.cond_len + config.num_tokens, args.hidden)
+    with torch.no_grad():
+        if not fused_linear_gelu(x, mlps[0].fc1):
+            raise SystemExit("this torch has no oneDNN (torch.backends.mkldnn): nothing to compare")
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for round_ in range(args.rounds + 1):
+        for fused in (True, False):
+            for mlp in mlps:
+                mlp.fused = fused
+            start = time.perf_counter()
+            with torch.no_grad():
+                for block in model.blocks:
+                    block(x)
+            elapsed = time.perf_counter() - start
+            log(f"  {'fused' if fused else 'unfused'} round {round_ + 1}/{args.rounds + 1}"
+                f"{' (warmup)' if round_ == 0 else ''}: {elapsed:.3f} s")
+            if round_:
+                times[fused].append(elapsed)
+    ratios = [unfused / fused for fused, unfused in zip(times[True], times[False], strict=True)]
+    return {**machine(), "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "rows": tuple(x.shape), "fused_s": times[True], "unfused_s": times[False],
+            "median_fused_s": statistics.median(times[True]),
+            "median_unfused_s": statistics.median(times[False]),
+            "speedup_by_round": ratios, "speedup": statistics.median(ratios)}
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    report = run(args)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"fused {report['median_fused_s']:.4g} s, unfused {report['median_unfused_s']:.4g} s, "
+              f"speed-up {report['speedup']:.3g}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -163,10 +163,9 @@ def test_sample_keys_have_no_dot_or_slash(name, key):
     assert data.sample_key(name) == key
 
 
-def test_two_gloo_processes_write_the_bytes_of_one(tmp_path, tiny_vae):  # noqa: F811
-    vae = [a for k, v in {"path": tiny_vae, **TINY_VAE}.items() for a in ("--tokenizer-option", f"{k}={v}")]
-    args = ["shards", "shapes", "--option", "size=10", "--option", "image_size=16", "--shard-size", "3",
-            "--encode", "mar-vae", *vae, "--batch-size", "2"]
+def one_and_two_processes(args: list[str], tmp_path: Path) -> dict[str, str]:
+    """Run ``cfkit ARGS`` at once as one process (``--out tmp_path/one``) and under torchrun as
+    two gloo processes (``tmp_path/two``); each run's output (stdout and stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("PYTHONPATH", None)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -178,6 +177,14 @@ def test_two_gloo_processes_write_the_bytes_of_one(tmp_path, tiny_vae):  # noqa:
     outputs = {name: process.communicate(timeout=300)[0] for name, process in running.items()}
     for name, process in running.items():
         assert process.returncode == 0, f"{name}:\n{outputs[name]}"
+    return outputs
+
+
+def test_two_gloo_processes_write_the_bytes_of_one(tmp_path, tiny_vae):  # noqa: F811
+    vae = [a for k, v in {"path": tiny_vae, **TINY_VAE}.items() for a in ("--tokenizer-option", f"{k}={v}")]
+    args = ["shards", "shapes", "--option", "size=10", "--option", "image_size=16", "--shard-size", "3",
+            "--encode", "mar-vae", *vae, "--batch-size", "2"]
+    outputs = one_and_two_processes(args, tmp_path)
     # rank 0 of 2 encoded shards 0 and 2 (3 + 3 of the 10 images); rank 1 the others
     assert "shards of shapes train (rank 0 of 2): 6 images" in outputs["two"], outputs["two"]
     one, two = folder_bytes(tmp_path / "one"), folder_bytes(tmp_path / "two")
@@ -201,17 +208,7 @@ def test_under_torchrun_each_process_reads_only_the_images_of_its_own_shards(tmp
     (root / "cat" / "1.jpg").write_bytes(jpeg.getvalue()[:400])
     args = ["shards", "imagefolder", str(root), "--option", "image_size=8", "--shard-size", "2",
             "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("PYTHONPATH", None)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "cfkit"]
-    jobs = {"one": [sys.executable, "-m", "cfkit", *args, "--out", str(tmp_path / "one")],
-            "two": [*torchrun, *args, "--out", str(tmp_path / "two")]}
-    outputs = {}
-    for name, command in jobs.items():
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"{name}:\n{done.stdout}{done.stderr}"
-        outputs[name] = done.stdout + done.stderr
+    outputs = one_and_two_processes(args, tmp_path)
     # shards [cat-0, cat-1], [cat-2, dog-0], [dog-1]: cat-1 is rank 0's, and read by it alone
     for name, output in outputs.items():  # the warning names the file once: one process read it
         assert output.count("1.jpg: ") == 1 and "skipped sample cat-1: damaged" in output, \

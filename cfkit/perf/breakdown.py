@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from cfkit.perf.machine import synchronize
+
 # the linear layers' matmuls; oneDNN's linear + pointwise kernel is the MLP's first layer with
 # its GELU fused (``transformer.Mlp``), mostly the matmul
 LINEAR = frozenset({"aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"})
@@ -91,18 +93,14 @@ class Profiler:
         self.profiled = profile(activities=activities)
         self.started = 0.0
 
-    def _synchronize(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
     def start(self) -> None:
         _warm_up()
         self.profiled.start()
-        self._synchronize()
+        synchronize(self.device)
         self.started = time.perf_counter()
 
     def stop(self) -> Breakdown:
-        self._synchronize()
+        synchronize(self.device)
         wall_s = time.perf_counter() - self.started
         self.profiled.stop()
         times = Counter()

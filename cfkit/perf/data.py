@@ -31,16 +31,12 @@ import torch
 from cfkit import config as configs
 from cfkit import data
 from cfkit.methods import Batch
-from cfkit.perf.machine import machine
+from cfkit.perf.machine import log, machine
 
 # The default experiment comes with a source checkout (an editable install finds it); an
 # installed copy without one gets --config.
 CONFIG = Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "digits-tiny.toml"
 TARGET_RATIO = 5.0
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def loader_rate(shards: Path, experiment, args) -> dict:

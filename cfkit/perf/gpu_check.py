@@ -23,7 +23,7 @@ import torch
 
 from cfkit.checkpoint import atomic_write
 from cfkit.perf import sample, train_step
-from cfkit.perf.machine import machine
+from cfkit.perf.machine import log, machine
 
 SIZES = {  # the issue's network, and a smoke size
     "issue": ["--hidden", "384", "--depth", "12", "--heads", "6", "--batch", "8", "--latent", "32",
@@ -31,10 +31,6 @@ SIZES = {  # the issue's network, and a smoke size
     "tiny": ["--hidden", "32", "--depth", "2", "--heads", "2", "--batch", "2", "--latent", "8",
              "--patch", "2"],
 }
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def attention_agreement(args) -> dict:

@@ -5,10 +5,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 
 from cfkit import precision
+
+
+def log(message: str) -> None:
+    """A benchmark's progress line, on stderr (stdout holds its JSON)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously), so that a timer reads it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def machine() -> dict:

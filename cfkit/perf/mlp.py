@@ -21,12 +21,8 @@ import time
 
 import torch
 
-from cfkit.perf.machine import machine
+from cfkit.perf.machine import log, machine
 from cfkit.transformer import CausalTransformer, Mlp, TransformerConfig, fused_linear_gelu
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def parser() -> argparse.ArgumentParser:

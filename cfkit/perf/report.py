@@ -40,6 +40,7 @@ import torch
 
 import cfkit
 from cfkit import precision
+from cfkit.perf.machine import log
 
 # The sub-benchmarks' working folder: the one holding the cfkit package in use, first on the
 # path of ``python -m``, so they import this very copy (a checkout, editable or installed).
@@ -382,10 +383,6 @@ def plan(size: Size, device: str, fast: str) -> list[Job]:
 
 
 # --- running --------------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def run_job(job: Job, env: dict[str, str], timeout_s: float) -> dict:

@@ -46,7 +46,7 @@ from cfkit.generate import (
     reverse_process,
 )
 from cfkit.perf import breakdown
-from cfkit.perf.machine import auto_precision, machine, model_options, network_parser
+from cfkit.perf.machine import auto_precision, log, machine, model_options, network_parser, synchronize
 from cfkit.samplers import noise_like, respaced
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -55,15 +55,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class Measured(Exception):
     """Raised by the step callback once every timed step has run: the rest of the
     generation is not needed."""
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_model(args, attention: str | None, device: torch.device):

@@ -40,17 +40,13 @@ from cfkit import preflight
 from cfkit.flops import FLOPS_COUNTED, executed_pairs, step_flops
 from cfkit.methods import Batch
 from cfkit.perf import breakdown
-from cfkit.perf.machine import auto_precision, machine, model_options, network_parser
+from cfkit.perf.machine import auto_precision, log, machine, model_options, network_parser, synchronize
 from cfkit.precision import native_bf16
 from cfkit.train import Trainer, step_generator
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PRECISIONS = {**DTYPES, "auto": None}
 EMULATED_PEAK_SIZE = 512  # the bf16 peak's matmul side where the CPU emulates bf16
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def experiment(args, method: str, copies: int, attention: str | None, precision: str = "fp32"):
@@ -82,11 +78,6 @@ class SequenceProbe:
         if self.shape is None:
             self.shape = inputs[0].shape
             self.mask = inputs[1] if len(inputs) > 1 else None
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def batch_of(args, device: torch.device) -> Batch:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cfkit import plugins
+from cfkit import plugins, transformer
 from cfkit.masks import batch_layout
 from cfkit.plan import Planner
 from cfkit.schedules import step_index
@@ -17,13 +17,13 @@ from cfkit.transformer import (
     PRESETS,
     CausalTransformer,
     Mlp,
+    SigmoidFormGelu,
     SplitMask,
     TransformerConfig,
-    SigmoidFormGelu,
     fused_linear_gelu,
-    sigmoid_form_applies,
     patchify,
     preset,
+    sigmoid_form_applies,
     split_attend,
     unpatchify,
 )
@@ -267,11 +267,15 @@ def test_a_network_without_gradient_checkpointing_refuses_it(tmp_path):
         train.Trainer(experiment, tmp_path / "run")
 
 
-def test_cpu_inference_fuses_the_mlp_gelu_and_matches_the_unfused_mlp():
+def test_cpu_inference_with_avx512_fuses_the_mlp_gelu_and_matches_the_unfused_mlp(monkeypatch):
     torch.manual_seed(0)
     mlp = Mlp(32, 128)
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
+        for capability in ("AVX2", "DEFAULT"):  # there the fused kernel ran slower
+            monkeypatch.setattr(transformer, "cpu_capability", lambda capability=capability: capability)
+            assert not fused_linear_gelu(x, mlp.fc1)
+        monkeypatch.setattr(transformer, "cpu_capability", lambda: "AVX512")
         assert fused_linear_gelu(x, mlp.fc1) == torch.backends.mkldnn.is_available()
         fused = mlp(x)
         mlp.fused = False
@@ -295,7 +299,8 @@ def test_only_the_eager_backend_the_reference_kernels_keeps_the_mlp_unfused(atte
 
 def test_the_sigmoid_form_gelu_is_the_tanh_gelu_with_its_gradient():
     x = torch.linspace(-12, 12, 2001, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(SigmoidFormGelu.apply(x), F.gelu(x, approximate="tanh"), rtol=1e-12, atol=1e-12)
+    exact = F.gelu(x, approximate="tanh")
+    torch.testing.assert_close(SigmoidFormGelu.apply(x), exact, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(SigmoidFormGelu.apply, (x[::50].detach().requires_grad_(),))
     grad = torch.randn(2001, dtype=torch.float64)
     mine, = torch.autograd.grad(SigmoidFormGelu.apply(x), x, grad)

@@ -321,9 +321,7 @@ def flex_attention(compiled: bool):
 
 class Mlp(nn.Module):
     """Two-layer MLP with tanh-approximated GELU; ``fused``: in CPU inference with AVX512, the
-    first layer and the GELU as one kernel (``fused_linear_gelu``), elsewhere on the CPU in
-    fp32 the GELU in its sigmoid form (``SigmoidFormGelu``); else, or not ``fused``, the
-    reference's two kernels."""
+    first layer and the GELU as one kernel (``fused_linear_gelu``), else the reference's two."""
 
     def __init__(self, dim: int, hidden: int, fused: bool = True):
         super().__init__()
@@ -336,44 +334,9 @@ class Mlp(nn.Module):
             # one oneDNN kernel: the GELU as the matmul's epilogue. torch's own tanh GELU ran
             # 7x slower than tanh on an AVX512 Xeon, 14% of a sampling step there.
             hidden = torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, "gelu", [], "tanh")
-        elif self.fused and sigmoid_form_applies(x):
-            hidden = SigmoidFormGelu.apply(self.fc1(x))
         else:
             hidden = F.gelu(self.fc1(x), approximate="tanh")
         return self.fc2(hidden)
-
-
-def sigmoid_form_applies(x: torch.Tensor) -> bool:
-    """Whether the MLP's GELU runs as ``SigmoidFormGelu`` (where the fused kernel does not:
-    training, and inference without AVX512): fp32 on the CPU, where torch's tanh GELU is the
-    slow kernel, outside autocast (which would hand it reduced-precision inputs)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-
-
-GELU_CUBIC = 0.044715
-GELU_SCALE = 2 * math.sqrt(2 / math.pi)
-
-
-class SigmoidFormGelu(torch.autograd.Function):
-    """The tanh-approximated GELU, ``0.5 x (1 + tanh(u / 2))``, computed as the identical
-    ``x sigmoid(u)`` with ``u = 2 sqrt(2/pi) (x + 0.044715 x^3)``: torch's CPU sigmoid is 3x
-    faster than its tanh, and its tanh GELU (forward and backward) slower still. Within 1e-6 of
-    ``F.gelu(x, approximate="tanh")``; the backward, ``s + s (1 - s) x u'`` with ``s =
-    sigmoid(u)``, reads the saved ``x`` and ``s``."""
-
-    @staticmethod
-    def forward(ctx, x):
-        s = torch.addcmul(x, x * x, x, value=GELU_CUBIC).mul_(GELU_SCALE).sigmoid_()
-        ctx.save_for_backward(x, s)
-        return x * s
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, s = ctx.saved_tensors
-        # x u'(x), with x clamped where s (1 - s) is already 0, so that x^3 cannot overflow
-        x = x.clamp(-1e4, 1e4)
-        x_du = (x * x).mul_(3 * GELU_CUBIC * GELU_SCALE).add_(GELU_SCALE).mul_(x)
-        return torch.addcmul(s, s, s, value=-1).mul_(x_du).add_(s).mul_(grad)
 
 
 def fused_linear_gelu(x: torch.Tensor, linear: nn.Linear) -> bool:

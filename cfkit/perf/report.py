@@ -8,9 +8,7 @@ CausalFusion, In-context DiT and DiT in fp32 and bf16 against the reference-styl
 (train_step.py); the cost per noised token of CausalFusion with K noised copies against
 In-context DiT (train_step.py --copies K); sampling at several AR step counts S, KV-cached
 against uncached and against the reference-style loop (sample.py), and on a CPU the blocks'
-inference with the MLP's first layer and GELU fused against unfused, and the blocks' fp32
-training with the MLP's GELU in its sigmoid form against torch's tanh GELU (mlp.py
---training); the shard loader against
+inference with the MLP's first layer and GELU fused against unfused (mlp.py); the shard loader against
 the training step it feeds (data.py); the matmul peak of this machine and the model FLOP
 utilisation against it (train_step.py --peak). ``--size issue`` is the issues' network
 (D=384, depth 12, 6 heads, batch 8, 32x32 latents at patch 2); ``small`` (default) is the same
@@ -258,15 +256,9 @@ def sample_rows(report: dict, peak: dict) -> list[Row]:
 
 
 def mlp_rows(report: dict, peak: dict) -> list[Row]:
-    """The blocks with the engine's MLP against the reference's: in CPU inference the MLP's
-    first layer and GELU fused, in training the GELU in its sigmoid form."""
+    """The blocks' CPU inference with the MLP's first layer and GELU fused, against unfused."""
     rows = "x".join(str(n) for n in report["rows"])
-    if report.get("mode") == "training":
-        return [row("train step", f"blocks forward + backward, fp32 CPU, {rows}",
-                    "MLP GELU in sigmoid form, median", report["median_fused_s"] * 1e3, "ms",
-                    baseline=f"torch's tanh GELU {report['median_unfused_s'] * 1e3:.4g} ms",
-                    ratio=report["speedup"], ratio_of="baseline/value")]
-    used = "the engine runs it here" if report.get("engine_fuses") else "the engine runs it with AVX512 only"
+    used = "run here" if report.get("engine_fuses") else "run with AVX512 only"
     return [row("sampling", f"blocks forward, CPU inference, {rows}",
                 f"MLP fc1 + GELU fused ({used}), median", report["median_fused_s"] * 1e3, "ms",
                 baseline=f"unfused {report['median_unfused_s'] * 1e3:.4g} ms", ratio=report["speedup"],
@@ -386,8 +378,6 @@ def plan(size: Size, device: str, fast: str) -> list[Job]:
     if device == "cpu":  # the fused kernel is oneDNN's: CPU inference only
         jobs.append(Job("sampling", "MLP fused fp32", "mlp",
                         (*size.network, "--rounds", str(size.mlp_rounds)), (mlp_rows,)))
-        jobs.append(Job("train step", "MLP sigmoid-form GELU fp32", "mlp",
-                        (*size.network, "--rounds", str(size.mlp_rounds), "--training"), (mlp_rows,)))
     jobs += [Job("mask build", "dense mask", "masks", size.masks, (mask_rows,)),
              Job("loader", "digits-tiny", "data", size.data, (data_rows,))]
     return jobs

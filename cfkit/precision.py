@@ -90,13 +90,19 @@ def cpu_flags() -> frozenset[str]:
                      for flag in line.split(":", 1)[1].split())
 
 
+@functools.cache
+def cpu_capability() -> str:
+    """The vector instructions torch's CPU kernels use here: ``AVX512``, ``AVX2``, ``DEFAULT``, ..."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def native_bf16() -> list[str]:
     """This CPU's flags that show native bf16 (of ``NATIVE_BF16_FLAGS``); empty where bf16 is emulated."""
     return sorted(set(NATIVE_BF16_FLAGS) & cpu_flags())
 
 
 def _cpu(width: int) -> Precision:
-    capability = torch.backends.cpu.get_cpu_capability()
+    capability = cpu_capability()
     native = native_bf16()
     if not native:
         return Precision("fp32", f"auto: CPU without native bf16 (torch capability {capability}, "

@@ -19,6 +19,7 @@ from annotated_types import Ge, Gt, Interval
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cfkit import precision
 from cfkit.masks import CLEAN, NOISY, Layout
 from cfkit.methods import CAUSAL_GENERATION
 from cfkit.plugins import typed
@@ -348,13 +349,7 @@ def fused_linear_gelu(x: torch.Tensor, linear: nn.Linear) -> bool:
     return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == linear.weight.dtype
             and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_autocast_enabled("cpu")
             and linear.bias is not None and torch.backends.mkldnn.is_available()
-            and cpu_capability() == "AVX512")
-
-
-@functools.cache
-def cpu_capability() -> str:
-    """The vector instructions torch's CPU kernels use here: ``AVX512``, ``AVX2``, ``DEFAULT``, ..."""
-    return torch.backends.cpu.get_cpu_capability()
+            and precision.cpu_capability() == "AVX512")
 
 
 class Block(nn.Module):

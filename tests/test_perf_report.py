@@ -162,7 +162,6 @@ def test_each_script_in_benchmarks_perf_runs_its_cfkit_perf_module(script):
 
 
 def test_the_mlp_benchmark_times_the_fused_kernel_on_every_cpu_and_says_if_the_engine_runs_it():
-    from cfkit import transformer
     from cfkit.perf import mlp
 
     if not torch.backends.mkldnn.is_available():
@@ -170,7 +169,7 @@ def test_the_mlp_benchmark_times_the_fused_kernel_on_every_cpu_and_says_if_the_e
     args = mlp.parser().parse_args(["--hidden", "32", "--depth", "2", "--heads", "2", "--batch", "2",
                                     "--latent", "4", "--patch", "1", "--rounds", "3"])
     out = mlp.run(args)
-    assert out["engine_fuses"] == (transformer.cpu_capability() == "AVX512")
+    assert out["engine_fuses"] == (precision.cpu_capability() == "AVX512")
     assert out["rows"] == (4, 4 + 16, 32)
     assert len(out["fused_s"]) == len(out["unfused_s"]) == 3
     pairs = zip(out["fused_s"], out["unfused_s"], strict=True)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cfkit import plugins, transformer
+from cfkit import plugins, precision
 from cfkit.masks import batch_layout
 from cfkit.plan import Planner
 from cfkit.schedules import step_index
@@ -271,9 +271,9 @@ def test_cpu_inference_with_avx512_fuses_the_mlp_gelu_and_matches_the_unfused_ml
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         for capability in ("AVX2", "DEFAULT"):  # there the fused kernel ran slower
-            monkeypatch.setattr(transformer, "cpu_capability", lambda capability=capability: capability)
+            monkeypatch.setattr(precision, "cpu_capability", lambda capability=capability: capability)
             assert not fused_linear_gelu(x, mlp.fc1)
-        monkeypatch.setattr(transformer, "cpu_capability", lambda: "AVX512")
+        monkeypatch.setattr(precision, "cpu_capability", lambda: "AVX512")
         assert fused_linear_gelu(x, mlp.fc1) == torch.backends.mkldnn.is_available()
         fused = mlp(x)
         mlp.fused = False

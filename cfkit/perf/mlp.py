@@ -24,14 +24,14 @@ from unittest import mock
 
 import torch
 
-from cfkit import transformer
+from cfkit import precision
 from cfkit.perf.machine import log, machine
 from cfkit.transformer import CausalTransformer, Mlp, TransformerConfig, fused_linear_gelu
 
 
 def forced_fusion():
     """A context in which ``fused_linear_gelu`` takes this CPU for an AVX512 one."""
-    return mock.patch.object(transformer, "cpu_capability", lambda: "AVX512")
+    return mock.patch.object(precision, "cpu_capability", lambda: "AVX512")
 
 
 def parser() -> argparse.ArgumentParser:

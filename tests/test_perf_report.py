@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_ALL = ROOT / "benchmarks" / "perf" / "run_all.py"
 MODULES = {"run_all": "report", "train_step": "train_step", "sample": "sample", "masks": "masks",
            "data": "data", "mlp": "mlp"}
-KINDS = {"mask build", "train step", "K copies", "sampling", "time split", "loader", "matmul peak",
-         "MFU"}
+KINDS = {"mask build", "train step", "K copies", "sampling", "benchmark model", "time split", "loader",
+         "matmul peak", "MFU"}
 # bf16 steps run where bf16 is native; where it is emulated (~100x slower) the report skips them
 DTYPES = ("fp32", "bf16") if precision.native_bf16() else ("fp32",)
 TRAINED = {f"{method} {dtype}" for method in ("causalfusion", "incontext-dit", "dit") for dtype in DTYPES}
@@ -73,7 +73,17 @@ def test_tiny_report_has_a_positive_figure_for_every_benchmark_and_writes_both_f
                            "reference S=1 eager fp32 diffusion step"}
     assert all(math.isclose(total, 100) for total in splits.values()), splits
     bounds = [r for r in rows if r["figure"].startswith("speed-up bound")]
-    assert len(bounds) == 2 and all(r["target"] and r["met"] is not None for r in bounds)
+    assert len(bounds) == 3 and all(r["target"] and r["met"] is not None for r in bounds)
+    # the benchmark model: fp32 on one thread against the reference, its time split and bound
+    bench = [r for r in rows if r["benchmark"] == "benchmark model"]
+    assert {r["setting"].split(",")[0] for r in bench} == {"causalfusion fp32"}
+    assert all(", batch 32, 1 thread" in r["setting"] for r in bench)
+    [speed] = [r for r in bench if r["figure"] == "images/s, train step median"]
+    assert speed["target"] == "ratio >= 2" and speed["ratio"] > 0
+    assert sum(r["value"] for r in bench if r["unit"] == "% of operator time") == pytest.approx(100)
+    [bench_job] = [job for job in perf["jobs"] if job["benchmark"] == "benchmark model"]
+    assert bench_job["command"].startswith("OMP_NUM_THREADS=1 python benchmarks/perf/train_step.py")
+    assert bench_job["report"]["threads"] == 1
     # the ratios the sub-benchmarks report against their baselines reach the table
     ratios = {(r["benchmark"], r["setting"].split(",")[0], r["figure"]): r["ratio"] for r in rows}
     for dtype in DTYPES:
@@ -176,3 +186,23 @@ def test_the_mlp_benchmark_times_the_fused_kernel_on_every_cpu_and_says_if_the_e
     assert out["speedup"] == statistics.median(unfused / fused for fused, unfused in pairs)
     [row] = report.mlp_rows(out, {})
     assert row["ratio"] == out["speedup"] and ("run here" in row["figure"]) == out["engine_fuses"]
+
+
+def test_the_benchmark_model_rows_give_the_compiled_step_against_eager_and_the_compiling_time():
+    split = {"shares": {"linear matmuls": 0.4, "attention": 0.2, "everything else": 0.4},
+             "others": [("aten::gelu", 0.01)], "total_s": 0.1, "wall_s": 0.2, "kernels_s": 0.12}
+    out = {"method": "causalfusion", "dtype": "fp32", "sequence_length": 130, "threads": 1,
+           "settings": {"hidden": 64, "depth": 4, "batch": 32, "latent": 8, "patch": 1},
+           "images_per_s": 150.0, "warmup_s": [0.3, 0.2], "speedup_vs_reference": 1.3,
+           "speedup_bound_vs_reference": 2.17, "profile": split,
+           "baseline": {"images_per_s": 115.0},
+           "compiled": {"images_per_s": 160.0, "warmup_s": [60.3, 30.2]}, "compile_speedup": 1.05}
+    rows = report.bench_rows(out, {})
+    speed, compiled = rows[0], rows[1]
+    assert speed["setting"] == "causalfusion fp32, D=64 depth 4, 64 tokens (T=130), batch 32, 1 thread"
+    assert (speed["ratio"], speed["target"], speed["met"]) == (1.3, "ratio >= 2", False)
+    assert compiled["figure"] == "images/s with train.compile = true" and compiled["ratio"] == 1.05
+    assert "compiling about 90 s in the 2 warm-up steps" in compiled["baseline"]
+    bound = rows[-1]
+    assert bound["benchmark"] == "benchmark model" and bound["value"] == 2.17 and bound["met"] is True
+    assert len(report.bench_rows({k: v for k, v in out.items() if k != "compiled"}, {})) == len(rows) - 1

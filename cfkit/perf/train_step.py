@@ -49,8 +49,10 @@ PRECISIONS = {**DTYPES, "auto": None}
 EMULATED_PEAK_SIZE = 512  # the bf16 peak's matmul side where the CPU emulates bf16
 
 
-def experiment(args, method: str, copies: int, attention: str | None, precision: str = "fp32"):
-    """The validated experiment: paper-default factorisation, the benchmark's network."""
+def experiment(args, method: str, copies: int, attention: str | None, precision: str = "fp32",
+               compile: bool = False):
+    """The validated experiment: paper-default factorisation, the benchmark's network;
+    ``compile``: ``train.compile = true``."""
     model = model_options(args, attention)
     return configs.validate({
         "name": "perf-train-step",
@@ -61,7 +63,7 @@ def experiment(args, method: str, copies: int, attention: str | None, precision:
             "ordering": {"name": "random"},
             "copies": copies,
         },
-        "train": {"batch_size": args.batch, "precision": precision, "ema": 0.9999},
+        "train": {"batch_size": args.batch, "precision": precision, "ema": 0.9999, "compile": compile},
     })
 
 
@@ -93,9 +95,9 @@ class EngineStep:
     loss in the chosen precision, backward, clip, the fused AdamW, the EMA)."""
 
     def __init__(self, args, method: str, copies: int, attention: str | None, precision: str,
-                 device: torch.device, folder: Path):
+                 device: torch.device, folder: Path, compile: bool = False):
         torch.manual_seed(args.seed)
-        self.trainer = Trainer(experiment(args, method, copies, attention, precision), folder)
+        self.trainer = Trainer(experiment(args, method, copies, attention, precision, compile), folder)
         self.method, self.attention, self.copies = method, attention or "default", copies
         self.model = self.trainer.net.train()
         self.batch = batch_of(args, device)
@@ -140,7 +142,8 @@ def measure(args, steps: dict, device: torch.device) -> dict[str, dict]:
     (one of each in turn) so that load on the machine falls on all of them alike, after
     ``args.warmup`` untimed rounds."""
     probes = {name: SequenceProbe(step.model) for name, step in steps.items()}
-    records = {name: {"times": [], "flops": [], "executed": [], "seq_lens": []} for name in steps}
+    records = {name: {"times": [], "flops": [], "executed": [], "seq_lens": [], "warmup": []}
+               for name in steps}
     for round_ in range(args.warmup + args.steps):
         for name, step in steps.items():
             probe = probes[name]
@@ -152,6 +155,8 @@ def measure(args, steps: dict, device: torch.device) -> dict[str, dict]:
             elapsed = time.perf_counter() - start
             n, seq_len, dim = probe.shape
             timed = round_ >= args.warmup
+            if not timed:
+                records[name]["warmup"].append(elapsed)
             log(f"  {name} round {round_ + 1}/{args.warmup + args.steps}{'' if timed else ' (warmup)'}: "
                 f"{elapsed:.3f} s, T={seq_len}")
             if timed:
@@ -178,6 +183,7 @@ def summary(args, step, record: dict) -> dict:
         "copies": copies,
         "median_step_s": median,
         "step_s": times,
+        "warmup_s": record["warmup"],  # the untimed rounds (a compiled step's compiling among them)
         "tflops": statistics.median(f / t for f, t in zip(record["flops"], times, strict=True)) / 1e12,
         "flops_per_step": statistics.median(record["flops"]),
         "tflops_executed": statistics.median(
@@ -222,6 +228,9 @@ def parser() -> argparse.ArgumentParser:
                    help="skip the eager-attention fp32 reference-style baseline")
     p.add_argument("--compare-incontext", action="store_true",
                    help="also time In-context DiT (always done when --copies > 1)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the engine's step with train.compile = true (torch.compile of "
+                        "the network); its compiling falls in the --warmup rounds")
     p.add_argument("--peak", action="store_true", help="also time a square matmul peak")
     p.add_argument("--profile", action="store_true",
                    help="profile one more round: where each step's time goes")
@@ -245,6 +254,9 @@ def run(args) -> dict:
                                          device, Path(folder) / "engine")}
         if args.method == "causalfusion" and not args.no_baseline:
             steps["reference"] = ReferenceStep(args, args.method, args.copies, device)
+        if args.compile:
+            steps["compiled"] = EngineStep(args, args.method, args.copies, args.attention, args.dtype,
+                                           device, Path(folder) / "compiled", compile=True)
         if args.compare_incontext or args.copies > 1:
             steps["incontext-dit"] = EngineStep(args, "incontext-dit", 1, args.attention, args.dtype,
                                                 device, Path(folder) / "incontext")
@@ -264,6 +276,12 @@ def run(args) -> dict:
         if args.profile:
             report["speedup_bound_vs_reference"] = breakdown.speedup_bound(
                 report["speedup_vs_reference"], report["profile"])
+    if "compiled" in results:
+        compiled = report["compiled"] = results.pop("compiled")
+        # paired as the speed-up: the same plan (sequence length) in a round's two steps
+        report["compile_speedup_by_round"] = [eager / fast for eager, fast in
+                                              zip(report["step_s"], compiled["step_s"], strict=True)]
+        report["compile_speedup"] = statistics.median(report["compile_speedup_by_round"])
     if "incontext-dit" in results:
         icdit = report["incontext"] = results["incontext-dit"]
         # paired like the speed-up: a round's two steps ran back to back, so their ratio is
@@ -331,7 +349,7 @@ def main(argv=None) -> int:
         print(json.dumps(report))
     else:
         for key in ("median_step_s", "tflops", "images_per_s", "noised_tokens_per_s",
-                    "speedup_vs_reference", "cost_per_noised_token_ratio", "mfu"):
+                    "speedup_vs_reference", "compile_speedup", "cost_per_noised_token_ratio", "mfu"):
             if key in report:
                 print(f"{key}: {report[key]:.4g}")
     return 0

@@ -206,3 +206,23 @@ def test_the_benchmark_model_rows_give_the_compiled_step_against_eager_and_the_c
     bound = rows[-1]
     assert bound["benchmark"] == "benchmark model" and bound["value"] == 2.17 and bound["met"] is True
     assert len(report.bench_rows({k: v for k, v in out.items() if k != "compiled"}, {})) == len(rows) - 1
+
+
+def test_sampling_pairs_its_variants_by_round_and_alternates_their_order(capsys):
+    from cfkit.perf import sample
+
+    args = sample.parser().parse_args(["--hidden", "32", "--depth", "2", "--heads", "2", "--batch", "2",
+                                       "--latent", "8", "--patch", "2", "--dtype", "fp32", "--device", "cpu",
+                                       "--ar-steps", "4", "--steps", "5", "--measure", "2", "--rounds", "3"])
+    out = sample.run(args)
+    log = capsys.readouterr().err
+    assert "round 1/3: cached, reference, uncached" in log and "round 2/3: uncached, reference, cached" in log
+    assert len(out["step_s"]) == len(out["reference"]["step_s"]) == len(out["uncached"]["step_s"]) == 6
+    assert len(out["speedup_by_round"]) == len(out["cached_speedup_by_round"]) == 3
+    assert out["speedup_vs_reference"] == statistics.median(out["speedup_by_round"])
+    assert out["cached_speedup"] == statistics.median(out["cached_speedup_by_round"])
+    by_round = zip(out["median_step_s_by_round"], out["uncached"]["median_step_s_by_round"], strict=True)
+    assert out["cached_speedup_by_round"] == [uncached / cached for cached, uncached in by_round]
+    # images/s of the pooled steps: batch / (median step * T per AR step * S)
+    assert out["images_per_s"] == pytest.approx(2 / (statistics.median(out["step_s"]) * 5 * 4))
+    assert out["reference"]["images_per_s"] == pytest.approx(2 / (out["reference"]["median_step_s"] * 5))

@@ -59,7 +59,8 @@ class Size:
     bf16_steps: int  # the same in bf16, emulated (~100x slower than fp32) on CPUs without AMX
     copies: tuple[int, ...]  # K of the noised-token comparison (K = 1 comes with the fp32 run)
     ar_steps: tuple[int, ...]  # S of the sampling runs
-    diffusion_steps: int  # timed diffusion steps per sampling variant (after one untimed)
+    diffusion_steps: int  # timed diffusion steps per sampling variant and round (after one untimed)
+    sample_rounds: int  # rounds of each sampling run: its variants in turn, ratios paired by round
     mlp_rounds: int  # timed rounds of the fused MLP against unfused (mlp.py)
     peak_size: int  # side of the square matmul of the peak
     # untimed rounds of each training-step run: the reference's step took three rounds to
@@ -80,7 +81,8 @@ SIZES = {
     "tiny": Size(
         network=("--hidden", "32", "--depth", "2", "--heads", "2", "--batch", "2",
                  "--latent", "8", "--patch", "2"),
-        train_steps=1, bf16_steps=1, copies=(2,), ar_steps=(1, 4, 16), diffusion_steps=1, mlp_rounds=1,
+        train_steps=1, bf16_steps=1, copies=(2,), ar_steps=(1, 4, 16), diffusion_steps=1, sample_rounds=1,
+        mlp_rounds=1,
         peak_size=256, train_warmup=1, bench_steps=2, bench_warmup=1, bench_compile=False,
         masks=("--tokens", "256", "--cond", "16", "--steps", "1", "16", "256",
                "--repeats", "3", "--warmup", "1"),
@@ -92,14 +94,16 @@ SIZES = {
         network=("--hidden", "384", "--depth", "12", "--heads", "6", "--batch", "8",
                  "--latent", "16", "--patch", "2"),
         train_steps=3, bf16_steps=1, copies=(2, 4, 8), ar_steps=(1, 4, 16), diffusion_steps=3,
-        mlp_rounds=5, peak_size=1024, train_warmup=2, masks=(), data=(), threads=1, timeout_s=600,
+        sample_rounds=2, mlp_rounds=5, peak_size=1024, train_warmup=2, masks=(), data=(), threads=1,
+        timeout_s=600,
         bench_steps=10, bench_warmup=3, bench_compile=False,
     ),
     "issue": Size(
         network=("--hidden", "384", "--depth", "12", "--heads", "6", "--batch", "8",
                  "--latent", "32", "--patch", "2"),
         train_steps=5, bf16_steps=2, copies=(2, 4, 8), ar_steps=(1, 4, 16), diffusion_steps=3,
-        mlp_rounds=8, peak_size=2048, train_warmup=3, masks=(), data=(), threads=None, timeout_s=3600,
+        sample_rounds=3, mlp_rounds=8, peak_size=2048, train_warmup=3, masks=(), data=(), threads=None,
+        timeout_s=3600,
         bench_steps=30, bench_warmup=8, bench_compile=True,
     ),
 }
@@ -421,7 +425,8 @@ def plan(size: Size, device: str, fast: str) -> list[Job]:
     jobs += [Job("sampling", f"S={s} {fast}", "sample",
                  (*size.network, *on_device, "--dtype", fast, "--ar-steps", str(s),
                   "--steps", "250", "--cfg", "4", "--warmup", "1",
-                  "--measure", str(size.diffusion_steps), *(("--profile",) if s == 1 else ())),
+                  "--measure", str(size.diffusion_steps), "--rounds", str(size.sample_rounds),
+                  *(("--profile",) if s == 1 else ())),
                  (sample_rows, *((sample_split_rows,) if s == 1 else ())))
              for s in size.ar_steps]
     if device == "cpu":  # the fused kernel is oneDNN's: CPU inference only

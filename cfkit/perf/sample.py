@@ -15,8 +15,11 @@ a whole generation; the cost does not depend on the tokens' values, so they are 
 not counted. Baselines in the same run: the reference-style loop (S = 1, eager attention,
 fp32, CFG by the 2N batch) gives ``speedup_vs_reference`` (ratio of images/s), and the
 uncached path at the same S (the context recomputed by the full training forward every
-diffusion step) gives ``cached_speedup``. ``--profile`` runs one more diffusion step of the
-cached path and of the reference under the profiler: their time split
+diffusion step) gives ``cached_speedup``. The three run in ``--rounds`` rounds, in turn and in
+the reverse order every other round, and each ratio is the median of the rounds' ratios: a
+shared machine's speed drifts over minutes, and a round's runs sit close together in time.
+``--profile`` runs one more diffusion step of the cached path and of the reference under the
+profiler, in the first round: their time split
 (``cfkit.perf.breakdown``) and the speed-up the cached path would reach over the reference if
 everything but its matmuls and attention took no time. One JSON object goes to stdout with ``--json``;
 progress goes to stderr.
@@ -142,7 +145,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=250, help="diffusion steps T per AR step")
     p.add_argument("--cfg", type=float, default=4.0, help="CFG scale (1 = none)")
     p.add_argument("--sampler", default="ddpm")
-    p.add_argument("--measure", type=int, default=3, help="timed diffusion steps")
+    p.add_argument("--measure", type=int, default=3, help="timed diffusion steps per round")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of the cached path and its baselines, in turn (default 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed diffusion steps first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -160,25 +165,54 @@ def run(args) -> dict:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: at least 1")
     report = {
         "device": device.type if device.type != "cuda" else torch.cuda.get_device_name(device),
         **machine(),
         **auto_precision(device, args.hidden),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
     }
-    report.update(measure(args, args.ar_steps, True, args.attention, args.dtype, device, args.profile))
+    variants = {"cached": (args.ar_steps, True, args.attention, args.dtype, args.profile)}
     if not args.no_reference:
-        reference = measure(args, 1, True, "eager", "fp32", device, args.profile)
-        report["reference"] = reference
-        report["speedup_vs_reference"] = report["images_per_s"] / reference["images_per_s"]
+        variants["reference"] = (1, True, "eager", "fp32", args.profile)
+    if not args.no_uncached:
+        variants["uncached"] = (args.ar_steps, False, args.attention, args.dtype, False)
+    rounds: dict[str, list[dict]] = {name: [] for name in variants}
+    for round_ in range(args.rounds):
+        names = list(variants) if round_ % 2 == 0 else list(reversed(variants))
+        log(f"round {round_ + 1}/{args.rounds}: {', '.join(names)}")
+        for name in names:
+            ar_steps, cached, attention, dtype, profile = variants[name]
+            rounds[name].append(measure(args, ar_steps, cached, attention, dtype, device,
+                                        profile and round_ == 0))
+    report.update(pooled(rounds["cached"]))
+    if "reference" in rounds:
+        report["reference"] = pooled(rounds["reference"])
+        report["speedup_by_round"] = [ours["images_per_s"] / reference["images_per_s"] for ours, reference
+                                      in zip(rounds["cached"], rounds["reference"], strict=True)]
+        report["speedup_vs_reference"] = statistics.median(report["speedup_by_round"])
         if args.profile:
             report["speedup_bound_vs_reference"] = breakdown.speedup_bound(
                 report["speedup_vs_reference"], report["profile"])
-    if not args.no_uncached:
-        uncached = measure(args, args.ar_steps, False, args.attention, args.dtype, device)
-        report["uncached"] = uncached
-        report["cached_speedup"] = uncached["median_step_s"] / report["median_step_s"]
+    if "uncached" in rounds:
+        report["uncached"] = pooled(rounds["uncached"])
+        report["cached_speedup_by_round"] = [
+            uncached["median_step_s"] / ours["median_step_s"]
+            for ours, uncached in zip(rounds["cached"], rounds["uncached"], strict=True)]
+        report["cached_speedup"] = statistics.median(report["cached_speedup_by_round"])
     return report
+
+
+def pooled(rounds: list[dict]) -> dict:
+    """One variant's rounds as one entry: its timed steps of every round, their median, and the
+    first round's profile."""
+    steps = [t for r in rounds for t in r["step_s"]]
+    median = statistics.median(steps)
+    first = rounds[0]
+    images_per_step = first["images_per_s"] * first["median_step_s"]  # batch / (T S)
+    return {**first, "median_step_s": median, "step_s": steps, "images_per_s": images_per_step / median,
+            "median_step_s_by_round": [r["median_step_s"] for r in rounds]}
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -200,3 +201,26 @@ def test_a_paper_column_matches_the_first_cfg_scale_or_a_model_metric():
     assert [c.column for c in matched] == [1, 2, None]
     assert stats.trend(stats.Table("t", ("a",), columns, (), paper_columns=matched), 2).line == (
         "fid ↓ S=8: not measured here")
+
+
+@pytest.mark.parametrize("n, ranks, level", [
+    (5, (1, 5), 0.9375),  # too few for 95%: the full range and its coverage
+    (6, (1, 6), 1 - 2 / 64),
+    (9, (2, 8), 1 - 2 * 10 / 512),
+    (30, (10, 21), 0.9572),  # the textbook order statistics of n = 30
+])
+def test_the_median_interval_is_the_narrowest_pair_of_order_statistics_of_the_level(n, ranks, level):
+    values = [float(v) for v in range(n, 0, -1)]  # any order: the interval sorts them
+    interval = stats.median_interval(values)
+    assert (interval.low, interval.high, interval.n) == (float(ranks[0]), float(ranks[1]), n)
+    assert interval.level == pytest.approx(level, abs=1e-4)
+    assert interval.level >= 0.95 or n <= 5
+    assert stats.median_interval([1.0]) is None
+
+
+def test_the_median_interval_covers_the_true_median_as_often_as_its_level_says():
+    rng = np.random.default_rng(0)
+    draws = rng.exponential(size=(4000, 9))  # skewed: a t interval of the mean would not fit
+    intervals = [stats.median_interval(list(d)) for d in draws]
+    covered = np.mean([i.low <= math.log(2) <= i.high for i in intervals])
+    assert covered == pytest.approx(intervals[0].level, abs=0.015)  # 0.961 exactly, by binomial

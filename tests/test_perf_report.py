@@ -194,6 +194,7 @@ def test_the_benchmark_model_rows_give_the_compiled_step_against_eager_and_the_c
     out = {"method": "causalfusion", "dtype": "fp32", "sequence_length": 130, "threads": 1,
            "settings": {"hidden": 64, "depth": 4, "batch": 32, "latent": 8, "patch": 1},
            "images_per_s": 150.0, "warmup_s": [0.3, 0.2], "speedup_vs_reference": 1.3,
+           "speedup_by_round": [1.2, 1.3, 1.4], "compile_speedup_by_round": [1.0, 1.05, 1.1],
            "speedup_bound_vs_reference": 2.17, "profile": split,
            "baseline": {"images_per_s": 115.0},
            "compiled": {"images_per_s": 160.0, "warmup_s": [60.3, 30.2]}, "compile_speedup": 1.05}
@@ -203,6 +204,7 @@ def test_the_benchmark_model_rows_give_the_compiled_step_against_eager_and_the_c
     assert (speed["ratio"], speed["target"], speed["met"]) == (1.3, "ratio >= 2", False)
     assert compiled["figure"] == "images/s with train.compile = true" and compiled["ratio"] == 1.05
     assert "compiling about 90 s in the 2 warm-up steps" in compiled["baseline"]
+    assert (speed["ratio_ci"], compiled["ratio_ci"]) == ([1.2, 1.4], [1.0, 1.1])
     bound = rows[-1]
     assert bound["benchmark"] == "benchmark model" and bound["value"] == 2.17 and bound["met"] is True
     assert len(report.bench_rows({k: v for k, v in out.items() if k != "compiled"}, {})) == len(rows) - 1
@@ -226,3 +228,24 @@ def test_sampling_pairs_its_variants_by_round_and_alternates_their_order(capsys)
     # images/s of the pooled steps: batch / (median step * T per AR step * S)
     assert out["images_per_s"] == pytest.approx(2 / (statistics.median(out["step_s"]) * 5 * 4))
     assert out["reference"]["images_per_s"] == pytest.approx(2 / (out["reference"]["median_step_s"] * 5))
+
+
+def test_a_ratio_of_paired_rounds_gets_its_interval_and_a_target_inside_it_is_not_resolvable():
+    def k8(rounds):
+        return report.row("K copies", "causalfusion K=8 fp32", "step time per noised token", 1776.0, "us",
+                          ratio=statistics.median(rounds), ratio_of="value/baseline", rounds=rounds,
+                          **report.target_fields(statistics.median(rounds), most=1.15, rounds=rounds))
+
+    spanning, clear = k8([1.30, 1.09, 1.38, 1.21, 1.27]), k8([1.30, 1.19, 1.38, 1.21, 1.27])
+    single = k8([1.27])
+    assert spanning["ratio_ci"] == [1.09, 1.38] and spanning["ratio_ci_level"] == 0.9375
+    assert (spanning["met"], spanning["resolved"]) == (False, False)
+    assert (clear["met"], clear["resolved"]) == (False, True)
+    assert single["ratio_ci"] is None and single["resolved"] is None and single["met"] is False
+    perf = {"size": "tiny", "device": "cpu", "notes": [], "omp_num_threads": None, "jobs": [],
+            "rows": [spanning, clear, single]}
+    lines = report.markdown(perf).splitlines()
+    [spanning_line] = [line for line in lines if "1.09-1.38" in line]
+    assert "1.27 (value/baseline); 94% CI 1.09-1.38 over 5 rounds" in spanning_line
+    assert spanning_line.endswith("| NO (the CI spans the target: not resolvable) |")
+    assert sum(line.endswith("| ratio <= 1.15 | NO |") for line in lines) == 2  # clear and single

@@ -223,6 +223,37 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, float(stats.t.ppf(1 - ALPHA / 2, n - 1)) * _sd(values) / math.sqrt(n)
 
 
+@dataclass(frozen=True)
+class MedianInterval:
+    """A distribution-free confidence interval of a median: between two order statistics of
+    the values, which bracket the median with probability ``level`` whatever their
+    distribution (the number of values below the median is Binomial(n, 1/2))."""
+
+    low: float
+    high: float
+    level: float  # the exact coverage: at least the level asked, or the most n values give
+    n: int
+
+
+def median_interval(values: Sequence[float], level: float = 1 - ALPHA) -> MedianInterval | None:
+    """The narrowest order-statistic interval ``[x_(k), x_(n+1-k)]`` of ``values`` whose coverage
+    ``1 - 2 P(Binomial(n, 1/2) < k)`` is at least ``level``; with too few values for that (5 or
+    fewer at 95%), the full range ``[min, max]`` and its lower coverage (93.75% for 5); None for
+    fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return None
+    ordered = sorted(values)
+
+    def coverage(k: int) -> float:  # of [x_(k), x_(n+1-k)], k counted from 1
+        return 1 - 2 * math.fsum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return MedianInterval(ordered[k - 1], ordered[n - k], coverage(k), n)
+
+
 def _sd(values: Sequence[float]) -> float:
     mean = math.fsum(values) / len(values)
     return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,7 @@ import torch
 
 import cfkit
 from cfkit import precision
+from cfkit.bench.stats import median_interval
 from cfkit.perf.machine import log
 
 # The sub-benchmarks' working folder: the one holding the cfkit package in use, first on the
@@ -101,7 +102,9 @@ SIZES = {
     "issue": Size(
         network=("--hidden", "384", "--depth", "12", "--heads", "6", "--batch", "8",
                  "--latent", "32", "--patch", "2"),
-        train_steps=5, bf16_steps=2, copies=(2, 4, 8), ar_steps=(1, 4, 16), diffusion_steps=3,
+        # 9 paired rounds: the median's 95% interval between the 2nd and 8th (5 give only 94%
+        # between the extremes, and one slow round on a shared machine then decides it)
+        train_steps=9, bf16_steps=2, copies=(2, 4, 8), ar_steps=(1, 4, 16), diffusion_steps=3,
         sample_rounds=3, mlp_rounds=8, peak_size=2048, train_warmup=3, masks=(), data=(), threads=None,
         timeout_s=3600,
         bench_steps=30, bench_warmup=8, bench_compile=True,
@@ -148,11 +151,20 @@ class Job:
 
 def row(benchmark: str, setting: str, figure: str, value: float | None, unit: str, *,
         baseline: str | None = None, ratio: float | None = None, ratio_of: str | None = None,
-        target: str | None = None, met: bool | None = None, error: str | None = None) -> Row:
-    """One measurement. ``ratio`` compares ``value`` with ``baseline`` as ``ratio_of`` says."""
+        rounds: Sequence[float] | None = None, target: str | None = None, met: bool | None = None,
+        resolved: bool | None = None, error: str | None = None) -> Row:
+    """One measurement. ``ratio`` compares ``value`` with ``baseline`` as ``ratio_of`` says;
+    ``rounds``, the paired rounds' ratios whose median it is, give its 95% confidence interval
+    (``median_interval``; lower coverage with 5 rounds or fewer, none with 1). ``met`` says
+    whether the ratio meets ``target``; ``resolved`` whether the interval lies on one side of it
+    (None without an interval), so that a miss or a hit within the noise is said as such."""
+    interval = median_interval(rounds) if rounds else None
     return {"benchmark": benchmark, "setting": setting, "figure": figure, "value": value,
             "unit": unit, "baseline": baseline, "ratio": ratio, "ratio_of": ratio_of,
-            "target": target, "met": met, "error": error}
+            "ratio_rounds": len(rounds) if rounds else None,
+            "ratio_ci": None if interval is None else [interval.low, interval.high],
+            "ratio_ci_level": None if interval is None else interval.level,
+            "target": target, "met": met, "resolved": resolved, "error": error}
 
 
 # --- rows of each sub-benchmark's JSON ----------------------------------------------------
@@ -182,13 +194,18 @@ def speed_target(report: dict) -> float | None:
     return {"bf16": 4.0, "fp32": 1.5}[report["dtype"]]
 
 
-def target_fields(value: float | None, least: float | None = None, most: float | None = None) -> dict:
-    """``target`` and ``met`` of a row whose ratio should be >= ``least`` or <= ``most``."""
+def target_fields(value: float | None, least: float | None = None, most: float | None = None,
+                  rounds: Sequence[float] | None = None, name: str = "ratio") -> dict:
+    """``target``, ``met`` and ``resolved`` (see ``row``) of a row whose ``name`` should be >=
+    ``least`` or <= ``most``; ``rounds``: the paired rounds' values whose median ``value`` is."""
     if least is None and most is None or value is None:
         return {}
+    interval = median_interval(rounds) if rounds else None
+    threshold = least if least is not None else most
+    resolved = None if interval is None else not interval.low < threshold < interval.high
     if least is not None:
-        return {"target": f"ratio >= {least:g}", "met": value >= least}
-    return {"target": f"ratio <= {most:g}", "met": value <= most}
+        return {"target": f"{name} >= {least:g}", "met": value >= least, "resolved": resolved}
+    return {"target": f"{name} <= {most:g}", "met": value <= most, "resolved": resolved}
 
 
 def train_rows(report: dict, peak: dict) -> list[Row]:
@@ -198,8 +215,9 @@ def train_rows(report: dict, peak: dict) -> list[Row]:
     return [row("train step", train_setting(report), "step (fwd+bwd+AdamW+EMA), median",
                 report["median_step_s"] * 1e3, "ms",
                 baseline=baseline and f"reference eager fp32 {baseline['median_step_s'] * 1e3:.4g} ms",
-                ratio=ratio, ratio_of=baseline and "baseline/value",
-                **target_fields(ratio, least=speed_target(report) if baseline else None))]
+                ratio=ratio, ratio_of=baseline and "baseline/value", rounds=report.get("speedup_by_round"),
+                **target_fields(ratio, least=speed_target(report) if baseline else None,
+                                rounds=report.get("speedup_by_round")))]
 
 
 def incontext_rows(report: dict, peak: dict) -> list[Row]:
@@ -227,10 +245,11 @@ def copies_rows(report: dict, peak: dict) -> list[Row]:
     ratio = report["cost_per_noised_token_ratio"]
     setting = f"causalfusion K={report['copies']} {report['dtype']}"
     flops, flops_icdit = executed_per_token(report), executed_per_token(incontext)
+    rounds = report["cost_ratio_by_round"]
     return [row("K copies", setting, "step time per noised token", per_token_us(report), "us",
                 baseline=f"In-context DiT {per_token_us(incontext):.4g} us",
-                ratio=ratio, ratio_of="value/baseline",
-                **target_fields(ratio, most=1.15 if report["copies"] == 8 else None)),
+                ratio=ratio, ratio_of="value/baseline", rounds=rounds,
+                **target_fields(ratio, most=1.15 if report["copies"] == 8 else None, rounds=rounds)),
             row("K copies", setting, "executed matmul FLOPs per noised token", flops, "MFLOP",
                 baseline=f"In-context DiT {flops_icdit:.4g} MFLOP", ratio=flops / flops_icdit,
                 ratio_of="value/baseline")]
@@ -264,17 +283,20 @@ def mfu_rows(report: dict, peak: dict) -> list[Row]:
 def sample_rows(report: dict, peak: dict) -> list[Row]:
     setting = f"S={report['ar_steps']} {report['dtype']}, {report['step_tokens']} tokens per AR step"
     reference = report["reference"]
+    cached_rounds, reference_rounds = report.get("cached_speedup_by_round"), report.get("speedup_by_round")
     return [
         row("sampling", setting, "diffusion step, KV-cached, median",
             report["median_step_s"] * 1e3, "ms",
             baseline=f"uncached {report['uncached']['median_step_s'] * 1e3:.4g} ms",
-            ratio=report["cached_speedup"], ratio_of="baseline/value",
-            **target_fields(report["cached_speedup"], least=3.0 if report["ar_steps"] == 16 else None)),
+            ratio=report["cached_speedup"], ratio_of="baseline/value", rounds=cached_rounds,
+            **target_fields(report["cached_speedup"], least=3.0 if report["ar_steps"] == 16 else None,
+                            rounds=cached_rounds)),
         row("sampling", setting, "images/s, KV-cached", report["images_per_s"], "images/s",
             baseline=f"reference S=1 eager fp32 {reference['images_per_s']:.4g}",
-            ratio=report["speedup_vs_reference"], ratio_of="value/baseline",
+            ratio=report["speedup_vs_reference"], ratio_of="value/baseline", rounds=reference_rounds,
             **target_fields(report["speedup_vs_reference"],
-                            least=speed_target(report) if report["ar_steps"] == 1 else None)),
+                            least=speed_target(report) if report["ar_steps"] == 1 else None,
+                            rounds=reference_rounds)),
     ]
 
 
@@ -285,7 +307,9 @@ def mlp_rows(report: dict, peak: dict) -> list[Row]:
     return [row("sampling", f"blocks forward, CPU inference, {rows}",
                 f"MLP fc1 + GELU fused ({used}), median", report["median_fused_s"] * 1e3, "ms",
                 baseline=f"unfused {report['median_unfused_s'] * 1e3:.4g} ms", ratio=report["speedup"],
-                ratio_of="baseline/value")]
+                ratio_of="baseline/value",
+                rounds=[unfused / fused for fused, unfused in
+                        zip(report["fused_s"], report["unfused_s"], strict=True)])]
 
 
 def split_rows(setting: str, split: dict, benchmark: str = "time split") -> list[Row]:
@@ -305,13 +329,16 @@ def bound_row(setting: str, report: dict, target: float | None, benchmark: str =
     ``target`` where one applies: a bound below it says that no cut of the overhead reaches
     the target, only faster matmuls or attention."""
     bound = report["speedup_bound_vs_reference"]
-    reachable = {} if target is None else {"target": f"bound >= {target:g} (the speed-up target)",
-                                           "met": bound >= target}
     share = report["profile"]["kernels_s"] / report["profile"]["wall_s"]
+    # the rounds' speed-ups over the same share: the bound's interval, the share taken as known
+    rounds = [speedup / share for speedup in report.get("speedup_by_round", ())]
+    reachable = target_fields(bound, least=target, rounds=rounds, name="bound")
+    if reachable:
+        reachable["target"] += " (the speed-up target)"
     return row(benchmark, setting, "speed-up bound: all but matmuls and attention take no time",
                bound, "x",
                baseline=f"measured {report['speedup_vs_reference']:.3g}x / {share:.0%} of the "
-                        "engine's step in matmuls and attention", **reachable)
+                        "engine's step in matmuls and attention", rounds=rounds, **reachable)
 
 
 def train_split_rows(report: dict, peak: dict) -> list[Row]:
@@ -345,10 +372,11 @@ def bench_rows(report: dict, peak: dict) -> list[Row]:
     (``train.compile = true``) against eager, its compiling (the warm-up rounds) in the baseline;
     the step's time split and its speed-up bound."""
     setting, baseline = bench_setting(report), report["baseline"]
-    ratio = report["speedup_vs_reference"]
+    ratio, rounds = report["speedup_vs_reference"], report["speedup_by_round"]
     rows = [row("benchmark model", setting, "images/s, train step median", report["images_per_s"],
                 "images/s", baseline=f"reference eager fp32 {baseline['images_per_s']:.4g} images/s",
-                ratio=ratio, ratio_of="value/baseline", **target_fields(ratio, least=BENCH_TARGET))]
+                ratio=ratio, ratio_of="value/baseline", rounds=rounds,
+                **target_fields(ratio, least=BENCH_TARGET, rounds=rounds))]
     if "compiled" in report:
         compiled = report["compiled"]
         compiling = sum(compiled["warmup_s"]) - sum(report["warmup_s"])
@@ -356,7 +384,8 @@ def bench_rows(report: dict, peak: dict) -> list[Row]:
                         compiled["images_per_s"], "images/s",
                         baseline=f"eager {report['images_per_s']:.4g} images/s; compiling about "
                                  f"{compiling:.0f} s in the {len(compiled['warmup_s'])} warm-up steps",
-                        ratio=report["compile_speedup"], ratio_of="value/baseline"))
+                        ratio=report["compile_speedup"], ratio_of="value/baseline",
+                        rounds=report["compile_speedup_by_round"]))
     return [*rows, *split_rows(f"{setting}, train step", report["profile"], "benchmark model"),
             bound_row(f"{setting}, train step", report, BENCH_TARGET, "benchmark model")]
 
@@ -528,10 +557,17 @@ def markdown(perf: dict) -> str:
     lines = [f"# Performance report ({perf['size']}, {perf['device']})", "",
              *perf["notes"], "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in perf["rows"]:
-        ratio = f"{r['ratio']:.4g} ({r['ratio_of']})" if r["ratio"] is not None else ""
+        pieces = [f"{r['ratio']:.4g} ({r['ratio_of']})"] if r["ratio"] is not None else []
+        if r.get("ratio_ci"):  # a bound row's interval is its value's: it has no ratio
+            (low, high), level = r["ratio_ci"], r["ratio_ci_level"]
+            pieces.append(f"{level:.0%} CI {low:.3g}-{high:.3g} over {r['ratio_rounds']} rounds")
+        ratio = "; ".join(pieces)
+        met = r["met"]
+        if met is not None and r.get("resolved") is False:
+            met = f"{cell(met)} (the CI spans the target: not resolvable)"
         value = cell(r["value"]) if r["error"] is None else f"FAILED: {cell(r['error'])[:300]}"
         cells = [r["benchmark"], r["setting"], r["figure"], value, r["unit"], r["baseline"],
-                 ratio, r["target"], r["met"]]
+                 ratio, r["target"], met]
         lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
     threads = perf["omp_num_threads"]
     lines += ["", "Commands (run from the repository root"
@@ -573,7 +609,11 @@ def notes(perf: dict) -> list[str]:
                      "step, so a met target there would still need checking against cfkit then.")
     lines.append("ratio: `baseline/value` > 1 means faster than the baseline, `value/baseline` is "
                  "the value relative to the baseline. A row's baseline is timed in the same "
-                 "sub-benchmark run.")
+                 "sub-benchmark run. Where the run paired its rounds (one of each in turn), the "
+                 "ratio is the median of the rounds' ratios and the CI a distribution-free "
+                 "interval of that median (order statistics: 95%, or the full range's lower "
+                 "coverage with 5 rounds or fewer); a target whose CI spans it is not resolvable "
+                 "by that run.")
     return [f"- {line}" for line in lines]
 
 

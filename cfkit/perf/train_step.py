@@ -12,7 +12,10 @@ same sequence length; the speedup is the median of the rounds' ratios. The issue
 ``--dtype`` is the engine's precision (``fp32``, ``bf16`` or ``auto``, which says what it chose
 and why). ``--copies K`` noises K copies per sample and, with ``--compare-incontext`` or whenever K > 1,
 also times In-context DiT to give the cost per noised token relative to it (the median of the
-rounds' ratios, as for the speed-up). ``--peak``
+rounds' ratios, as for the speed-up). ``--compile`` also times the engine's step with
+``train.compile = true`` (torch.compile of the network; its compiling falls in the warm-up
+rounds, whose times the JSON keeps) and gives ``compile_speedup``, eager over compiled, paired
+by round. ``--peak``
 times a large square matmul before and after the steps (the best of both: a shared machine's
 speed drifts) to give this machine's peak and the model FLOP utilisation. ``--profile`` runs one more round
 under the profiler and gives each step's time split (``cfkit.perf.breakdown``: linear matmuls,

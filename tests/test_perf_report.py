@@ -234,7 +234,7 @@ def test_a_ratio_of_paired_rounds_gets_its_interval_and_a_target_inside_it_is_no
     def k8(rounds):
         return report.row("K copies", "causalfusion K=8 fp32", "step time per noised token", 1776.0, "us",
                           ratio=statistics.median(rounds), ratio_of="value/baseline", rounds=rounds,
-                          **report.target_fields(statistics.median(rounds), most=1.15, rounds=rounds))
+                          **report.target_fields(statistics.median(rounds), most=1.15))
 
     spanning, clear = k8([1.30, 1.09, 1.38, 1.21, 1.27]), k8([1.30, 1.19, 1.38, 1.21, 1.27])
     single = k8([1.27])

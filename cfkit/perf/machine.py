@@ -28,7 +28,7 @@ def machine() -> dict:
     intra-op threads, CPU count and the load average at the start (other work on the machine
     skews timings)."""
     return {"torch": torch.__version__, "cpu": precision.cpu_model(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_capability": precision.cpu_capability(),
             "cpu_native_bf16": precision.native_bf16(),
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average_start": os.getloadavg()}

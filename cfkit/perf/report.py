@@ -153,13 +153,16 @@ class Job:
 def row(benchmark: str, setting: str, figure: str, value: float | None, unit: str, *,
         baseline: str | None = None, ratio: float | None = None, ratio_of: str | None = None,
         rounds: Sequence[float] | None = None, target: str | None = None, met: bool | None = None,
-        resolved: bool | None = None, error: str | None = None) -> Row:
+        threshold: float | None = None, error: str | None = None) -> Row:
     """One measurement. ``ratio`` compares ``value`` with ``baseline`` as ``ratio_of`` says;
-    ``rounds``, the paired rounds' ratios whose median it is, give its 95% confidence interval
-    (``median_interval``; lower coverage with 5 rounds or fewer, none with 1). ``met`` says
-    whether the ratio meets ``target``; ``resolved`` whether the interval lies on one side of it
-    (None without an interval), so that a miss or a hit within the noise is said as such."""
+    ``rounds``, the paired rounds' values whose median the checked figure is, give its 95%
+    confidence interval (``median_interval``; lower coverage with 5 rounds or fewer, none with
+    1). ``met`` says whether the figure meets ``target``, whose number is ``threshold``
+    (``target_fields``); ``resolved`` whether the interval lies on one side of it (None without
+    an interval or a threshold), so that a miss or a hit within the noise is said as such."""
     interval = median_interval(rounds) if rounds else None
+    resolved = (None if interval is None or threshold is None
+                else not interval.low < threshold < interval.high)
     return {"benchmark": benchmark, "setting": setting, "figure": figure, "value": value,
             "unit": unit, "baseline": baseline, "ratio": ratio, "ratio_of": ratio_of,
             "ratio_rounds": len(rounds) if rounds else None,
@@ -196,17 +199,14 @@ def speed_target(report: dict) -> float | None:
 
 
 def target_fields(value: float | None, least: float | None = None, most: float | None = None,
-                  rounds: Sequence[float] | None = None, name: str = "ratio") -> dict:
-    """``target``, ``met`` and ``resolved`` (see ``row``) of a row whose ``name`` should be >=
-    ``least`` or <= ``most``; ``rounds``: the paired rounds' values whose median ``value`` is."""
+                  name: str = "ratio") -> dict:
+    """``target``, ``met`` and ``threshold`` (see ``row``) of a row whose ``name`` should be >=
+    ``least`` or <= ``most``."""
     if least is None and most is None or value is None:
         return {}
-    interval = median_interval(rounds) if rounds else None
-    threshold = least if least is not None else most
-    resolved = None if interval is None else not interval.low < threshold < interval.high
     if least is not None:
-        return {"target": f"{name} >= {least:g}", "met": value >= least, "resolved": resolved}
-    return {"target": f"{name} <= {most:g}", "met": value <= most, "resolved": resolved}
+        return {"target": f"{name} >= {least:g}", "met": value >= least, "threshold": least}
+    return {"target": f"{name} <= {most:g}", "met": value <= most, "threshold": most}
 
 
 def train_rows(report: dict, peak: dict) -> list[Row]:
@@ -217,8 +217,7 @@ def train_rows(report: dict, peak: dict) -> list[Row]:
                 report["median_step_s"] * 1e3, "ms",
                 baseline=baseline and f"reference eager fp32 {baseline['median_step_s'] * 1e3:.4g} ms",
                 ratio=ratio, ratio_of=baseline and "baseline/value", rounds=report.get("speedup_by_round"),
-                **target_fields(ratio, least=speed_target(report) if baseline else None,
-                                rounds=report.get("speedup_by_round")))]
+                **target_fields(ratio, least=speed_target(report) if baseline else None))]
 
 
 def incontext_rows(report: dict, peak: dict) -> list[Row]:
@@ -250,7 +249,7 @@ def copies_rows(report: dict, peak: dict) -> list[Row]:
     return [row("K copies", setting, "step time per noised token", per_token_us(report), "us",
                 baseline=f"In-context DiT {per_token_us(incontext):.4g} us",
                 ratio=ratio, ratio_of="value/baseline", rounds=rounds,
-                **target_fields(ratio, most=1.15 if report["copies"] == 8 else None, rounds=rounds)),
+                **target_fields(ratio, most=1.15 if report["copies"] == 8 else None)),
             row("K copies", setting, "executed matmul FLOPs per noised token", flops, "MFLOP",
                 baseline=f"In-context DiT {flops_icdit:.4g} MFLOP", ratio=flops / flops_icdit,
                 ratio_of="value/baseline")]
@@ -290,14 +289,12 @@ def sample_rows(report: dict, peak: dict) -> list[Row]:
             report["median_step_s"] * 1e3, "ms",
             baseline=f"uncached {report['uncached']['median_step_s'] * 1e3:.4g} ms",
             ratio=report["cached_speedup"], ratio_of="baseline/value", rounds=cached_rounds,
-            **target_fields(report["cached_speedup"], least=3.0 if report["ar_steps"] == 16 else None,
-                            rounds=cached_rounds)),
+            **target_fields(report["cached_speedup"], least=3.0 if report["ar_steps"] == 16 else None)),
         row("sampling", setting, "images/s, KV-cached", report["images_per_s"], "images/s",
             baseline=f"reference S=1 eager fp32 {reference['images_per_s']:.4g}",
             ratio=report["speedup_vs_reference"], ratio_of="value/baseline", rounds=reference_rounds,
             **target_fields(report["speedup_vs_reference"],
-                            least=speed_target(report) if report["ar_steps"] == 1 else None,
-                            rounds=reference_rounds)),
+                            least=speed_target(report) if report["ar_steps"] == 1 else None)),
     ]
 
 
@@ -308,9 +305,7 @@ def mlp_rows(report: dict, peak: dict) -> list[Row]:
     return [row("sampling", f"blocks forward, CPU inference, {rows}",
                 f"MLP fc1 + GELU fused ({used}), median", report["median_fused_s"] * 1e3, "ms",
                 baseline=f"unfused {report['median_unfused_s'] * 1e3:.4g} ms", ratio=report["speedup"],
-                ratio_of="baseline/value",
-                rounds=[unfused / fused for fused, unfused in
-                        zip(report["fused_s"], report["unfused_s"], strict=True)])]
+                ratio_of="baseline/value", rounds=report["speedup_by_round"])]
 
 
 def split_rows(setting: str, split: dict, benchmark: str = "time split") -> list[Row]:
@@ -333,7 +328,7 @@ def bound_row(setting: str, report: dict, target: float | None, benchmark: str =
     share = report["profile"]["kernels_s"] / report["profile"]["wall_s"]
     # the rounds' speed-ups over the same share: the bound's interval, the share taken as known
     rounds = [speedup / share for speedup in report.get("speedup_by_round", ())]
-    reachable = target_fields(bound, least=target, rounds=rounds, name="bound")
+    reachable = target_fields(bound, least=target, name="bound")
     if reachable:
         reachable["target"] += " (the speed-up target)"
     return row(benchmark, setting, "speed-up bound: all but matmuls and attention take no time",
@@ -377,7 +372,7 @@ def bench_rows(report: dict, peak: dict) -> list[Row]:
     rows = [row("benchmark model", setting, "images/s, train step median", report["images_per_s"],
                 "images/s", baseline=f"reference eager fp32 {baseline['images_per_s']:.4g} images/s",
                 ratio=ratio, ratio_of="value/baseline", rounds=rounds,
-                **target_fields(ratio, least=BENCH_TARGET, rounds=rounds))]
+                **target_fields(ratio, least=BENCH_TARGET))]
     if "compiled" in report:
         compiled = report["compiled"]
         compiling = sum(compiled["warmup_s"]) - sum(report["warmup_s"])
@@ -529,7 +524,7 @@ def machine(device: str) -> dict:
     return {
         "cpu": precision.cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": precision.cpu_capability(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
